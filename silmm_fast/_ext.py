@@ -1,0 +1,114 @@
+"""The C++ extension ``silmm_fast._C``: compiled on first use (or by ``python -m silmm_fast.build_ext``) into a cache
+folder keyed by the torch version and a hash of the sources, so a new torch or an edited source rebuilds and an
+unchanged one loads in about a second. A failed build leaves the package working through the reference path, with
+one warning.
+
+Cache root: ``$SILMM_FAST_CACHE`` or ``~/.cache/silmm_fast``. ``SILMM_FAST_NO_EXT=1`` disables the extension.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"module": None, "error": None, "tried": False}
+
+
+def source_dir() -> Path:
+    import silmm_fast.csrc as csrc
+
+    return Path(csrc.__file__).parent
+
+
+def sources(with_cuda: bool | None = None) -> list[Path]:
+    """C++ sources (and CUDA sources where a CUDA build of torch can compile them)."""
+    if with_cuda is None:
+        with_cuda = torch.version.cuda is not None and torch.cuda.is_available()
+    root = source_dir()
+    files = sorted(root.glob("**/*.cpp"))
+    if with_cuda:
+        files += sorted(root.glob("**/*.cu"))
+    return files
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SILMM_FAST_CACHE", Path.home() / ".cache" / "silmm_fast"))
+
+
+def build_dir(files: list[Path]) -> Path:
+    digest = hashlib.sha256()
+    for f in sorted(source_dir().glob("**/*")):
+        if f.is_file() and f.suffix in (".cpp", ".h", ".cu"):
+            digest.update(f.relative_to(source_dir()).as_posix().encode())
+            digest.update(f.read_bytes())
+    digest.update(" ".join(sorted(p.suffix for p in files)).encode())
+    tag = f"torch-{torch.__version__}-{digest.hexdigest()[:16]}"
+    return cache_root() / "ext" / tag
+
+
+def load(verbose: bool = False) -> ModuleType | None:
+    """Build (if needed) and load the extension; None (with one warning) when it cannot be built."""
+    with _lock:
+        if _state["tried"]:
+            return _state["module"]  # type: ignore[return-value]
+        _state["tried"] = True
+        if os.environ.get("SILMM_FAST_NO_EXT") == "1":
+            _state["error"] = "disabled by SILMM_FAST_NO_EXT=1"
+            return None
+        files = sources()
+        if not files:
+            _state["error"] = f"no C++ sources under {source_dir()}"
+            return None
+        try:
+            from torch.utils.cpp_extension import load as cpp_load
+
+            out = build_dir(files)
+            out.mkdir(parents=True, exist_ok=True)
+            cuda = any(f.suffix == ".cu" for f in files)
+            module = cpp_load(
+                name="silmm_fast_C",
+                sources=[str(f) for f in files],
+                build_directory=str(out),
+                extra_cflags=["-O3", "-fopenmp"] + (["-DSILMM_WITH_CUDA"] if cuda else []),
+                extra_ldflags=["-fopenmp"],
+                extra_cuda_cflags=["-O3"],
+                with_cuda=cuda,
+                verbose=verbose,
+            )
+        except Exception as err:  # noqa: BLE001 - any build failure degrades to the reference path
+            _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}"
+            warnings.warn(
+                f"silmm_fast: the C++ extension could not be built ({_state['error']}); "
+                "falling back to the pure-PyTorch reference implementations.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+        _state["module"] = module
+        return module
+
+
+def usable(device: torch.device) -> tuple[bool, str]:
+    if device.type not in ("cpu", "cuda"):
+        return False, f"no C++ kernels for device type {device.type!r}"
+    if load() is None:
+        return False, str(_state["error"])
+    if device.type == "cuda" and not any(f.suffix == ".cu" for f in sources()):
+        return False, "extension built without CUDA sources"
+    return True, ""
+
+
+def status() -> str:
+    """One line for env_report; never triggers a build."""
+    if _state["module"] is not None:
+        return f"loaded ({_state['module'].__file__})"
+    if _state["error"] is not None:
+        return f"unavailable: {_state['error']}"
+    return f"not built in this process yet (cache: {cache_root() / 'ext'})"

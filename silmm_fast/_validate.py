@@ -1,0 +1,70 @@
+"""Input checks shared by the public ops: each raises a TypeError / ValueError that names the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float(name: str, x: object) -> torch.Tensor:
+    x = check_tensor(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+    return x
+
+
+def check_integer(name: str, x: object) -> torch.Tensor:
+    x = check_tensor(name, x)
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer dtype (e.g. torch.long), got {x.dtype}")
+    return x
+
+
+def check_ndim(name: str, x: torch.Tensor, ndims: int | Iterable[int], shape_doc: str) -> None:
+    allowed = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+    if x.dim() not in allowed:
+        raise ValueError(f"{name}: expected shape {shape_doc}, got {tuple(x.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    first_name, first = next(iter(devices.items()))
+    for k, d in devices.items():
+        if d != first:
+            raise ValueError(f"{k}: expected a tensor on {first} (like {first_name}), got one on {d}")
+    return first
+
+
+def check_same_shape(name: str, x: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    if x.shape != like.shape:
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)} (same as {like_name}), got {tuple(x.shape)}")
+
+
+def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return float(value)
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """NaN / Inf check. On CUDA this costs one host sync; callers use it only where a non-finite value would
+    otherwise corrupt a result silently (e.g. a similarity matrix feeding a greedy selection)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")

@@ -1,0 +1,30 @@
+"""Test configuration. Without a GPU, the Triton kernels run under the interpreter: TRITON_INTERPRET is read when
+`@triton.jit` decorates, so it is set here, before any test imports silmm_fast.kernels."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests choose backends explicitly; a developer's shell variable must not change what they test.
+os.environ.pop("SILMM_FAST_BACKEND", None)
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    """The device kernel tests run on: CUDA when present, else CPU under the Triton interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
