@@ -1,12 +1,15 @@
 """Log-probability of a target class per row of a logits matrix, without materializing log_softmax.
 
-Forward, per row z (length V) with target y:   lse = log Σ_v exp(z_v)   (online over vocabulary blocks)
-                                              logp = z_y − lse
-Backward, upstream gradient g per row:         dL/dz_v = g · (1[v = y] − exp(z_v − lse))
-Ignored rows (y == ignore_index): logp = 0, lse = 0, gradient 0.
+Forward, per row z (length V) with target y:   m = max_v z_v,  r = log Σ_v exp(z_v − m)   (online over blocks)
+                                              logp = (z_y − m) − r          (lse = m + r)
+Backward, upstream gradient g per row:         dL/dz_v = g · (1[v = y] − exp((z_v − m) − r))
+Ignored rows (y == ignore_index): logp = 0, m = r = 0, gradient 0.
 
-Memory traffic: the forward reads each logit once and writes two numbers per row (logp and the lse the backward
-needs); the backward reads each logit once more and writes the gradient once. No [N, V] intermediate exists; all math
+m and r are kept apart instead of folding them into one lse: with |z| ~ 1e4 an fp32 lse has an ulp of 1e-3, while
+z − m is exact near the maximum, so log-probs and softmax keep fp32 relative accuracy at extreme logits.
+
+Memory traffic: the forward reads each logit once and writes three numbers per row (logp, and m and r for the
+backward); the backward reads each logit once more and writes the gradient once. No [N, V] intermediate exists; all math
 is fp32 (fp64 for fp64 inputs) whatever the storage dtype. The gradient goes to a new tensor: the logits are never
 written, so an op that saved them (or saved its own output that they are) still sees the right values in backward.
 
@@ -31,7 +34,8 @@ def _logprobs_fwd_kernel(
     logits_ptr,
     labels_ptr,
     logp_ptr,
-    lse_ptr,
+    max_ptr,
+    logsum_ptr,
     Q,
     stride_p,
     stride_q,
@@ -59,23 +63,25 @@ def _logprobs_fwd_kernel(
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
         m = m_new
     shift = tl.where(m == float("-inf"), 0.0, m)
-    has_mass = s > 0
-    lse = tl.where(has_mass, shift + tl.log(tl.where(has_mass, s, 1.0)), float("-inf"))
-    lse = tl.where(valid, lse, 0.0)
+    # s = 0 only for ignored rows (empty loop) and rows that are all -inf (r = -inf, logp NaN, as in log_softmax).
+    logsum = tl.where(s > 0, tl.log(tl.where(s > 0, s, 1.0)), float("-inf"))
+    logsum = tl.where(valid, logsum, 0.0)
 
     target = tl.load(row_ptr + tl.where(in_range, label, 0), mask=valid & in_range, other=0.0).to(ACC)
     # A label outside [0, V) (only reachable when the caller skipped validation) gives NaN, never an out-of-bounds read.
-    logp = tl.where(in_range, target - lse, float("nan"))
+    logp = tl.where(in_range, (target - shift) - logsum, float("nan"))
     logp = tl.where(valid, logp, 0.0)
     tl.store(logp_ptr + row, logp)
-    tl.store(lse_ptr + row, lse)
+    tl.store(max_ptr + row, shift)
+    tl.store(logsum_ptr + row, logsum)
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr,
     labels_ptr,
-    lse_ptr,
+    max_ptr,
+    logsum_ptr,
     grad_ptr,
     dlogits_ptr,
     Q,
@@ -96,9 +102,10 @@ def _logprobs_bwd_kernel(
     in_row = cols < V
     # Ignored rows load nothing: x = -inf gives softmax 0 and gradient 0 without reading the row.
     x = tl.load(row_ptr + cols, mask=in_row & valid, other=float("-inf")).to(ACC)
-    lse = tl.load(lse_ptr + row).to(ACC)
+    shift = tl.load(max_ptr + row).to(ACC)
+    logsum = tl.load(logsum_ptr + row).to(ACC)
     g = tl.where(valid, tl.load(grad_ptr + row).to(ACC), 0.0)
-    p = tl.exp(x - lse)
+    p = tl.exp((x - shift) - logsum)
     onehot = tl.where(cols == label, 1.0, 0.0)
     dx = g * (onehot - p)
     tl.store(dlogits_ptr + row * V + cols, dx.to(dlogits_ptr.dtype.element_ty), mask=in_row)
@@ -130,18 +137,18 @@ def _block_v(V: int, block_v: int | None) -> int:
 
 def logprobs_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, block_v: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row log p(label) and log-sum-exp of ``logits[..., V]``; both flat [N], float32 (float64 for fp64 input).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row log p(label), row max m and r = log Σ exp(z − m) of ``logits[..., V]`` (lse = m + r).
 
-    ``labels`` has the shape ``logits.shape[:-1]`` (any integer dtype). ``block_v`` overrides the vocabulary block.
+    All three are flat [N], float32 (float64 for fp64 input). ``labels`` has the shape ``logits.shape[:-1]`` (any
+    integer dtype). ``block_v`` overrides the vocabulary block.
     """
     V = logits.shape[-1]
     N = labels.numel()
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp = torch.empty(N, dtype=out_dtype, device=logits.device)
-    lse = torch.empty(N, dtype=out_dtype, device=logits.device)
+    logp, row_max, row_logsum = (torch.empty(N, dtype=out_dtype, device=logits.device) for _ in range(3))
     if N == 0:
-        return logp, lse
+        return logp, row_max, row_logsum
     rows, _, Q, stride_p, stride_q = _rows_view(logits)
     labels = labels.reshape(-1).contiguous()
     BLOCK_V = _block_v(V, block_v)
@@ -150,7 +157,8 @@ def logprobs_forward(
             rows,
             labels,
             logp,
-            lse,
+            row_max,
+            row_logsum,
             Q,
             stride_p,
             stride_q,
@@ -160,20 +168,22 @@ def logprobs_forward(
             BLOCK_V=BLOCK_V,
             num_warps=8 if BLOCK_V >= 2048 else 4,
         )
-    return logp, lse
+    return logp, row_max, row_logsum
 
 
 def logprobs_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    row_logsum: torch.Tensor,
     grad_logp: torch.Tensor,
     ignore_index: int,
     block_v: int | None = None,
 ) -> torch.Tensor:
     """Gradient of the per-row log-probs w.r.t. ``logits``: a new contiguous tensor of the logits' shape and dtype.
 
-    ``lse`` is the forward's flat [N] log-sum-exp; ``grad_logp`` is the upstream gradient, [N] elements in any layout.
+    ``row_max`` / ``row_logsum`` are the forward's flat [N] statistics; ``grad_logp`` is the upstream gradient, [N]
+    elements in any layout.
     """
     V = logits.shape[-1]
     N = labels.numel()
@@ -182,13 +192,14 @@ def logprobs_backward(
         return dlogits
     rows, _, Q, stride_p, stride_q = _rows_view(logits)
     labels = labels.reshape(-1).contiguous()
-    grad_logp = grad_logp.reshape(-1).contiguous()
+    grad_logp = grad_logp.reshape(-1).to(row_max.dtype).contiguous()
     BLOCK_V = _block_v(V, block_v)
     with torch.device(logits.device):
         _logprobs_bwd_kernel[(N, triton.cdiv(V, BLOCK_V))](
             rows,
             labels,
-            lse,
+            row_max,
+            row_logsum,
             grad_logp,
             dlogits,
             Q,

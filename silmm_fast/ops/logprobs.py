@@ -2,7 +2,7 @@
 
 Backends (chosen per call by ``silmm_fast._backend.choose``):
 - ``triton``: one fused pass per row (online log-sum-exp over vocabulary blocks + target gather), backward recomputes
-  the softmax blockwise from the saved per-row LSE. Extra memory: two floats per token.
+  the softmax blockwise from the saved per-row max and log-sum. Extra memory: three floats per token.
 - ``torch``: the same math in PyTorch, chunked over rows, so the fp32 working set is O(chunk·V) instead of a full fp32
   copy of the logits plus its log_softmax; the backward recomputes each chunk's softmax.
 - ``reference``: ``silmm_fast.reference.logprobs`` (materialized log_softmax).
@@ -80,11 +80,10 @@ class _TritonLogprobs(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         from silmm_fast.kernels import logprobs as kernels
 
-        logp, lse = kernels.logprobs_forward(logits, labels, ignore_index, _TRITON_BLOCK_V)
-        ctx.save_for_backward(logits, labels, lse)
+        logp, row_max, row_logsum = kernels.logprobs_forward(logits, labels, ignore_index, _TRITON_BLOCK_V)
+        ctx.save_for_backward(logits, labels, row_max, row_logsum)
         ctx.ignore_index = ignore_index
         ctx.block_v = _TRITON_BLOCK_V
-        ctx.mark_non_differentiable(lse)
         return logp.view(labels.shape)
 
     @staticmethod
@@ -92,8 +91,8 @@ class _TritonLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp: torch.Tensor):
         from silmm_fast.kernels import logprobs as kernels
 
-        logits, labels, lse = ctx.saved_tensors
-        grad = kernels.logprobs_backward(logits, labels, lse, grad_logp.to(lse.dtype), ctx.ignore_index, ctx.block_v)
+        logits, labels, row_max, row_logsum = ctx.saved_tensors
+        grad = kernels.logprobs_backward(logits, labels, row_max, row_logsum, grad_logp, ctx.ignore_index, ctx.block_v)
         return grad, None, None
 
 
@@ -122,27 +121,33 @@ class _TorchLogprobs(torch.autograd.Function):
         P, Q, V = x3.shape
         lab = labels.reshape(P, Q)
         logp = torch.empty(P, Q, dtype=acc, device=logits.device)
-        lse = torch.empty(P, Q, dtype=acc, device=logits.device)
+        # row max m and r = log Σ exp(z − m), kept apart as in the Triton kernel (fp32 accuracy at |z| ~ 1e4)
+        row_max = torch.empty(P, Q, dtype=acc, device=logits.device)
+        row_logsum = torch.empty(P, Q, dtype=acc, device=logits.device)
         for p, qs in _chunks(P, Q, V):
             x = x3[p, qs].to(acc)  # a view for fp32/fp64 input: only read below, never written
             lc = lab[p, qs]
             keep = lc != ignore_index
             in_range = (lc >= 0) & (lc < V)
             safe = torch.where(keep & in_range, lc, torch.zeros_like(lc)).long()
-            chunk_lse = torch.logsumexp(x, dim=-1)
-            picked = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - chunk_lse
+            m = x.amax(dim=-1)
+            m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # all -inf row: no -inf - -inf
+            r = torch.sub(x, m.unsqueeze(-1)).exp_().sum(-1).log_()
+            picked = (x.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - m) - r
             picked = torch.where(in_range, picked, torch.full_like(picked, float("nan")))
-            logp[p, qs] = torch.where(keep, picked, torch.zeros_like(picked))
-            lse[p, qs] = torch.where(keep, chunk_lse, torch.zeros_like(chunk_lse))
-        ctx.save_for_backward(logits, labels, lse)
+            zero = torch.zeros_like(picked)
+            logp[p, qs] = torch.where(keep, picked, zero)
+            row_max[p, qs] = torch.where(keep, m, zero)
+            row_logsum[p, qs] = torch.where(keep, r, zero)
+        ctx.save_for_backward(logits, labels, row_max, row_logsum)
         ctx.ignore_index = ignore_index
         return logp.view(labels.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp: torch.Tensor):
-        logits, labels, lse = ctx.saved_tensors
-        acc = lse.dtype
+        logits, labels, row_max, row_logsum = ctx.saved_tensors
+        acc = row_max.dtype
         x3 = _as_grid(logits)
         P, Q, V = x3.shape
         lab = labels.reshape(P, Q)
@@ -154,7 +159,8 @@ class _TorchLogprobs(torch.autograd.Function):
             g = torch.where(keep, g_all[p, qs], torch.zeros_like(g_all[p, qs]))
             safe = torch.where(keep, lc, torch.zeros_like(lc)).long()
             # softmax recomputed for this chunk only; ignored rows are zeroed before the product (exp may be inf there)
-            probs = torch.sub(x3[p, qs].to(acc), lse[p, qs].unsqueeze(-1)).exp_()
+            probs = torch.sub(x3[p, qs].to(acc), row_max[p, qs].unsqueeze(-1)).sub_(row_logsum[p, qs].unsqueeze(-1))
+            probs.exp_()
             probs.masked_fill_(~keep.unsqueeze(-1), 0.0)
             probs.mul_(-g.unsqueeze(-1))
             probs.scatter_add_(-1, safe.unsqueeze(-1), g.unsqueeze(-1))
