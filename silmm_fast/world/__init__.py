@@ -5,6 +5,7 @@ ground-truth evaluator.
 Reached as ``silmm_fast.world``; it needs no model and no download.
 """
 
+from silmm_fast.world.evaluate import check, evaluate, evaluate_features, evaluate_tokens
 from silmm_fast.world.prompts import (
     CATEGORIES,
     HELDOUT_PAIRS,
@@ -28,6 +29,7 @@ from silmm_fast.world.prompts import (
     scene_for_prompt,
     tokenize_text,
 )
+from silmm_fast.world.render import render, render_grid, render_tokens, save_png
 from silmm_fast.world.scene import COLORS, GRID, MAX_OBJECTS, MIN_OBJECTS, SHAPES, TEXTURES, Obj, Scene, random_scene
 from silmm_fast.world.tokenizer import FeatureCodec, ImageTokenizer
 
@@ -55,13 +57,21 @@ __all__ = [
     "Question",
     "Scene",
     "answer",
+    "check",
     "corrupt_scene",
+    "evaluate",
+    "evaluate_features",
+    "evaluate_tokens",
     "negative_questions",
     "positive_questions",
     "prompt_split",
     "questions_for",
     "random_scene",
+    "render",
+    "render_grid",
+    "render_tokens",
     "sample_prompt",
+    "save_png",
     "scene_for_prompt",
     "tokenize_text",
 ]
