@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from silmm_fast._validate import check_choice, check_float, check_positive, check_same_device, check_same_shape
+from silmm_fast.ops.logprobs import sequence_logprobs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 # loss types whose formula uses label_smoothing; the others reject a non-zero value instead of ignoring it
@@ -158,3 +159,34 @@ class DPOLoss(nn.Module):
             loss_type=self.loss_type,
             label_smoothing=self.label_smoothing,
         )
+
+    def from_logits(
+        self,
+        policy_chosen_logits: torch.Tensor,
+        policy_rejected_logits: torch.Tensor,
+        ref_chosen_logits: torch.Tensor,
+        ref_rejected_logits: torch.Tensor,
+        chosen_labels: torch.Tensor,
+        rejected_labels: torch.Tensor,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "sum",
+    ) -> DPOOutput:
+        """The loss straight from per-position logits of the image tokens (policy and reference, chosen and rejected).
+
+        Equivalent to: ``self(sequence_logprobs(policy_chosen_logits, chosen_labels), sequence_logprobs(
+        policy_rejected_logits, rejected_labels), sequence_logprobs(ref_chosen_logits, chosen_labels).detach(),
+        sequence_logprobs(ref_rejected_logits, rejected_labels).detach())``.
+
+        Logits are [B, T, V] (any float dtype; e.g. ``model_logits[:, :-1]``), labels [B, T] with ``ignore_index`` at
+        prompt / padding positions; ``reduction="mean"`` gives length-normalized log-probs. Policy and reference go
+        through the same fp32 ``sequence_logprobs`` path, so identical policy and reference logits give a margin of
+        exactly 0. The reference terms are computed without grad.
+        """
+        kw = dict(ignore_index=ignore_index, reduction=reduction)
+        policy_chosen = sequence_logprobs(policy_chosen_logits, chosen_labels, **kw)
+        policy_rejected = sequence_logprobs(policy_rejected_logits, rejected_labels, **kw)
+        with torch.no_grad():
+            ref_chosen = sequence_logprobs(ref_chosen_logits, chosen_labels, **kw)
+            ref_rejected = sequence_logprobs(ref_rejected_logits, rejected_labels, **kw)
+        return self(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
