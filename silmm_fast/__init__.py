@@ -6,7 +6,18 @@ DropDiv, prompt decomposition and ``env_report``.
 
 from silmm_fast._backend import use_backend
 from silmm_fast.env import env_report
+from silmm_fast.losses.dpo import DPOLoss, DPOOutput, dpo_loss
+from silmm_fast.ops.logprobs import gather_logprobs, sequence_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["env_report", "use_backend", "__version__"]
+__all__ = [
+    "DPOLoss",
+    "DPOOutput",
+    "dpo_loss",
+    "gather_logprobs",
+    "sequence_logprobs",
+    "env_report",
+    "use_backend",
+    "__version__",
+]
