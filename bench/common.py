@@ -28,7 +28,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # --- shapes from ANCHORS.md: one registry, never scattered literals -----------------------------------------------
 @dataclass(frozen=True)
 class HeadShape:
-    """A discrete image-token head: ``sequences`` × ``tokens`` image positions, hidden ``hidden``, vocabulary ``vocab``."""
+    """A discrete image-token head: ``sequences`` × ``tokens`` image positions, hidden size, vocabulary size."""
 
     name: str
     sequences: int
@@ -142,8 +142,13 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
 # --- recording ----------------------------------------------------------------------------------------------------
 def _git_revision() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except Exception:  # noqa: BLE001
         return None
 

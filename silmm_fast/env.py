@@ -45,8 +45,18 @@ def env_report(print_report: bool = True) -> dict:
 
 def format_report(report: dict) -> str:
     lines = ["silmm_fast environment"]
-    for key in ("python", "platform", "torch", "torch_cuda", "triton", "triton_interpret", "transformers",
-                "requested_backend", "cuda_device", "cpp_extension"):
+    for key in (
+        "python",
+        "platform",
+        "torch",
+        "torch_cuda",
+        "triton",
+        "triton_interpret",
+        "transformers",
+        "requested_backend",
+        "cuda_device",
+        "cpp_extension",
+    ):
         lines.append(f"  {key:<18} {report[key]}")
     for device, ops in report["ops"].items():
         lines.append(f"  backends for {device} tensors:")

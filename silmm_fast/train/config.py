@@ -1,0 +1,246 @@
+"""The loop's configuration: dataclasses with a default and a help text for every field, an optional YAML file, and
+command-line overrides (``--section.field value`` or the short top-level flags). The resolved configuration is
+written to the run directory, and a resumed run must match it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("shapes", "model adapter: 'shapes' (the built-in world's tiny LMM)")
+    cache_dir: str | None = _f(None, "where bootstrapped base models are cached (default ~/.cache/silmm_fast)")
+    tiny: bool = _f(False, "use a tiny model and a short bootstrap (tests, smoke runs)")
+
+
+@dataclass
+class SampleConfig:
+    prompts_per_category: int = _f(24, "prompts the model writes per category per iteration")
+    candidates: int = _f(8, "N: candidate images kept per prompt")
+    oversample: int = _f(16, "K: continuous mode samples per prompt before diverse selection (K >= N)")
+    top_p: float = _f(0.95, "nucleus sampling threshold for image tokens (discrete) and prompts")
+    temperature: float = _f(1.0, "sampling temperature for image tokens")
+    dropdiv_layers: int = _f(2, "continuous mode: DropDiv acts on the MLPs of this many last decoder layers")
+    dropdiv_p: float = _f(0.1, "continuous mode: DropDiv dropout rate")
+    select_method: str = _f("dpp", "continuous mode: diverse selection method, 'dpp' or 'fps'")
+
+
+@dataclass
+class PairConfig:
+    k: int = _f(1, "pairs per prompt: top-k winners x bottom-k losers (k <= N/2)")
+    min_margin: float = _f(0.1, "drop pairs whose score difference is below this")
+
+
+@dataclass
+class OptimConfig:
+    beta: float = _f(0.1, "discrete DPO beta")
+    loss_type: str = _f("sigmoid", "discrete DPO loss: sigmoid, ipo, hinge or robust")
+    gamma: float = _f(1.0, "KC-DPO gamma")
+    kernel: str = _f("cosine", "KC-DPO distance: cosine, euclidean, sqeuclidean or rbf")
+    pool: str = _f("none", "KC-DPO pooling over tokens: mean, max or none")
+    lr: float = _f(2e-4, "AdamW learning rate")
+    epochs: int = _f(2, "passes over the iteration's pairs")
+    batch_size: int = _f(16, "pairs per optimizer step")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient norm clip (0 disables)")
+
+
+@dataclass
+class EvalConfig:
+    heldout_per_category: int = _f(40, "held-out prompts per category (ground-truth evaluation, never trained on)")
+    samples: int = _f(4, "images sampled per held-out prompt")
+
+
+@dataclass
+class TrainConfig:
+    out: str | None = _f(None, "run directory (default runs/<mode>-<feedback>-seed<seed>)")
+    mode: str = _f("discrete", "discrete (image tokens + DPO) or continuous (features + DropDiv + KC-DPO)")
+    iterations: int = _f(3, "SILMM iterations; each trained policy becomes the next reference")
+    seed: int = _f(0, "run seed: every random stream derives from it, the iteration and the phase")
+    feedback: str = _f("self", "'self' (the model judges its own images) or 'random' (control: random scores)")
+    threads: int = _f(0, "torch CPU threads (0: leave torch's default)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    pairs: PairConfig = field(default_factory=PairConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> TrainConfig:
+        def bad(name: str, expected: str, value: Any) -> None:
+            raise ValueError(f"config {name}: expected {expected}, got {value!r}")
+
+        if self.mode not in ("discrete", "continuous"):
+            bad("mode", "'discrete' or 'continuous'", self.mode)
+        if self.feedback not in ("self", "random"):
+            bad("feedback", "'self' or 'random'", self.feedback)
+        for name in ("iterations",):
+            if getattr(self, name) < 1:
+                bad(name, "an integer >= 1", getattr(self, name))
+        if self.threads < 0:
+            bad("threads", "an integer >= 0", self.threads)
+        s, p, o, e = self.sample, self.pairs, self.optim, self.eval
+        if s.prompts_per_category < 1:
+            bad("sample.prompts_per_category", "an integer >= 1", s.prompts_per_category)
+        if s.candidates < 2:
+            bad("sample.candidates", "an integer >= 2 (a pair needs two candidates)", s.candidates)
+        if s.oversample < s.candidates:
+            bad("sample.oversample", f"an integer >= sample.candidates ({s.candidates})", s.oversample)
+        if not 0 < s.top_p <= 1:
+            bad("sample.top_p", "a number in (0, 1]", s.top_p)
+        if not s.temperature > 0:
+            bad("sample.temperature", "a positive number", s.temperature)
+        if not 0 <= s.dropdiv_p < 1:
+            bad("sample.dropdiv_p", "a number in [0, 1)", s.dropdiv_p)
+        if s.dropdiv_layers < 1:
+            bad("sample.dropdiv_layers", "an integer >= 1", s.dropdiv_layers)
+        if s.select_method not in ("dpp", "fps"):
+            bad("sample.select_method", "'dpp' or 'fps'", s.select_method)
+        if p.k < 1 or 2 * p.k > s.candidates:
+            bad("pairs.k", f"an integer in [1, sample.candidates/2 = {s.candidates // 2}]", p.k)
+        if p.min_margin < 0:
+            bad("pairs.min_margin", "a number >= 0", p.min_margin)
+        if o.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
+            bad("optim.loss_type", "sigmoid, ipo, hinge or robust", o.loss_type)
+        if o.kernel not in ("cosine", "euclidean", "sqeuclidean", "rbf"):
+            bad("optim.kernel", "cosine, euclidean, sqeuclidean or rbf", o.kernel)
+        if o.pool not in ("mean", "max", "none"):
+            bad("optim.pool", "mean, max or none", o.pool)
+        for name in ("beta", "gamma", "lr"):
+            if not getattr(o, name) > 0:
+                bad(f"optim.{name}", "a positive number", getattr(o, name))
+        for name in ("epochs", "batch_size"):
+            if getattr(o, name) < 1:
+                bad(f"optim.{name}", "an integer >= 1", getattr(o, name))
+        if e.heldout_per_category < 1 or e.samples < 1:
+            bad("eval", "heldout_per_category >= 1 and samples >= 1", (e.heldout_per_category, e.samples))
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.mode}-{self.feedback}-seed{self.seed}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- dict / YAML / command line ----------------------------------------------------------------------------------
+def _sections(cls: type) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def from_dict(data: dict, cls: type = TrainConfig, prefix: str = "") -> Any:
+    """Build a config from nested dicts; unknown keys are rejected by name."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config {prefix or 'file'}: expected a mapping, got {type(data).__name__}")
+    fields = _sections(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ValueError(f"config: unknown key {name!r}; known: {sorted(prefix + k for k in fields)}")
+        f, hint = fields[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(value, hint, prefix=f"{name}.")
+        else:
+            kwargs[key] = _coerce(name, value, hint)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"config {name}: expected {base.__name__}, got None")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config {name}: expected {base.__name__}, got {value!r}") from None
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then ``overrides`` (nested dict); validated."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config: file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config: {path} must hold a mapping at top level")
+    data = _merge(data, overrides or {})
+    return from_dict(data).validate()
+
+
+def _dotted_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    out = []
+    for name, (f, hint) in _sections(cls).items():
+        if dataclasses.is_dataclass(hint):
+            out.extend(_dotted_fields(hint, f"{prefix}{name}."))
+        else:
+            out.append((f"{prefix}{name}", f, hint))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m silmm_fast.train",
+        description="SILMM self-improvement loop: the model writes prompts, samples candidates, asks itself yes/no "
+        "questions about them, and learns from its own answers (DPO / KC-DPO). Runs on the built-in shapes world by "
+        "default. A run directory that already holds a run is resumed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file with any of the fields below (nested by section)")
+    for dotted, f, _hint in _dotted_fields():
+        parser.add_argument(
+            f"--{dotted}",
+            dest=dotted,
+            default=argparse.SUPPRESS,
+            metavar="V",
+            help=f"{f.metadata['help']} (default: {f.default!r})",
+        )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config", None)
+    overrides: dict = {}
+    for dotted, value in args.items():
+        node = overrides
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return load(path, overrides)

@@ -1,0 +1,84 @@
+"""The run directory: atomic writes and the record of completed steps that makes a run resumable.
+
+Every file is written to a temporary name in the same folder, flushed, fsynced and renamed over the target, so a
+reader (or a resumed run) sees the old file or the new one, never half of one. ``state.json`` lists the completed
+steps; a step is marked only after all its files are written, so a crash at any point costs at most the step that
+was running, and a resumed run redoes exactly that step (with the same random stream, hence the same result).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic_bytes(Path(path), text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, buf)
+    _atomic_bytes(Path(path), buf.getvalue())
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_png(path: Path, image: Any) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    _atomic_bytes(Path(path), buf.getvalue())
+
+
+class RunState:
+    """Completed steps of a run, persisted in ``state.json`` (keys like ``"iter1/generate"``)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "state.json"
+        self.done: list[str] = read_json(self.path)["done"] if self.path.exists() else []
+
+    def is_done(self, step: str) -> bool:
+        return step in self.done
+
+    def mark(self, step: str) -> None:
+        if step not in self.done:
+            self.done.append(step)
+            write_json(self.path, {"done": self.done})
