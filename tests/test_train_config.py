@@ -1,0 +1,58 @@
+"""The loop's configuration: defaults, YAML, command-line overrides, and bad values rejected by name."""
+
+import pytest
+
+from silmm_fast.train import config
+
+
+def test_defaults_are_valid_and_documented():
+    cfg = config.load()
+    assert cfg.mode == "discrete" and cfg.iterations == 3 and cfg.feedback == "self"
+    for dotted, f, _ in config._dotted_fields():
+        assert f.metadata["help"], f"{dotted} has no help text"
+
+
+def test_yaml_then_cli_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("mode: continuous\nsample:\n  candidates: 6\n  oversample: 12\noptim:\n  lr: 0.001\n")
+    cfg = config.parse_args(["--config", str(path), "--sample.candidates", "4", "--seed", "7"])
+    assert cfg.mode == "continuous"
+    assert cfg.sample.candidates == 4  # the command line wins over the file
+    assert cfg.sample.oversample == 12
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.seed == 7
+    assert str(cfg.run_dir()) == "runs/continuous-self-seed7"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"sample": {"nope": 1}}, "unknown key 'sample.nope'"),
+        ({"sample": {"candidates": -3}}, "sample.candidates"),
+        ({"pairs": {"k": 5}}, "pairs.k"),  # 2k > N = 8
+        ({"mode": "both"}, "mode"),
+        ({"feedback": "oracle"}, "feedback"),
+        ({"optim": {"loss_type": "kto"}}, "optim.loss_type"),
+        ({"optim": {"kernel": "manhattan"}}, "optim.kernel"),
+        ({"sample": {"top_p": 1.5}}, "sample.top_p"),
+        ({"iterations": "many"}, "iterations: expected int"),
+        ({"sample": {"oversample": 4}}, "sample.oversample"),
+    ],
+)
+def test_bad_values_are_rejected_by_name(overrides, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        config.load(overrides=overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        config.load(tmp_path / "absent.yaml")
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit):
+        config.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for dotted, _, _ in config._dotted_fields():
+        assert f"--{dotted}" in text
