@@ -7,7 +7,8 @@ Categories (T2I-CompBench++ names, restricted to what the world can show):
   hexagon" (only the shapes tell them apart).
 - ``texture``: two or three objects with distinct shapes and distinct textures, "a dotted triangle and a plain
   hexagon".
-- ``spatial``: two objects and a 2D relation, "a red circle to the left of a striped square".
+- ``spatial``: two objects and a 2D relation, "a red circle to the left of a striped square" (at most one of the
+  two names both a color and a texture).
 - ``numeracy``: counts one to four of one or two kinds, "three green stars", "two circles and one dotted star".
 - ``complex``: mixtures: two fully described objects in a relation ("a striped red circle above a plain blue
   star"), a count plus an attribute-bound object ("two red circles and a dotted blue square"), or three objects
@@ -313,6 +314,10 @@ def _count_phrase(desc: Desc, n: int) -> str:
     return f"{NUMBER_WORDS[n - 1]} {desc.phrase(plural=n > 1)}"
 
 
+def _full(desc: Desc) -> bool:
+    return desc.color is not None and desc.texture is not None
+
+
 def _draw(category: str, rng: random.Random) -> Prompt:
     """One prompt of ``category`` with attributes drawn uniformly (no split rule applied)."""
     if category in ("color", "shape", "texture"):
@@ -332,6 +337,8 @@ def _draw(category: str, rng: random.Random) -> Prompt:
 
     if category == "spatial":
         a, b = (Desc(s, _maybe(rng, 0.5, COLORS), _maybe(rng, 0.3, TEXTURES)) for s in rng.sample(SHAPES, 2))
+        if _full(a) and _full(b):  # two fully described objects in a relation is the complex category's template
+            b = replace(b, texture=None)
         rel = rng.choice(RELATIONS)
         text = f"{a.indefinite()} {RELATION_PHRASES[rel]} {b.indefinite()}"
         return Prompt(text, category, [Constraint.exists(a), Constraint.exists(b), Constraint.related(a, rel, b)])
@@ -717,3 +724,118 @@ WORDS: list[str] = sorted(
     | {"a", "an", "and", ",", "?", "is", "are", "there", "exactly", "the"}
 )
 """Every word a prompt or question of the world can contain (the text vocabulary), sorted."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing prompt text back into constraints.
+
+
+def _parse_desc(words: list[str], i: int, plural: bool) -> tuple[Desc, int]:
+    texture = color = None
+    if i < len(words) and words[i] in TEXTURES:
+        texture, i = words[i], i + 1
+    if i < len(words) and words[i] in COLORS:
+        color, i = words[i], i + 1
+    nouns = {(_plural(s) if plural else s): s for s in SHAPES}
+    if i >= len(words) or words[i] not in nouns:
+        got = words[i] if i < len(words) else "the end of the text"
+        raise ValueError(f"text: expected {'a plural' if plural else 'a'} shape noun at word {i}, got {got!r}")
+    return Desc(nouns[words[i]], color, texture), i + 1
+
+
+def _parse_item(words: list[str], i: int) -> tuple[Constraint, int]:
+    """``a|an <desc>`` (exists) or ``<number> <desc>`` (count) starting at word ``i``."""
+    if i < len(words) and words[i] in ("a", "an"):
+        desc, j = _parse_desc(words, i + 1, plural=False)
+        if words[i] != _article(desc.phrase()):
+            raise ValueError(f"text: expected {_article(desc.phrase())!r} before {desc.phrase()!r}, got {words[i]!r}")
+        return Constraint.exists(desc), j
+    if i < len(words) and words[i] in NUMBER_WORDS:
+        n = NUMBER_WORDS.index(words[i]) + 1
+        desc, j = _parse_desc(words, i + 1, plural=n > 1)
+        return Constraint.count_of(desc, n), j
+    got = words[i] if i < len(words) else "the end of the text"
+    raise ValueError(f"text: expected 'a', 'an' or a number word at word {i}, got {got!r}")
+
+
+def _parse_relation(words: list[str], i: int) -> tuple[str | None, int]:
+    for rel, phrase in RELATION_PHRASES.items():
+        p = phrase.split()
+        if words[i : i + len(p)] == p:
+            return rel, i + len(p)
+    return None, i
+
+
+def _infer_category(constraints: list[Constraint]) -> str:
+    kinds = [c.kind for c in constraints]
+    items = [c for c in constraints if c.kind != "relation"]
+    descs = [c.subject for c in items]
+    if "relation" in kinds:
+        spatial = len(items) == 2 and "count" not in kinds and not all(_full(d) for d in descs)
+        return "spatial" if spatial else "complex"
+    if "count" in kinds:
+        return "numeracy" if all(k == "count" for k in kinds) else "complex"
+    if len(descs) >= 2:
+        colors = [d.color for d in descs]
+        textures = [d.texture for d in descs]
+        if None not in colors and set(textures) == {None}:
+            if len(set(colors)) == len(colors):
+                return "color"
+            if len(set(colors)) == 1:
+                return "shape"
+        if None not in textures and set(colors) == {None}:
+            if len(set(textures)) == len(textures):
+                return "texture"
+            if len(set(textures)) == 1:
+                return "shape"
+    raise ValueError("text: a list of objects that fits no category's grammar; pass category explicitly")
+
+
+def parse_prompt(text: str, category: str | None = None) -> Prompt:
+    """Parse prompt text of the world's grammar back into a ``Prompt`` (inverse of ``sample_prompt``'s text).
+
+    The grammar: items joined by ``","`` / ``"and"``, each ``a|an [texture] [color] shape`` (a thing that exists)
+    or ``<one..four> [texture] [color] shape(s)`` (an exact count); an item may be followed by a relation phrase
+    ("to the left of", "to the right of", "above", "below") and a second ``a|an`` item. Shapes must be distinct
+    across items and the prompt may ask for at most four objects. Constraints come out in the order
+    ``sample_prompt`` makes them. ``category`` defaults to the one the grammar implies: a relation between two
+    objects (not both fully described) is spatial; counts alone are numeracy; any other mix with a relation or a
+    count is complex; a plain list is color (distinct colors), texture (distinct textures) or shape (one shared
+    color or texture).
+
+    Raises:
+        TypeError: ``text`` is not a str.
+        ValueError: ``text`` is outside the grammar (the message names the offending word), or an unknown
+            ``category``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
+    if category is not None:
+        _check_category(category)
+    words = tokenize_text(text)
+    if not words:
+        raise ValueError("text: expected a prompt, got no words")
+    constraints: list[Constraint] = []
+    i = 0
+    while True:
+        first, i = _parse_item(words, i)
+        rel, i = _parse_relation(words, i)
+        if rel is None:
+            constraints.append(first)
+        else:
+            second, i = _parse_item(words, i)
+            if first.kind != "exists" or second.kind != "exists":
+                raise ValueError("text: a relation links two single objects ('a ...'), not counts")
+            constraints += [first, second, Constraint.related(first.subject, rel, second.subject)]
+        if i == len(words):
+            break
+        if words[i] not in (",", "and"):
+            raise ValueError(f"text: expected ',', 'and', a relation or the end at word {i}, got {words[i]!r}")
+        i += 1
+    shapes = [c.subject.shape for c in constraints if c.kind != "relation"]
+    if len(set(shapes)) != len(shapes):
+        raise ValueError(f"text: each shape may be named once per prompt, got {shapes}")
+    prompt = Prompt(text, category or _infer_category(constraints), constraints)
+    if prompt.n_objects > MAX_OBJECTS:
+        raise ValueError(f"text: asks for {prompt.n_objects} objects, a scene holds at most {MAX_OBJECTS}")
+    return prompt
