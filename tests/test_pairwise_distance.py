@@ -1,0 +1,258 @@
+"""pairwise_distance: the Triton kernels (interpreter on CPU) and the torch path against the float64 reference."""
+
+import pytest
+import torch
+from tolerances import assert_close
+
+from silmm_fast import pairwise_distance, use_backend
+from silmm_fast.reference.pairwise_distance import pairwise_distance as reference
+
+KERNELS = ("cosine", "euclidean", "sqeuclidean", "rbf")
+POOLS = ("mean", "max", "none")
+FAST = ("torch", "triton")
+SIGMA = 3.0  # with D ~ 40 random features, ‖a − c‖² ~ 80: keeps the RBF away from its flat tail
+
+
+def _inputs(B, M, N, L, D, dtype=torch.float64, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, M, L, D, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    y = torch.randn(B, N, L, D, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    go = torch.randn(B, M, N, generator=gen, dtype=torch.float64).to(device)
+    return x.requires_grad_(), y.requires_grad_(), go
+
+
+def _run(backend, x, y, go, **kw):
+    with use_backend(backend):
+        out = pairwise_distance(x, y, **kw)
+    gx, gy = torch.autograd.grad(out, (x, y), go.to(out.dtype))
+    return out, gx, gy
+
+
+def _expected(x, y, go, **kw):
+    xr = x.detach().double().requires_grad_()
+    yr = y.detach().double().requires_grad_()
+    return _run("reference", xr, yr, go, **kw)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_matches_reference_float64(kernel, pool, backend):
+    # D = 40: not a power of two and wider than the interpreter's 32-feature tile
+    x, y, go = _inputs(2, 2, 3, 3, 40)
+    kw = dict(kernel=kernel, pool=pool, sigma=SIGMA)
+    out, gx, gy = _run(backend, x, y, go, **kw)
+    ref, rgx, rgy = _expected(x, y, go, **kw)
+    assert out.shape == (2, 2, 3) and out.dtype == torch.float64
+    assert_close(out, ref, torch.float64, scale=100.0)  # sums of 40 squares of O(1) values: atol sized to the output
+    assert_close(gx, rgx, torch.float64, scale=100.0)
+    assert_close(gy, rgy, torch.float64, scale=100.0)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradcheck(kernel, pool, backend):
+    x, y, _ = _inputs(1, 2, 2, 2, 3, seed=1)
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda a, b: pairwise_distance(a, b, kernel=kernel, pool=pool, sigma=1.5), (x, y), eps=1e-6, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_float32_and_many_pairs(kernel, backend):
+    # M, N above one 16/32-row tile; L = 1; fp32 compared to the float64 reference with the fp32 tolerances
+    x, y, go = _inputs(1, 3, 33, 1, 8, dtype=torch.float32, seed=2)
+    kw = dict(kernel=kernel, pool="mean", sigma=2.0)
+    out, gx, gy = _run(backend, x, y, go, **kw)
+    ref, rgx, rgy = _expected(x, y, go, **kw)
+    assert out.dtype == torch.float32 and gx.dtype == torch.float32
+    assert_close(out, ref, torch.float32, scale=10.0)  # Gram-expansion rounding ~ ε·‖a‖², ‖a‖² ~ 8
+    assert_close(gx, rgx, torch.float32, scale=10.0)
+    assert_close(gy, rgy, torch.float32, scale=10.0)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_split_d_partial_statistics(pool):
+    # the split-D forward (several programs per row, partial statistics summed by the epilogue kernel)
+    from silmm_fast.kernels import pairwise_distance as kern
+
+    x, y, _ = _inputs(2, 3, 17, 2, 100, seed=3)
+    for kernel in KERNELS:
+        out, g, na, nc = kern.pairwise_distance_fwd(x.detach(), y.detach(), kernel, pool, SIGMA, block_d=16, splits=3)
+        whole = kern.pairwise_distance_fwd(x.detach(), y.detach(), kernel, pool, SIGMA, block_d=16, splits=1)
+        assert_close(out, reference(x.detach(), y.detach(), kernel=kernel, pool=pool, sigma=SIGMA), torch.float64, 1e3)
+        for part, full in zip((out, g, na, nc), whole):
+            assert part.shape == full.shape
+            assert_close(part, full, torch.float64, 1e3)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("pool", POOLS)
+def test_half_precision_inputs(pool, backend):
+    # bf16 / fp16 inputs: fp32 accumulation and output, gradients in the input dtype
+    for dtype in (torch.bfloat16, torch.float16):
+        x, y, go = _inputs(1, 2, 3, 2, 24, dtype=dtype, seed=4)
+        kw = dict(kernel="cosine", pool=pool)
+        out, gx, gy = _run(backend, x, y, go, **kw)
+        ref, rgx, rgy = _expected(x, y, go, **kw)
+        assert out.dtype == torch.float32 and gx.dtype == dtype and gy.dtype == dtype
+        assert_close(out, ref, torch.float32, scale=10.0)  # inputs are exact in fp32: only accumulation rounding
+        assert_close(gx, rgx, dtype)
+        assert_close(gy, rgy, dtype)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_non_contiguous_inputs(backend):
+    x, y, go = _inputs(2, 3, 2, 2, 20, seed=5)
+    xt = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # strides of a [B, L, M, D] buffer
+    yt = y.detach().repeat_interleave(2, dim=-1)[..., ::2].requires_grad_()  # stride 2 along D
+    kw = dict(kernel="euclidean", pool="max")
+    out, gx, gy = _run(backend, xt, yt, go, **kw)
+    ref, rgx, rgy = _expected(xt, yt, go, **kw)
+    assert not xt.is_contiguous() and not yt.is_contiguous()
+    assert_close(out, ref, torch.float64, 100.0)
+    assert_close(gx, rgx, torch.float64, 100.0)
+    assert_close(gy, rgy, torch.float64, 100.0)
+
+
+@pytest.mark.parametrize("backend", (*FAST, "reference"))
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_identical_inputs_zero_distance(kernel, backend):
+    x, _, go = _inputs(2, 2, 2, 3, 12, seed=6)
+    y = x.detach().clone().requires_grad_()
+    for pool in POOLS:
+        out, gx, gy = _run(backend, x, y, go, kernel=kernel, pool=pool)
+        diag = torch.diagonal(out, dim1=1, dim2=2)
+        # the Gram expansion cancels to ~ε·‖a‖²; its square root for the euclidean distance
+        bound = 1e-7 if kernel == "euclidean" else 1e-12
+        assert diag.abs().max() <= bound, (pool, diag)
+        assert torch.isfinite(gx).all() and torch.isfinite(gy).all()
+        ref, rgx, rgy = _expected(x, y, go, kernel=kernel, pool=pool)
+        # at coincident points the euclidean reference gradient is exactly 0 (the convention); the fast paths give
+        # (a − c)/d with a − c = 0, up to the rounding of the Gram expansion
+        assert_close(gx, rgx, torch.float64, scale=1e4 if kernel == "euclidean" else 100.0)
+        assert_close(gy, rgy, torch.float64, scale=1e4 if kernel == "euclidean" else 100.0)
+
+
+@pytest.mark.parametrize("backend", (*FAST, "reference"))
+def test_zero_vectors(backend):
+    x, y, go = _inputs(1, 2, 2, 2, 6, seed=7)
+    x = x.detach().clone()
+    y = y.detach().clone()
+    x[0, 0] = 0.0
+    y[0, 1] = 0.0
+    x.requires_grad_()
+    y.requires_grad_()
+    for kernel in KERNELS:
+        out, gx, gy = _run(backend, x, y, go, kernel=kernel, pool="mean")
+        assert torch.isfinite(out).all() and torch.isfinite(gx).all() and torch.isfinite(gy).all()
+        if kernel == "cosine":
+            # a zero vector is at distance 1 from everything
+            torch.testing.assert_close(out[0, 0], torch.ones(2, dtype=out.dtype))
+            torch.testing.assert_close(out[0, :, 1], torch.ones(2, dtype=out.dtype))
+        ref, rgx, rgy = _expected(x, y, go, kernel=kernel, pool="mean")
+        assert_close(out, ref, torch.float64, 100.0)
+        # gradients toward a zero vector are scaled by 1/eps (finite, large): compare relatively
+        torch.testing.assert_close(gx, rgx, rtol=1e-9, atol=1e-12 * max(1.0, rgx.abs().max().item()))
+        torch.testing.assert_close(gy, rgy, rtol=1e-9, atol=1e-12 * max(1.0, rgy.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", (*FAST, "reference"))
+def test_hand_computed_values(backend):
+    # a = (3, 4), c = (0, 4) (L = 1): ‖a − c‖ = 3, a·c = 16, ‖a‖ = 5, ‖c‖ = 4
+    x = torch.tensor([[[[3.0, 4.0]]]], dtype=torch.float64)
+    y = torch.tensor([[[[0.0, 4.0]]]], dtype=torch.float64)
+    expected = {
+        "cosine": 1 - 16 / 20,
+        "euclidean": 3.0,
+        "sqeuclidean": 9.0,
+        "rbf": 2 - 2 * torch.exp(torch.tensor(-9.0 / 8.0, dtype=torch.float64)).item(),  # σ = 2
+    }
+    with use_backend(backend):
+        for kernel, value in expected.items():
+            out = pairwise_distance(x, y, kernel=kernel, pool="max", sigma=2.0)
+            assert out.shape == (1, 1, 1)
+            assert abs(out.item() - value) < 1e-12, kernel
+    # pool "none" averages per-token distances; "mean" pools first: tokens (1, 0), (−1, 0) against (0, 0), (0, 0)
+    x2 = torch.tensor([[[[1.0, 0.0], [-1.0, 0.0]]]], dtype=torch.float64)
+    y2 = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    with use_backend(backend):
+        assert pairwise_distance(x2, y2, kernel="sqeuclidean", pool="none").item() == pytest.approx(1.0, abs=1e-14)
+        assert pairwise_distance(x2, y2, kernel="sqeuclidean", pool="mean").item() == pytest.approx(0.0, abs=1e-14)
+        assert pairwise_distance(x2, y2, kernel="sqeuclidean", pool="max").item() == pytest.approx(1.0, abs=1e-14)
+
+
+def test_max_pool_routes_gradient_to_argmax():
+    x = torch.tensor([[[[1.0, 5.0], [2.0, -1.0], [0.0, 3.0]]]], dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(1, 1, 3, 2, dtype=torch.float64)
+    for backend in FAST:
+        with use_backend(backend):
+            (gx,) = torch.autograd.grad(pairwise_distance(x, y, kernel="sqeuclidean", pool="max").sum(), (x,))
+        # pooled a = (2, 5): d‖a‖²/da = (4, 10), routed to token 1 for feature 0 and token 0 for feature 1
+        expected = torch.tensor([[[[0.0, 10.0], [4.0, 0.0], [0.0, 0.0]]]], dtype=torch.float64)
+        torch.testing.assert_close(gx, expected)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_empty_batch(backend):
+    x = torch.randn(0, 2, 3, 4)
+    y = torch.randn(0, 5, 3, 4)
+    with use_backend(backend):
+        out = pairwise_distance(x, y)
+    assert out.shape == (0, 2, 5)
+
+
+def test_auto_picks_torch_on_cpu():
+    from silmm_fast import _backend
+
+    assert _backend.choose("pairwise_distance", "cpu") == "torch"
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), {}), ValueError, "y: expected shape"),
+        (lambda: (torch.randn(2, 2, 3, 4), torch.randn(1, 2, 3, 4), {}), ValueError, "y: expected shape"),
+        (lambda: (torch.randn(2, 3, 4), torch.randn(2, 2, 3, 4), {}), ValueError, "x: expected shape"),
+        (lambda: (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4, device="meta"), {}), ValueError, "y: expected a "),
+        (lambda: (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), {"kernel": "l1"}), ValueError, "kernel"),
+        (lambda: (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), {"pool": "sum"}), ValueError, "pool"),
+        (lambda: (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), {"sigma": 0.0}), ValueError, "sigma"),
+        (lambda: (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), {"sigma": -1.0}), ValueError, "sigma"),
+        (lambda: (torch.ones(1, 2, 3, 4, dtype=torch.long), torch.randn(1, 2, 3, 4), {}), TypeError, "x: expected a f"),
+        (lambda: (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4).double(), {}), TypeError, "y: expected dtype"),
+        (lambda: ([[1.0]], torch.randn(1, 2, 3, 4), {}), TypeError, "x: expected a torch.Tensor"),
+        (lambda: (torch.randn(1, 2, 0, 4), torch.randn(1, 2, 0, 4), {}), ValueError, "at least one token"),
+    ],
+)
+def test_bad_input(make, error, match):
+    x, y, kw = make()
+    with pytest.raises(error, match=match):
+        pairwise_distance(x, y, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gpu_dreamllm_shape_bf16(kernel, pool):
+    # DreamLLM-like: 32 prompts, policy + reference against 8 candidates, 64 tokens × 1024 features
+    x, y, go = _inputs(32, 2, 8, 64, 1024, dtype=torch.bfloat16, device="cuda")
+    kw = dict(kernel=kernel, pool=pool, sigma=40.0)
+    out, gx, gy = _run("triton", x, y, go, **kw)
+    ref, rgx, rgy = _expected(x, y, go, **kw)
+    assert_close(out, ref, torch.float32, scale=1e3)  # fp32 accumulation over 1024 features
+    assert_close(gx, rgx, torch.bfloat16)
+    assert_close(gy, rgy, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_wide_split_d_float32():
+    x, y, go = _inputs(32, 1, 8, 1, 65536, dtype=torch.float32, device="cuda")
+    out, gx, gy = _run("triton", x, y, go, kernel="rbf", pool="mean", sigma=300.0)
+    ref, rgx, rgy = _expected(x, y, go, kernel="rbf", pool="mean", sigma=300.0)
+    assert_close(out, ref, torch.float32, scale=100.0)
+    assert_close(gx, rgx, torch.float32, scale=100.0)
+    assert_close(gy, rgy, torch.float32, scale=100.0)
