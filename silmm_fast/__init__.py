@@ -7,7 +7,9 @@ DropDiv, prompt decomposition and ``env_report``.
 from silmm_fast._backend import use_backend
 from silmm_fast.env import env_report
 from silmm_fast.losses.dpo import DPOLoss, DPOOutput, dpo_loss
+from silmm_fast.losses.kc_dpo import KCDPOLoss, kc_dpo_loss
 from silmm_fast.ops.logprobs import gather_logprobs, sequence_logprobs
+from silmm_fast.ops.pairwise_distance import pairwise_distance
 
 __version__ = "0.1.0"
 
@@ -17,6 +19,9 @@ __all__ = [
     "dpo_loss",
     "gather_logprobs",
     "sequence_logprobs",
+    "KCDPOLoss",
+    "kc_dpo_loss",
+    "pairwise_distance",
     "env_report",
     "use_backend",
     "__version__",
