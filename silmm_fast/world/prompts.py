@@ -433,13 +433,14 @@ def prompt_split(seed: int, n_per_category: int) -> dict[str, list[Prompt]]:
                 p = sample_prompt(category, rng, split)
                 if p.text in seen:
                     misses += 1
-                    if misses > 200 + 20 * n_per_category:
+                    if misses > 5000:  # this many draws in a row with nothing new: the pool is used up
                         raise ValueError(
                             f"n_per_category: {category!r} has only about {len(seen)} distinct {split} prompts, "
                             f"asked for {n_per_category}"
                         )
                     continue
                 seen[p.text] = p
+                misses = 0
             prompts.extend(seen.values())
         out[split] = prompts
     return out
