@@ -8,12 +8,14 @@ from silmm_fast._backend import use_backend
 from silmm_fast.env import env_report
 from silmm_fast.losses.dpo import DPOLoss, DPOOutput, dpo_loss
 from silmm_fast.losses.kc_dpo import KCDPOLoss, kc_dpo_loss
+from silmm_fast.ops.diverse_select import diverse_select
 from silmm_fast.ops.logprobs import gather_logprobs, sequence_logprobs
 from silmm_fast.ops.pairwise_distance import pairwise_distance
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "diverse_select",
     "DPOLoss",
     "DPOOutput",
     "dpo_loss",

@@ -76,9 +76,11 @@ def load(verbose: bool = False) -> ModuleType | None:
                 name="silmm_fast_C",
                 sources=[str(f) for f in files],
                 build_directory=str(out),
-                extra_cflags=["-O3", "-fopenmp"] + (["-DSILMM_WITH_CUDA"] if cuda else []),
+                # -ffp-contract=off / --fmad=false: no fused multiply-add, so the kernels round exactly like the
+                # pure-PyTorch references (diverse_select must pick the same indices on every path)
+                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"] + (["-DSILMM_WITH_CUDA"] if cuda else []),
                 extra_ldflags=["-fopenmp"],
-                extra_cuda_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", "--fmad=false"],
                 with_cuda=cuda,
                 verbose=verbose,
             )

@@ -1,0 +1,150 @@
+"""Public ``diverse_select``: keep the ``n`` most diverse of ``K`` candidates per prompt (SPEC.md §3).
+
+The similarity is computed once per call in PyTorch (mean-pool over tokens, one batched Gram matmul, cosine
+normalization from the Gram's diagonal: no extra pass over the features), then one call selects for every prompt:
+
+- ``cpp``: ``torch.ops.silmm_fast.diverse_select`` from the C++ extension (``csrc/diverse_select``), prompts in
+  parallel over the batch; float64 selection arithmetic; O(K²) per prompt for FPS, O(K² + n²K) for the DPP.
+- ``reference``: ``silmm_fast.reference.diverse_select`` (the same rules, batched PyTorch), used when the extension
+  is disabled (``SILMM_FAST_NO_EXT=1``), cannot be built (one warning) or is forced with ``use_backend("reference")``.
+
+Both paths pick identical indices (same rules, same rounding order). The selection rules are documented in
+``silmm_fast.reference.diverse_select`` and ``csrc/diverse_select/diverse_select.h``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from silmm_fast import _backend, _ext
+from silmm_fast._validate import check_choice, check_float, check_ndim, check_same_device
+from silmm_fast.reference import diverse_select as _reference
+
+METHODS = _reference.METHODS
+DPP_EPS = _reference.DPP_EPS
+
+_fake_lock = threading.Lock()
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    """Shape-only kernel of the C++ op (for torch.compile / FakeTensor / opcheck); registered once, after loading."""
+    global _fake_registered
+    with _fake_lock:
+        if _fake_registered:
+            return
+
+        @torch.library.register_fake("silmm_fast::diverse_select")
+        def _(similarity, quality, n, method, eps):
+            torch._check(similarity.dim() == 3, lambda: "diverse_select: similarity must be [B, K, K]")
+            return similarity.new_empty((similarity.shape[0], n), dtype=torch.long)
+
+        _fake_registered = True
+
+
+def cpp_op():
+    """``torch.ops.silmm_fast.diverse_select`` (building / loading the extension first), or None if unavailable."""
+    if _ext.load() is None:
+        return None
+    _register_fake()
+    return torch.ops.silmm_fast.diverse_select.default
+
+
+def _check_n(n: object, K: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    if not 1 <= n <= K:
+        raise ValueError(f"n: expected 1 <= n <= K (K = features.shape[1] = {K}), got {n}")
+    return n
+
+
+def _skip_data_checks(x: torch.Tensor) -> bool:
+    # a data-dependent check cannot run inside torch.compile tracing or CUDA graph capture
+    if torch.compiler.is_compiling():
+        return True
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _validate(features: object, n: object, method: object, quality: object) -> None:
+    check_float("features", features)
+    assert isinstance(features, torch.Tensor)
+    check_ndim("features", features, (3, 4), "[B, K, L, D] or [B, K, D]")
+    if features.shape[-1] == 0 or (features.dim() == 4 and features.shape[2] == 0):
+        raise ValueError(
+            f"features: expected at least one token and one feature dim ([B, K, L, D] or [B, K, D]), "
+            f"got {tuple(features.shape)}"
+        )
+    _check_n(n, features.shape[1])
+    check_choice("method", method, METHODS)
+    if quality is not None:
+        check_float("quality", quality)
+        assert isinstance(quality, torch.Tensor)
+        B, K = features.shape[:2]
+        if tuple(quality.shape) != (B, K):
+            raise ValueError(f"quality: expected shape [B, K] = {(B, K)}, got {tuple(quality.shape)}")
+        check_same_device(features=features, quality=quality)
+        if not _skip_data_checks(quality) and quality.numel() > 0:
+            if not bool(torch.isfinite(quality).all()):
+                raise ValueError("quality: contains NaN or Inf")
+            if bool((quality < 0).any()):
+                raise ValueError("quality: expected non-negative values (per-candidate weights)")
+
+
+def _check_finite_norms(features: torch.Tensor, sq_norms: torch.Tensor) -> None:
+    """A NaN / Inf feature (or an overflowing squared norm) makes diag(G) non-finite: B·K values to check, not
+    B·K·L·D. Costs one host sync on CUDA."""
+    if _skip_data_checks(sq_norms) or sq_norms.numel() == 0 or bool(torch.isfinite(sq_norms).all()):
+        return
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("features: contains NaN or Inf")
+    raise ValueError(
+        f"features: squared norms overflow {sq_norms.dtype} (values too large); scale the features or pass float64"
+    )
+
+
+def diverse_select(
+    features: torch.Tensor,
+    n: int,
+    *,
+    method: str = "dpp",
+    quality: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices of the ``n`` most diverse of ``K`` candidates per prompt, by greedy k-DPP MAP or farthest-point sampling.
+
+    Equivalent to (per prompt ``b``; ``x_i`` the candidates' features mean-pooled over tokens)::
+
+        S = cos(x_i, x_j)                                     # [K, K], S_ii = 1 (0 for an all-zero candidate)
+        "dpp": greedy argmax_Y det(L_Y), L = diag(q)·S·diag(q), one candidate at a time (Chen et al. 2018)
+        "fps": greedy argmax_i q_i · min_{j picked} (1 − S_ij); first pick argmax_i q_i · (1 − mean_j S_ij)
+
+    Ties go to the lowest index. The DPP stops when the best remaining gain is ``≤ eps · max_i L_ii`` (``eps`` =
+    ``DPP_EPS[S.dtype]``: 1e-5 for float32, 1e-10 for float64; duplicates or more picks than the feature rank) and
+    fills the remaining picks by the ``"fps"`` rule from the picks so far. Without quality the first DPP pick is
+    index 0 (all singletons are equal). Deterministic; the C++ and reference backends pick identical indices.
+
+    Args:
+        features: ``[B, K, L, D]`` (mean-pooled over ``L``) or ``[B, K, D]``; float16 / bfloat16 / float32 (similarity
+            in float32) or float64 (float64). Any strides. NaN / Inf raise.
+        n: how many to keep per prompt, ``1 <= n <= K``.
+        method: ``"dpp"`` (default) or ``"fps"``.
+        quality: optional ``[B, K]`` non-negative finite weights (e.g. self-feedback scores mapped to ``[0, 1]``); a
+            zero-quality candidate is picked only once nothing else adds anything.
+
+    Returns:
+        ``[B, n]`` int64 indices into ``K``, in pick order, distinct per row, on the features' device.
+
+    Memory: the ``[B, K, K]`` similarity plus O(B·n·K) float64 workspace; the features are read once (pooling for
+    4-D input) plus once by the Gram matmul.
+    """
+    _validate(features, n, method, quality)
+    sim, sq_norms = _reference.cosine_similarity_and_sq_norms(_reference.pooled_features(features))
+    _check_finite_norms(features, sq_norms)
+    eps = DPP_EPS[sim.dtype]
+    backend = _backend.choose("diverse_select", features.device)
+    if backend == "cpp":
+        op = cpp_op()
+        if op is not None:
+            return op(sim, quality, n, method, eps)
+    return _reference.select_from_similarity(sim, n, method, quality, eps)
