@@ -5,6 +5,7 @@ DropDiv, prompt decomposition and ``env_report``.
 """
 
 from silmm_fast._backend import use_backend
+from silmm_fast.dropdiv import DropDiv, dropdiv
 from silmm_fast.env import env_report
 from silmm_fast.losses.dpo import DPOLoss, DPOOutput, dpo_loss
 from silmm_fast.losses.kc_dpo import KCDPOLoss, kc_dpo_loss
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "diverse_select",
+    "DropDiv",
+    "dropdiv",
     "DPOLoss",
     "DPOOutput",
     "dpo_loss",
