@@ -10,6 +10,7 @@ from silmm_fast.env import env_report
 from silmm_fast.losses.dpo import DPOLoss, DPOOutput, dpo_loss
 from silmm_fast.losses.kc_dpo import KCDPOLoss, kc_dpo_loss
 from silmm_fast.ops.diverse_select import diverse_select
+from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
 from silmm_fast.ops.logprobs import gather_logprobs, sequence_logprobs
 from silmm_fast.ops.pairwise_distance import pairwise_distance
 
@@ -22,6 +23,7 @@ __all__ = [
     "DPOLoss",
     "DPOOutput",
     "dpo_loss",
+    "fused_linear_logprobs",
     "gather_logprobs",
     "sequence_logprobs",
     "KCDPOLoss",
