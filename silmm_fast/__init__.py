@@ -8,6 +8,7 @@ from silmm_fast._backend import use_backend
 from silmm_fast.dropdiv import DropDiv, dropdiv
 from silmm_fast.env import env_report
 from silmm_fast.losses.dpo import DPOLoss, DPOOutput, dpo_loss
+from silmm_fast.losses.fused_linear_dpo import FusedLinearDPOLoss
 from silmm_fast.losses.kc_dpo import KCDPOLoss, kc_dpo_loss
 from silmm_fast.ops.diverse_select import diverse_select
 from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
@@ -23,6 +24,7 @@ __all__ = [
     "DPOLoss",
     "DPOOutput",
     "dpo_loss",
+    "FusedLinearDPOLoss",
     "fused_linear_logprobs",
     "gather_logprobs",
     "sequence_logprobs",

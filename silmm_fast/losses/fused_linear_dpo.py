@@ -1,0 +1,129 @@
+"""DPO straight from hidden states: the head projection, log-prob gather and DPO loss without [B·T, V] logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from silmm_fast._validate import check_choice, check_float, check_ndim
+from silmm_fast.losses.dpo import DPOOutput, _check_config, dpo_loss
+from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
+
+
+def _split_pairs(hidden: torch.Tensor) -> int:
+    check_float("hidden", hidden)
+    check_ndim("hidden", hidden, 3, "[2B, T, H] (chosen rows, then rejected rows)")
+    rows = hidden.shape[0]
+    if rows == 0 or rows % 2:
+        raise ValueError(
+            f"hidden: expected an even, non-zero number of rows [2B, T, H] (B chosen then B rejected), got "
+            f"{tuple(hidden.shape)}"
+        )
+    return rows // 2
+
+
+class FusedLinearDPOLoss(nn.Module):
+    """DPO-family loss from the policy's hidden states and its (last) linear head, logits never materialized.
+
+    Equivalent to::
+
+        logps = sequence_logprobs(hidden @ weight.T + bias, labels, ignore_index=ignore_index, reduction=reduction)
+        dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps, beta=..., loss_type=...,
+                 label_smoothing=...)
+
+    with ``logps`` from ``fused_linear_logprobs`` (fp32, O(B·T) extra memory on GPU; see that function).
+
+    Reference log-probs: compute them with ``reference_logps`` (same fp32 path, no grad) from the reference model's
+    hidden states and head, once per iteration, and cache them. Because policy and reference go through the same
+    path, the margin at initialization (policy == reference) is exactly 0.
+
+    A head that is an MLP (Janus: Linear → GELU → Linear): fuse its last Linear. Run the layers before it and pass the
+    activations entering it as ``hidden``, with ``weight`` / ``bias`` of that last Linear; gradients flow back into
+    the earlier layers through ``hidden``.
+
+    A frozen head (``weight.requires_grad`` False, bias absent or frozen) takes the frozen-head fast path: the input
+    gradient is formed during the forward and the backward only rescales it.
+
+    Args (constructor):
+        beta, loss_type, label_smoothing: as in ``dpo_loss`` (``"sigmoid"``, ``"ipo"``, ``"hinge"``, ``"robust"``).
+        ignore_index: label value of positions that are not scored (prompt tokens, padding).
+        reduction: ``"sum"`` (DPO) or ``"mean"`` (length-normalized log-probs, SimPO-style).
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "sum",
+    ) -> None:
+        super().__init__()
+        self.beta, self.loss_type, self.label_smoothing = _check_config(beta, loss_type, label_smoothing)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+        self.ignore_index = ignore_index
+        self.reduction = check_choice("reduction", reduction, ("sum", "mean"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        )
+
+    def _logps(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = _split_pairs(hidden)
+        logps = fused_linear_logprobs(
+            hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, reduction=self.reduction
+        )
+        return logps[:pairs], logps[pairs:]
+
+    def reference_logps(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference ``(chosen [B], rejected [B])`` log-probs, without grad, through the same path as ``forward``.
+
+        hidden [2B, T, H] (the reference model's activations entering its head), weight [V, H], labels [2B, T],
+        bias [V] or None. Returns float32 (float64 for float64 inputs) tensors to pass to ``forward``.
+        """
+        with torch.no_grad():
+            chosen, rejected = self._logps(hidden, weight, labels, bias)
+        return chosen, rejected
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> DPOOutput:
+        """DPO loss of the policy given by ``hidden`` [2B, T, H] (B chosen rows then B rejected rows) and its head
+        ``weight`` [V, H] / ``bias`` [V], with ``labels`` [2B, T] and reference log-probs ``ref_*_logps`` [B].
+
+        Returns ``DPOOutput(loss, losses [B], chosen_rewards [B], rejected_rewards [B])`` (see ``dpo_loss``).
+        """
+        chosen, rejected = self._logps(hidden, weight, labels, bias)
+        pairs = chosen.shape[0]
+        for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+            check_float(name, ref)
+            if ref.shape != (pairs,):
+                raise ValueError(
+                    f"{name}: expected shape [{pairs}] (one per pair, hidden.shape[0] // 2), got {tuple(ref.shape)}"
+                )
+        return dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+        )

@@ -1,0 +1,139 @@
+"""FusedLinearDPOLoss: equal to dpo_loss over reference sequence log-probs of materialized logits (values and
+gradients, every loss type), zero margin at initialization, an MLP head fused at its last Linear, frozen head, errors.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close
+
+from silmm_fast import DPOOutput, FusedLinearDPOLoss, dpo_loss, use_backend
+from silmm_fast.ops import fused_linear_logprobs as op_module
+from silmm_fast.reference.fused_linear_logprobs import fused_linear_logprobs as reference_logprobs
+
+PAIRS, T, H, V = 2, 5, 24, 70
+BACKENDS = ("torch", "triton", "reference")
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(op_module, "_TRITON_BLOCKS", (16, 32, 16))
+    monkeypatch.setattr(op_module, "_TORCH_CHUNK_ROWS", 3)
+
+
+def make_batch(device, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * PAIRS, T, H, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64) / H**0.5
+    bias = torch.randn(V, generator=gen, dtype=torch.float64) * 0.1
+    labels = torch.randint(0, V, (2 * PAIRS, T), generator=gen)
+    labels[:, :2] = -100  # prompt positions are context, not scored
+    ref_logps = torch.randn(2, PAIRS, generator=gen, dtype=torch.float64) - 20.0
+    to = lambda x: x.to(device=device, dtype=dtype)
+    return to(hidden), to(weight), to(bias), labels.to(device), to(ref_logps[0]), to(ref_logps[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "loss_type, smoothing, reduction",
+    [("sigmoid", 0.0, "sum"), ("sigmoid", 0.1, "mean"), ("robust", 0.2, "sum"), ("ipo", 0.0, "mean"),
+     ("hinge", 0.0, "sum")],
+)  # fmt: skip
+def test_matches_dpo_over_reference_logprobs(device, backend, loss_type, smoothing, reduction):
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(device)
+    module = FusedLinearDPOLoss(beta=0.5, loss_type=loss_type, label_smoothing=smoothing, reduction=reduction)
+    h, w, b = (x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias))
+    with use_backend(backend):
+        out = module(h, w, labels, ref_c, ref_r, bias=b)
+    assert isinstance(out, DPOOutput) and out.losses.shape == (PAIRS,)
+    out.loss.backward()
+
+    rh, rw, rb = (x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias))
+    logps = reference_logprobs(rh, rw, labels, bias=rb, reduction=reduction)
+    expected = dpo_loss(
+        logps[:PAIRS], logps[PAIRS:], ref_c, ref_r, beta=0.5, loss_type=loss_type, label_smoothing=smoothing
+    )
+    expected.loss.backward()
+    for got, want in zip(out, expected):
+        assert_close(got, want, torch.float64)
+    for got, want in ((h.grad, rh.grad), (w.grad, rw.grad), (b.grad, rb.grad)):
+        assert_close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_margin_is_exactly_zero_at_initialization(device, backend):
+    """Policy == reference: the reference log-probs come through the same fp32 path, so rewards are exactly 0 and the
+    sigmoid loss is exactly log 2, for a trainable and for a frozen head."""
+    hidden, weight, bias, labels, _, _ = make_batch(device, torch.float32)
+    module = FusedLinearDPOLoss(beta=0.1)
+    with use_backend(backend):
+        ref_c, ref_r = module.reference_logps(hidden, weight, labels, bias)
+        assert not ref_c.requires_grad and ref_c.dtype == torch.float32
+        for head_grad in (True, False):
+            h = hidden.clone().requires_grad_(True)
+            w = weight.clone().requires_grad_(head_grad)
+            out = module(h, w, labels, ref_c, ref_r, bias=bias)
+            assert torch.equal(out.chosen_rewards, torch.zeros_like(out.chosen_rewards))
+            assert torch.equal(out.rejected_rewards, torch.zeros_like(out.rejected_rewards))
+            assert torch.equal(out.losses, torch.full_like(out.losses, F.softplus(torch.tensor(0.0)).item()))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mlp_head_fused_at_its_last_linear(device, backend):
+    """A Janus-style head (Linear → GELU → Linear): the module gets the activations entering the last Linear, and
+    gradients reach the first Linear and the trunk's hidden states through them."""
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(H, 32), torch.nn.GELU(), torch.nn.Linear(32, V)).double().to(device)
+    hidden, _, _, labels, ref_c, ref_r = make_batch(device)
+    trunk = hidden.clone().requires_grad_(True)
+    module = FusedLinearDPOLoss(beta=0.3)
+    with use_backend(backend):
+        act = head[1](head[0](trunk))
+        out = module(act, head[2].weight, labels, ref_c, ref_r, bias=head[2].bias)
+    out.loss.backward()
+    grads = [trunk.grad] + [p.grad for p in head.parameters()]
+
+    head.zero_grad()
+    trunk_ref = hidden.clone().requires_grad_(True)
+    logits = head(trunk_ref)  # [2B, T, V], materialized
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logps = (logp * (labels != -100)).sum(-1)
+    expected = dpo_loss(logps[:PAIRS], logps[PAIRS:], ref_c, ref_r, beta=0.3)
+    expected.loss.backward()
+    assert_close(out.loss, expected.loss, torch.float64)
+    for got, want in zip(grads, [trunk_ref.grad] + [p.grad for p in head.parameters()]):
+        assert_close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_frozen_head_leaves_weight_without_gradient(device, backend):
+    hidden, weight, _, labels, ref_c, ref_r = make_batch(device)
+    h = hidden.clone().requires_grad_(True)
+    with use_backend(backend):
+        out = FusedLinearDPOLoss(beta=0.2, loss_type="ipo")(h, weight, labels, ref_c, ref_r)
+    out.loss.backward()
+    assert weight.grad is None
+    rh = hidden.clone().requires_grad_(True)
+    logps = reference_logprobs(rh, weight, labels)
+    dpo_loss(logps[:PAIRS], logps[PAIRS:], ref_c, ref_r, beta=0.2, loss_type="ipo").loss.backward()
+    assert_close(h.grad, rh.grad, torch.float64)
+
+
+def test_bad_input():
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch("cpu")
+    module = FusedLinearDPOLoss()
+    with pytest.raises(ValueError, match="hidden"):
+        module(hidden[:3], weight, labels[:3], ref_c, ref_r)
+    with pytest.raises(ValueError, match="ref_chosen_logps"):
+        module(hidden, weight, labels, ref_c[:1], ref_r)
+    with pytest.raises(TypeError, match="ref_rejected_logps"):
+        module(hidden, weight, labels, ref_c, ref_r.long())
+    with pytest.raises(ValueError, match="labels"):
+        module(hidden, weight, labels + V, ref_c, ref_r)
+    with pytest.raises(ValueError, match="reduction"):
+        FusedLinearDPOLoss(reduction="none")
+    with pytest.raises(ValueError, match="loss_type"):
+        FusedLinearDPOLoss(loss_type="kto")
+    with pytest.raises(TypeError, match="ignore_index"):
+        FusedLinearDPOLoss(ignore_index="-100")
+    assert "reduction='sum'" in repr(module)
