@@ -1,0 +1,40 @@
+"""Rule-based decomposition of compositional text-to-image prompts into yes/no questions (SILMM step 3).
+
+Pipeline: ``tokens`` (normalize, split, tag words from ``lexicon``) -> ``parse`` (noun phrases with count and
+attributes, relations between them) -> ``questions`` (one yes/no question per entity, predicate and relation).
+Deterministic, no model, no downloads: it is the fallback when a model's own questions cannot be parsed, and the
+validator that checks a model's questions cover the prompt.
+"""
+
+from __future__ import annotations
+
+from silmm_fast.decompose.parse import Entity, Parse, Relation, parse
+from silmm_fast.decompose.questions import questions_from_parse
+
+
+def decompose_prompt(prompt: str) -> list[str]:
+    """Yes/no questions that together check an image against ``prompt``.
+
+    Equivalent to: one question per object with its attributes and count ("is there a red apple?", "are there three
+    dogs?"), one per predicate adjective ("is the sky blue?"), one per spatial relation ("is the cup to the left of
+    the cat?"), one per non-spatial relation ("is the man riding the horse?"), in order of appearance, without
+    repeats. Questions are lower-case.
+
+    Args:
+        prompt: a natural-language prompt, e.g. "a red apple on the left of a blue car".
+
+    Returns:
+        list[str]: the questions; never empty for a prompt that names at least one object.
+
+    Raises:
+        TypeError: ``prompt`` is not a ``str``.
+        ValueError: ``prompt`` is empty or only whitespace / punctuation.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not any(ch.isalnum() for ch in prompt):
+        raise ValueError(f"prompt must contain at least one word, got {prompt!r}")
+    return questions_from_parse(parse(prompt))
+
+
+__all__ = ["Entity", "Parse", "Relation", "decompose_prompt", "parse"]
