@@ -5,6 +5,7 @@ DropDiv, prompt decomposition and ``env_report``.
 """
 
 from silmm_fast._backend import use_backend
+from silmm_fast.decompose import decompose_prompt
 from silmm_fast.dropdiv import DropDiv, dropdiv
 from silmm_fast.env import env_report
 from silmm_fast.losses.dpo import DPOLoss, DPOOutput, dpo_loss
@@ -18,6 +19,7 @@ from silmm_fast.ops.pairwise_distance import pairwise_distance
 __version__ = "0.1.0"
 
 __all__ = [
+    "decompose_prompt",
     "diverse_select",
     "DropDiv",
     "dropdiv",
