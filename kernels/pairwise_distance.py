@@ -426,9 +426,9 @@ def pairwise_distance_fwd(
     if splits is None:
         splits = 1
         if not _interpreted(x):
-            # few pairs, wide rows: spread D over ~2 programs per SM, each at least 16 tiles wide
+            # few pairs, wide rows: spread D over ~2 programs per SM; each split streams at least 16 token-tiles
             want = triton.cdiv(2 * _sm_count(x.device), B * n_mn)
-            splits = max(1, min(want, D // (16 * block_d)))
+            splits = max(1, min(want, triton.cdiv(D, block_d) // triton.cdiv(16, L)))
     d_split = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d
     splits = triton.cdiv(D, d_split)
     out = torch.empty((B, M, N), device=x.device, dtype=acc_t)

@@ -65,13 +65,14 @@ def test_gradcheck(kernel, pool, backend):
 def test_float32_and_many_pairs(kernel, backend):
     # M, N above one 16/32-row tile; L = 1; fp32 compared to the float64 reference with the fp32 tolerances
     x, y, go = _inputs(1, 3, 33, 1, 8, dtype=torch.float32, seed=2)
-    kw = dict(kernel=kernel, pool="mean", sigma=2.0)
-    out, gx, gy = _run(backend, x, y, go, **kw)
-    ref, rgx, rgy = _expected(x, y, go, **kw)
-    assert out.dtype == torch.float32 and gx.dtype == torch.float32
-    assert_close(out, ref, torch.float32, scale=10.0)  # Gram-expansion rounding ~ ε·‖a‖², ‖a‖² ~ 8
-    assert_close(gx, rgx, torch.float32, scale=10.0)
-    assert_close(gy, rgy, torch.float32, scale=10.0)
+    for pool in POOLS:
+        kw = dict(kernel=kernel, pool=pool, sigma=2.0)
+        out, gx, gy = _run(backend, x, y, go, **kw)
+        ref, rgx, rgy = _expected(x, y, go, **kw)
+        assert out.dtype == torch.float32 and gx.dtype == torch.float32
+        assert_close(out, ref, torch.float32, scale=10.0)  # Gram-expansion rounding ~ ε·‖a‖², ‖a‖² ~ 8
+        assert_close(gx, rgx, torch.float32, scale=10.0)
+        assert_close(gy, rgy, torch.float32, scale=10.0)
 
 
 @pytest.mark.parametrize("pool", POOLS)

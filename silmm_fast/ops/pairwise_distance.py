@@ -25,106 +25,115 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# --- torch backend: same statistics and closed-form gradients as the Triton kernels ------------------------------
-def _pool(t: torch.Tensor, pool: str, acc: torch.dtype) -> torch.Tensor:
-    if pool == "mean":
-        return t.mean(dim=2, dtype=acc)
-    if pool == "max":
-        return t.amax(dim=2).to(acc)
-    return t.to(acc)
-
-
-def _stats(a: torch.Tensor, c: torch.Tensor, pool: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gram [B, M, N, L'], ‖a‖² [B, M, L'], ‖c‖² [B, N, L'] from pooled [B, M, D] / [B, N, D] or per-token inputs."""
+# --- torch backend: the Triton kernels' algorithm in vectorized PyTorch, with the same gradient conventions --------
+# Rows are handled as [*, R, D] batches: * = B for pooled inputs, * = (B, L) for pool "none" (one distance per token).
+def _pool(t: torch.Tensor, pool: str, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, R, L, D] -> rows in ``acc``: pooled [B, R, D] or per token [B, L, R, D]; for "max" over L > 1 tokens also
+    the first argmax token per feature (kept for backward: [B, R, D] indices, 1/L of the input)."""
     if pool == "none":
-        g = torch.matmul(a.transpose(1, 2), c.permute(0, 2, 3, 1)).permute(0, 2, 3, 1)  # [B, L, M, N] -> [B, M, N, L]
-        return g, a.pow(2).sum(-1), c.pow(2).sum(-1)
-    g = torch.bmm(a, c.transpose(1, 2)).unsqueeze(-1)
-    return g, a.pow(2).sum(-1, keepdim=True), c.pow(2).sum(-1, keepdim=True)
+        return t.transpose(1, 2).to(acc), None
+    if t.shape[2] == 1:
+        return t[:, :, 0].to(acc), None
+    if pool == "mean":
+        return t.mean(dim=2, dtype=acc), None
+    values, index = t.max(dim=2)  # the first maximal token on ties
+    return values.to(acc), index
 
 
-def _distance(g: torch.Tensor, na: torch.Tensor, nc: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
-    # g [B, M, N, L'], na [B, M, 1, L'], nc [B, 1, N, L']
+def _forward_stats(a: torch.Tensor, c: torch.Tensor, kernel: str, sigma: float):
+    """Distances [*, M, N] and what backward needs: (cos, ‖a‖ clamped, ‖c‖ clamped) for cosine, else (sq,)."""
     if kernel == "cosine":
-        return 1.0 - g / (na.sqrt().clamp_min(COSINE_EPS) * nc.sqrt().clamp_min(COSINE_EPS))
-    sq = (na + nc - 2.0 * g).clamp_min(0.0)  # the matmul expansion can round slightly below zero
+        ra = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min_(COSINE_EPS)
+        rc = torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(COSINE_EPS)
+        a_hat, c_hat = a / ra, c / rc
+        cos = torch.bmm(a_hat, c_hat.transpose(1, 2)) if a.dim() == 3 else torch.matmul(a_hat, c_hat.transpose(-1, -2))
+        return 1.0 - cos, (cos, ra.squeeze(-1), rc.squeeze(-1))
+    na, nc = (a * a).sum(-1), (c * c).sum(-1)
+    # ‖a‖² + ‖c‖² − 2a·c in one batched matmul; the expansion can round slightly below zero
+    sq = (
+        torch.baddbmm(na.unsqueeze(-1) + nc.unsqueeze(-2), a, c.transpose(-1, -2), alpha=-2.0)
+        if a.dim() == 3
+        else (na.unsqueeze(-1) + nc.unsqueeze(-2) - 2.0 * torch.matmul(a, c.transpose(-1, -2)))
+    )
+    sq = sq.clamp_min_(0.0)
     if kernel == "euclidean":
-        return sq.sqrt()
+        return sq.sqrt(), (sq,)
     if kernel == "sqeuclidean":
-        return sq
-    return 2.0 - 2.0 * torch.exp(-sq / (2.0 * sigma**2))
+        return sq, (sq,)
+    return 2.0 - 2.0 * torch.exp(-sq / (2.0 * sigma**2)), (sq,)
 
 
-def _coefficients(
-    g: torch.Tensor, na: torch.Tensor, nc: torch.Tensor, kernel: str, sigma: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """P = ∂f/∂‖a‖² and Q = ∂f/∂g (broadcast to [B, M, N, L']); the conventions of the module docstring of
-    ``silmm_fast.kernels.pairwise_distance``."""
+def _coefficients(stats: tuple, kernel: str, sigma: float, rows_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """P = ∂f/∂‖rows‖² and Q = ∂f/∂g, [*, M, N] (transposed to [*, N, M] when the rows are the y side)."""
     if kernel == "cosine":
-        norm_a = na.sqrt()
-        ra, rc = norm_a.clamp_min(COSINE_EPS), nc.sqrt().clamp_min(COSINE_EPS)
-        q = -1.0 / (ra * rc)
-        p = torch.where(norm_a > COSINE_EPS, g / (2.0 * ra.pow(3) * rc), 0.0)
+        cos, ra, rc = stats  # cos = g / (ra·rc)
+        if not rows_first:
+            cos, ra, rc = cos.transpose(-1, -2), rc, ra
+        q = -1.0 / (ra.unsqueeze(-1) * rc.unsqueeze(-2))
+        # P = g / (2·ra³·rc); a norm at or below eps was clamped: no gradient through it
+        p = torch.where((ra > COSINE_EPS).unsqueeze(-1), 0.5 * cos / (ra * ra).unsqueeze(-1), 0.0)
         return p, q
-    sq = (na + nc - 2.0 * g).clamp_min(0.0)
+    (sq,) = stats
+    if not rows_first:
+        sq = sq.transpose(-1, -2)
     if kernel == "euclidean":
-        d = sq.sqrt()
-        p = torch.where(d > 0, 0.5 / torch.where(d > 0, d, 1.0), 0.0)
+        positive = sq > 0
+        p = torch.where(positive, 0.5 * torch.where(positive, sq, 1.0).rsqrt(), 0.0)  # gradient 0 at distance 0
     elif kernel == "sqeuclidean":
         p = torch.ones_like(sq)
     else:
         inv = 1.0 / (2.0 * sigma**2)
-        p = 2.0 * inv * torch.exp(-sq * inv)
+        p = (2.0 * inv) * torch.exp(-sq * inv)
     return p, -2.0 * p
 
 
-def _route(grad_pooled: torch.Tensor, t: torch.Tensor, pool: str) -> torch.Tensor:
-    """Gradient of the pooling: [B, R, D] (or per token [B, R, L, D]) back to t [B, R, L, D] in t's dtype."""
+def _grad_rows(go: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, p: torch.Tensor, q: torch.Tensor):
+    # ∂/∂rows_i = Σ_j go_ij·(2·P_ij·rows_i + Q_ij·cols_j)
+    return 2.0 * (go * p).sum(-1, keepdim=True) * rows + torch.matmul(go * q, cols)
+
+
+def _route(grad: torch.Tensor, meta: tuple, pool: str, index: torch.Tensor | None) -> torch.Tensor:
+    """Gradient of the pooling, back to the [B, R, L, D] input given as (shape, dtype)."""
+    shape, dtype = meta
     if pool == "none":
-        return grad_pooled.to(t.dtype)
-    if pool == "mean":
-        return (grad_pooled / t.shape[2]).to(t.dtype).unsqueeze(2).expand(t.shape)
-    index = t.argmax(dim=2, keepdim=True)  # recomputed, not stored; the first maximal token on ties
-    return torch.zeros_like(t).scatter_(2, index, grad_pooled.to(t.dtype).unsqueeze(2))
+        return grad.transpose(1, 2).to(dtype)
+    if pool == "mean" or index is None:  # index is None for max over a single token
+        return (grad / shape[2]).to(dtype).unsqueeze(2).expand(shape)
+    out = torch.zeros(shape, dtype=dtype, device=grad.device)
+    return out.scatter_(2, index.unsqueeze(2), grad.to(dtype).unsqueeze(2))
 
 
-def _grad_rows(go, g, n_rows, n_cols, rows_pooled, cols_pooled, kernel, sigma, pool):
-    # go [B, R, C], g [B, R, C, L'], n_rows [B, R, 1, L'], n_cols [B, 1, C, L']
-    p, q = _coefficients(g, n_rows, n_cols, kernel, sigma)
-    go = go.unsqueeze(-1) / g.shape[-1]  # pool "none" averages the L' per-token distances
-    rowcoef = (go * p).sum(2)  # [B, R, L']
-    w = go * q
-    if pool == "none":  # rows_pooled [B, R, L, D]
-        matrix = torch.matmul(w.permute(0, 3, 1, 2), cols_pooled.transpose(1, 2)).transpose(1, 2)
-        return 2.0 * rowcoef.unsqueeze(-1) * rows_pooled + matrix
-    return 2.0 * rowcoef * rows_pooled + torch.bmm(w.squeeze(-1), cols_pooled)
+def _torch_forward(x, y, kernel, pool, sigma):
+    acc = _acc_dtype(x.dtype)
+    (a, ia), (c, ic) = _pool(x, pool, acc), _pool(y, pool, acc)
+    dist, stats = _forward_stats(a, c, kernel, sigma)
+    out = dist.mean(1) if pool == "none" else dist
+    return out, (a, c, ia, ic, *stats)
 
 
 class _TorchPairwiseDistance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, kernel, pool, sigma):
-        acc = _acc_dtype(x.dtype)
-        g, na, nc = _stats(_pool(x, pool, acc), _pool(y, pool, acc), pool)
-        out = _distance(g, na.unsqueeze(2), nc.unsqueeze(1), kernel, sigma).mean(-1)
-        ctx.save_for_backward(x, y, g, na, nc)
-        ctx.config = (kernel, pool, sigma)
+        out, saved = _torch_forward(x, y, kernel, pool, sigma)
+        # pooled rows ([B, R, D]; pool "none": the inputs) and [*, M, N] statistics, never a [B, M, N, D] tensor
+        ctx.save_for_backward(*saved)
+        ctx.config = (kernel, pool, sigma, (x.shape, x.dtype), (y.shape, y.dtype))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, g, na, nc = ctx.saved_tensors
-        kernel, pool, sigma = ctx.config
-        acc = g.dtype
-        a, c = _pool(x, pool, acc), _pool(y, pool, acc)
-        go = grad_out.to(acc)
+        a, c, ia, ic, *stats = ctx.saved_tensors
+        kernel, pool, sigma, x_meta, y_meta = ctx.config
+        go = grad_out.to(a.dtype)
+        if pool == "none":  # each token's distance enters the output with weight 1/L
+            go = (go / a.shape[1]).unsqueeze(1)
         gx = gy = None
         if ctx.needs_input_grad[0]:
-            gx = _route(_grad_rows(go, g, na.unsqueeze(2), nc.unsqueeze(1), a, c, kernel, sigma, pool), x, pool)
+            p, q = _coefficients(stats, kernel, sigma, rows_first=True)
+            gx = _route(_grad_rows(go, a, c, p, q), x_meta, pool, ia)
         if ctx.needs_input_grad[1]:
-            gt = g.transpose(1, 2)
-            gy = _route(
-                _grad_rows(go.transpose(1, 2), gt, nc.unsqueeze(2), na.unsqueeze(1), c, a, kernel, sigma, pool), y, pool
-            )
+            p, q = _coefficients(stats, kernel, sigma, rows_first=False)
+            gy = _route(_grad_rows(go.transpose(-1, -2), c, a, p, q), y_meta, pool, ic)
         return gx, gy, None, None, None
 
 
@@ -215,5 +224,8 @@ def pairwise_distance(
         return _reference.pairwise_distance(x, y, kernel=kernel, pool=pool, sigma=sigma)
     if backend == "triton" and x.shape[0] * x.shape[1] * y.shape[1] == 0:
         backend = "torch"  # nothing to launch for an empty batch; the torch path returns the empty result
-    fn = _TritonPairwiseDistance if backend == "triton" else _TorchPairwiseDistance
-    return fn.apply(x, y, kernel, pool, sigma)
+    if backend == "triton":
+        return _TritonPairwiseDistance.apply(x, y, kernel, pool, sigma)
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        return _TorchPairwiseDistance.apply(x, y, kernel, pool, sigma)
+    return _torch_forward(x, y, kernel, pool, sigma)[0]  # inference: nothing to save
