@@ -41,13 +41,14 @@ def _pool(t: torch.Tensor, pool: str, acc: torch.dtype) -> tuple[torch.Tensor, t
 
 
 def _forward_stats(a: torch.Tensor, c: torch.Tensor, kernel: str, sigma: float):
-    """Distances [*, M, N] and what backward needs: (cos, ‖a‖ clamped, ‖c‖ clamped) for cosine, else (sq,)."""
+    """Distances [*, M, N], the rows backward multiplies (cosine: the unit rows â, ĉ; else a, c) and the statistics
+    it needs: (cos, ‖a‖ clamped, ‖c‖ clamped) [*, M, N], [*, M, 1], [*, N, 1] for cosine, else (sq,)."""
     if kernel == "cosine":
         ra = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min_(COSINE_EPS)
         rc = torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(COSINE_EPS)
         a_hat, c_hat = a / ra, c / rc
         cos = torch.bmm(a_hat, c_hat.transpose(1, 2)) if a.dim() == 3 else torch.matmul(a_hat, c_hat.transpose(-1, -2))
-        return 1.0 - cos, (cos, ra.squeeze(-1), rc.squeeze(-1))
+        return 1.0 - cos, a_hat, c_hat, (cos, ra, rc)
     na, nc = (a * a).sum(-1), (c * c).sum(-1)
     # ‖a‖² + ‖c‖² − 2a·c in one batched matmul; the expansion can round slightly below zero
     sq = (
@@ -57,25 +58,16 @@ def _forward_stats(a: torch.Tensor, c: torch.Tensor, kernel: str, sigma: float):
     )
     sq = sq.clamp_min_(0.0)
     if kernel == "euclidean":
-        return sq.sqrt(), (sq,)
-    if kernel == "sqeuclidean":
-        return sq, (sq,)
-    return 2.0 - 2.0 * torch.exp(-sq / (2.0 * sigma**2)), (sq,)
+        dist = sq.sqrt()
+    elif kernel == "sqeuclidean":
+        dist = sq
+    else:
+        dist = 2.0 - 2.0 * torch.exp(-sq / (2.0 * sigma**2))
+    return dist, a, c, (sq,)
 
 
-def _coefficients(stats: tuple, kernel: str, sigma: float, rows_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """P = ∂f/∂‖rows‖² and Q = ∂f/∂g, [*, M, N] (transposed to [*, N, M] when the rows are the y side)."""
-    if kernel == "cosine":
-        cos, ra, rc = stats  # cos = g / (ra·rc)
-        if not rows_first:
-            cos, ra, rc = cos.transpose(-1, -2), rc, ra
-        q = -1.0 / (ra.unsqueeze(-1) * rc.unsqueeze(-2))
-        # P = g / (2·ra³·rc); a norm at or below eps was clamped: no gradient through it
-        p = torch.where((ra > COSINE_EPS).unsqueeze(-1), 0.5 * cos / (ra * ra).unsqueeze(-1), 0.0)
-        return p, q
-    (sq,) = stats
-    if not rows_first:
-        sq = sq.transpose(-1, -2)
+def _coefficients(sq: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
+    """P = ∂f/∂‖a‖² for the distances of sq = ‖a − c‖² (Q = ∂f/∂(a·c) = −2P)."""
     if kernel == "euclidean":
         positive = sq > 0
         p = torch.where(positive, 0.5 * torch.where(positive, sq, 1.0).rsqrt(), 0.0)  # gradient 0 at distance 0
@@ -84,12 +76,20 @@ def _coefficients(stats: tuple, kernel: str, sigma: float, rows_first: bool) -> 
     else:
         inv = 1.0 / (2.0 * sigma**2)
         p = (2.0 * inv) * torch.exp(-sq * inv)
-    return p, -2.0 * p
+    return p
 
 
-def _grad_rows(go: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, p: torch.Tensor, q: torch.Tensor):
-    # ∂/∂rows_i = Σ_j go_ij·(2·P_ij·rows_i + Q_ij·cols_j)
-    return 2.0 * (go * p).sum(-1, keepdim=True) * rows + torch.matmul(go * q, cols)
+def _grad_rows(go, rows, cols, stats, kernel, sigma):
+    """∂/∂rows_i of Σ go·distance = Σ_j go_ij·(2·P_ij·rows_i + Q_ij·cols_j); go, stats oriented rows × cols."""
+    if kernel == "cosine":
+        # with P = cos/(2·ra²), Q = −1/(ra·rc): (Σ_j go_ij·cos_ij·â_i − Σ_j go_ij·ĉ_j) / ra_i, and no gradient through
+        # a norm clamped at eps; rows, cols are the unit rows here
+        cos, ra = stats
+        coef = torch.where(ra > COSINE_EPS, (go * cos).sum(-1, keepdim=True), 0.0)
+        return (coef * rows - torch.matmul(go, cols)) / ra
+    (sq,) = stats
+    wp = go * _coefficients(sq, kernel, sigma)
+    return 2.0 * (wp.sum(-1, keepdim=True) * rows - torch.matmul(wp, cols))  # Q = −2P
 
 
 def _route(grad: torch.Tensor, meta: tuple, pool: str, index: torch.Tensor | None) -> torch.Tensor:
@@ -106,7 +106,7 @@ def _route(grad: torch.Tensor, meta: tuple, pool: str, index: torch.Tensor | Non
 def _torch_forward(x, y, kernel, pool, sigma):
     acc = _acc_dtype(x.dtype)
     (a, ia), (c, ic) = _pool(x, pool, acc), _pool(y, pool, acc)
-    dist, stats = _forward_stats(a, c, kernel, sigma)
+    dist, a, c, stats = _forward_stats(a, c, kernel, sigma)
     out = dist.mean(1) if pool == "none" else dist
     return out, (a, c, ia, ic, *stats)
 
@@ -128,12 +128,15 @@ class _TorchPairwiseDistance(torch.autograd.Function):
         if pool == "none":  # each token's distance enters the output with weight 1/L
             go = (go / a.shape[1]).unsqueeze(1)
         gx = gy = None
+        if kernel == "cosine":
+            cos, ra, rc = stats
+            stats_x, stats_y = (cos, ra), (cos.transpose(-1, -2), rc)
+        else:
+            stats_x, stats_y = tuple(stats), (stats[0].transpose(-1, -2),)
         if ctx.needs_input_grad[0]:
-            p, q = _coefficients(stats, kernel, sigma, rows_first=True)
-            gx = _route(_grad_rows(go, a, c, p, q), x_meta, pool, ia)
+            gx = _route(_grad_rows(go, a, c, stats_x, kernel, sigma), x_meta, pool, ia)
         if ctx.needs_input_grad[1]:
-            p, q = _coefficients(stats, kernel, sigma, rows_first=False)
-            gy = _route(_grad_rows(go.transpose(-1, -2), c, a, p, q), y_meta, pool, ic)
+            gy = _route(_grad_rows(go.transpose(-1, -2), c, a, stats_y, kernel, sigma), y_meta, pool, ic)
         return gx, gy, None, None, None
 
 
