@@ -17,6 +17,7 @@ Rows are addressed as a [P, Q] grid with strides (stride_p, stride_q), the last 
 ``logits[:, :-1]`` of a [B, T + 1, V] tensor is read in place, without a copy.
 """
 
+import contextlib
 import os
 
 import torch
@@ -124,6 +125,11 @@ def _rows_view(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     return logits, logits.shape[0], logits.shape[1], logits.stride(0), logits.stride(1)
 
 
+def _on_device(device: torch.device):
+    """Launch on the tensor's GPU (Triton launches on the current CUDA device), nothing to do for CPU tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -152,7 +158,7 @@ def logprobs_forward(
     rows, _, Q, stride_p, stride_q = _rows_view(logits)
     labels = labels.reshape(-1).contiguous()
     BLOCK_V = _block_v(V, block_v)
-    with torch.device(logits.device):
+    with _on_device(logits.device):
         _logprobs_fwd_kernel[(N,)](
             rows,
             labels,
@@ -194,7 +200,7 @@ def logprobs_backward(
     labels = labels.reshape(-1).contiguous()
     grad_logp = grad_logp.reshape(-1).to(row_max.dtype).contiguous()
     BLOCK_V = _block_v(V, block_v)
-    with torch.device(logits.device):
+    with _on_device(logits.device):
         _logprobs_bwd_kernel[(N, triton.cdiv(V, BLOCK_V))](
             rows,
             labels,
