@@ -1,0 +1,316 @@
+"""Benchmark the discrete DPO head: log-probs over given logits, the fused linear head + log-prob gather, and the
+fused DPO loss, against what trainers do today.
+
+Ops: ``gather_logprobs`` / ``sequence_logprobs`` (logits [B, T, V] given), ``fused_linear_logprobs`` (hidden [B, T, H]
+and a head weight [V, H]; ``head`` trainable or frozen), ``fused_linear_dpo`` (B = 2 × pairs sequences, reference
+log-probs given, as in DPO with cached reference log-probs).
+Providers: ``naive`` (materialized logits, fp32 ``log_softmax``, gather, mask: what TRL does by default),
+``reference`` (``silmm_fast.reference``), ``torch_compile`` (the reference through ``torch.compile``), ``silmm``
+(the public API, auto backend), and peers when installed: ``trl`` (``selective_log_softmax``), ``cut_cross_entropy``
+(``linear_cross_entropy``, per-token), ``liger_kernel`` (fused linear cross-entropy / DPO; Triton, CUDA only).
+A provider that is missing or fails is skipped with a printed reason.
+Modes: ``forward`` (autograd recording, as in training), ``backward`` (on a retained graph), ``full`` (both).
+Metrics: median time and the peak memory one call adds (bench.common.measure).
+
+    python bench/bench_logprobs.py --device cpu --shapes cpu-floor --ops fused_linear_logprobs --providers naive silmm
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import HEAD_SHAPES, HeadShape, environment, measure, print_table, row, write_rows  # noqa: E402
+
+OPS = ("gather_logprobs", "sequence_logprobs", "fused_linear_logprobs", "fused_linear_dpo")
+PROVIDERS = ("naive", "reference", "torch_compile", "silmm", "trl", "cut_cross_entropy", "liger_kernel")
+MODES = ("forward", "backward", "full")
+HEADS = ("trainable", "frozen")
+IGNORE = -100
+BETA = 0.1
+
+
+class Skip(Exception):
+    """A provider that cannot run here (not installed, no CUDA, no implementation for the op)."""
+
+
+def _release_freed_memory_to_os() -> None:
+    """CPU peak memory is measured on the resident set: make glibc return every freed block above 128 KiB to the OS
+    (a fixed mmap threshold), so memory one provider freed is not silently reused by the next one's measurement."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+# --- the computations ------------------------------------------------------------------------------------------------
+def _naive_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (labels != IGNORE)
+
+
+def _naive_head_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return _naive_token_logps(F.linear(hidden, weight), labels).sum(-1)
+
+
+def _dpo(logps: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor) -> torch.Tensor:
+    from silmm_fast import dpo_loss
+
+    pairs = logps.shape[0] // 2
+    return dpo_loss(logps[:pairs], logps[pairs:], ref_c, ref_r, beta=BETA).loss
+
+
+def _logits_fn(op: str, provider: str, device: torch.device) -> Callable:
+    """(logits, labels) -> scalar."""
+    import silmm_fast
+    from silmm_fast.reference import logprobs as ref
+
+    if op == "gather_logprobs":
+        reference = lambda z, y: ref.gather_logprobs(z, y, ignore_index=IGNORE).sum()
+        silmm = lambda z, y: silmm_fast.gather_logprobs(z, y, ignore_index=IGNORE).sum()
+    else:
+        reference = lambda z, y: ref.sequence_logprobs(z, y, ignore_index=IGNORE).sum()
+        silmm = lambda z, y: silmm_fast.sequence_logprobs(z, y, ignore_index=IGNORE).sum()
+    if provider == "naive":
+        return lambda z, y: _naive_token_logps(z, y).sum()
+    if provider == "reference":
+        return reference
+    if provider == "torch_compile":
+        return torch.compile(reference, dynamic=False)
+    if provider == "silmm":
+        return silmm
+    if provider == "trl":
+        try:
+            from trl.trainer.utils import selective_log_softmax
+        except ImportError as err:
+            raise Skip(f"trl not importable ({err})") from err
+        return lambda z, y: (selective_log_softmax(z, y.clamp(min=0)) * (y != IGNORE)).sum()
+    raise Skip(f"{provider} has no {op}")
+
+
+def _head_logps_fn(provider: str, device: torch.device) -> Callable:
+    """(hidden, weight, labels) -> per-sequence log-probs [B]."""
+    import silmm_fast
+    from silmm_fast.reference.fused_linear_logprobs import fused_linear_logprobs as reference
+
+    if provider == "naive":
+        return _naive_head_logps
+    if provider == "reference":
+        return lambda h, w, y: reference(h, w, y, ignore_index=IGNORE)
+    if provider == "torch_compile":
+        return torch.compile(lambda h, w, y: reference(h, w, y, ignore_index=IGNORE), dynamic=False)
+    if provider == "silmm":
+        return lambda h, w, y: silmm_fast.fused_linear_logprobs(h, w, y, ignore_index=IGNORE)
+    if provider == "cut_cross_entropy":
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except ImportError as err:
+            raise Skip(f"cut_cross_entropy not importable ({err})") from err
+        impl = "cce" if device.type == "cuda" else "torch_compile"
+        return lambda h, w, y: -linear_cross_entropy(h, w, y, ignore_index=IGNORE, reduction="none", impl=impl).sum(-1)
+    if provider == "liger_kernel":
+        if device.type != "cuda":
+            raise Skip("liger_kernel runs Triton kernels: CUDA only")
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError as err:
+            raise Skip(f"liger_kernel not importable ({err})") from err
+        ce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="none")
+        return lambda h, w, y: -ce(w, h.reshape(-1, h.shape[-1]), y.reshape(-1)).view(y.shape).sum(-1)
+    raise Skip(f"{provider} has no fused_linear_logprobs")
+
+
+def _dpo_fn(provider: str, device: torch.device) -> Callable:
+    """(hidden [2B, T, H], weight, labels, ref_c, ref_r) -> scalar DPO loss."""
+    if provider == "silmm":
+        from silmm_fast import FusedLinearDPOLoss
+
+        module = FusedLinearDPOLoss(beta=BETA, ignore_index=IGNORE)
+        return lambda h, w, y, rc, rr: module(h, w, y, rc, rr).loss
+    if provider == "liger_kernel":
+        if device.type != "cuda":
+            raise Skip("liger_kernel runs Triton kernels: CUDA only")
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        except ImportError as err:
+            raise Skip(f"liger_kernel not importable ({err})") from err
+        # Liger computes its own reference term from a reference model; without one it scores the policy alone,
+        # which is the same head work.
+        module = LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=BETA, use_ref_model=False)
+
+        def liger(h, w, y, rc, rr):
+            out = module(w, h, y)
+            return out[0] if isinstance(out, tuple) else out
+
+        return liger
+    if provider == "trl":
+        raise Skip("trl has no fused DPO head (its DPO is the naive provider)")
+    logps = _head_logps_fn(provider, device)
+    return lambda h, w, y, rc, rr: _dpo(logps(h, w, y), rc, rr)
+
+
+# --- cases -----------------------------------------------------------------------------------------------------------
+def _inputs(op: str, shape: HeadShape, head: str, device: torch.device, dtype: torch.dtype):
+    """(args, leaves): the call arguments and the tensors gradients are taken for."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, shape.vocab, (shape.sequences, shape.tokens), generator=gen).to(device)
+    if op in ("gather_logprobs", "sequence_logprobs"):
+        logits = torch.randn(shape.sequences, shape.tokens, shape.vocab, generator=gen).to(device, dtype)
+        logits.requires_grad_(True)
+        return (logits, labels), [logits]
+    hidden = torch.randn(shape.sequences, shape.tokens, shape.hidden, generator=gen).to(device, dtype)
+    weight = (torch.randn(shape.vocab, shape.hidden, generator=gen) / shape.hidden**0.5).to(device, dtype)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(head == "trainable")
+    leaves = [hidden, weight] if head == "trainable" else [hidden]
+    if op == "fused_linear_logprobs":
+        return (hidden, weight, labels), leaves
+    pairs = shape.sequences // 2
+    ref = (torch.randn(2, pairs, generator=gen) - shape.tokens * 10.0).to(device)
+    return (hidden, weight, labels, ref[0], ref[1]), leaves
+
+
+def _callable(op: str, provider: str, mode: str, args: tuple, leaves: list, device: torch.device):
+    if op in ("gather_logprobs", "sequence_logprobs"):
+        fn = _logits_fn(op, provider, device)
+    elif op == "fused_linear_logprobs":
+        logps = _head_logps_fn(provider, device)
+        fn = lambda *a: logps(*a).sum()
+    else:
+        fn = _dpo_fn(provider, device)
+    if mode == "forward":
+        return lambda: fn(*args)
+    if mode == "full":
+        return lambda: torch.autograd.grad(fn(*args), leaves)
+    loss = fn(*args)
+    return lambda: torch.autograd.grad(loss, leaves, retain_graph=True)
+
+
+def _flops(op: str, shape: HeadShape, head: str, mode: str) -> int | None:
+    """Matrix-product FLOPs of the head a naive implementation does (2·N·H·V per product)."""
+    if op not in ("fused_linear_logprobs", "fused_linear_dpo"):
+        return None
+    product = 2 * shape.n * shape.hidden * shape.vocab
+    backward = 2 * product if head == "trainable" else product
+    return {"forward": product, "backward": backward, "full": product + backward}[mode]
+
+
+def run(
+    shapes: list[str | HeadShape],
+    device: torch.device | str,
+    providers: list[str] | None = None,
+    modes: list[str] | None = None,
+    *,
+    ops: list[str] | None = None,
+    heads: list[str] | None = None,
+    dtype: torch.dtype | None = None,
+    warmup: int = 1,
+    repeats: int = 3,
+    rounds: int = 1,
+) -> list[dict]:
+    """Time and measure every (op, shape, head, provider, mode); returns result rows (bench.common.row schema).
+
+    ``rounds`` > 1 repeats the whole sweep, so on a shared machine every provider sees the same spells of
+    interference; each row records its ``round`` and ``print_ratios`` compares the fastest round of each case.
+    """
+    from silmm_fast import _backend
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cpu":
+        _release_freed_memory_to_os()
+    env = environment(device)
+    rows = []
+    for rnd, shape in [(r, s) for r in range(rounds) for s in shapes]:
+        shape = HEAD_SHAPES[shape] if isinstance(shape, str) else shape
+        for op in ops or OPS:
+            if op == "fused_linear_dpo" and shape.sequences % 2:
+                print(f"skip {op} at {shape.name}: needs an even number of sequences (chosen + rejected)")
+                continue
+            op_heads = ["-"] if op in ("gather_logprobs", "sequence_logprobs") else (heads or list(HEADS))
+            for head in op_heads:
+                for provider in providers or PROVIDERS:
+                    for mode in modes or MODES:
+                        args, leaves = _inputs(op, shape, head, device, dtype)
+                        try:
+                            call = _callable(op, provider, mode, args, leaves, device)
+                            m = measure(call, device, warmup=warmup, repeats=repeats)
+                        except Skip as why:
+                            print(f"skip {provider} for {op}: {why}")
+                            break
+                        except Exception as err:  # noqa: BLE001 - a peer failing must not stop the suite
+                            print(f"skip {provider} for {op} {mode}: failed with {type(err).__name__}: {err}")
+                            continue
+                        finally:
+                            del args, leaves
+                        flops = _flops(op, shape, head, mode)
+                        shape_doc = dict(name=shape.name, B=shape.sequences, T=shape.tokens, H=shape.hidden,
+                                         V=shape.vocab)  # fmt: skip
+                        extra = dict(head=head, dtype=str(dtype).removeprefix("torch."), round=rnd)
+                        if provider == "silmm":
+                            key = "fused_linear_logprobs" if op == "fused_linear_dpo" else op
+                            extra["backend"] = _backend.choose(key, device)
+                        if flops is not None:
+                            extra.update(flops=flops, tflops=round(flops / (m.median_ms * 1e9), 3))
+                        rows.append(row(op, provider, mode, shape_doc, m, env, **extra))
+                        del call
+    return rows
+
+
+def print_ratios(rows: list[dict], baseline: str = "naive", provider: str = "silmm") -> None:
+    """``provider`` against ``baseline`` per (op, shape, head, mode): time and peak-memory ratios, each case taken
+    from its fastest round (interference only ever adds time)."""
+    index: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["op"], r["shape"]["name"], r.get("head"), r["mode"], r["provider"])
+        if key not in index or r["time_ms"] < index[key]["time_ms"]:
+            index[key] = r
+    print(f"\n{provider} / {baseline}:")
+    for (op, shape, head, mode, prov), r in index.items():
+        base = index.get((op, shape, head, mode, baseline))
+        if prov != provider or base is None:
+            continue
+        mem = "-"
+        if r["peak_mem_bytes"] and base["peak_mem_bytes"]:
+            mem = f"{r['peak_mem_bytes'] / base['peak_mem_bytes']:.3f}"
+        print(f"  {op:<22} {shape:<12} {head:<10} {mode:<9} time {r['time_ms'] / base['time_ms']:.3f}  memory {mem}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", default=None, help=f"names from {sorted(HEAD_SHAPES)}")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep (shared machines)")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = args.shapes or (["janus", "janus-7b", "seed-llama", "lumina"] if device.type == "cuda" else ["cpu-small"])
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    rows = run(shapes, device, args.providers, args.modes, ops=args.ops, heads=args.heads, dtype=dtype,
+               warmup=args.warmup, repeats=args.repeats, rounds=args.rounds)  # fmt: skip
+    print_table(rows)
+    print_ratios(rows)
+    path = write_rows(rows, f"logprobs-{device.type}", args.out)
+    print(f"wrote {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
