@@ -3,8 +3,11 @@
 Backends (``silmm_fast._backend.choose("pairwise_distance", device)``):
 - ``triton``: the fused kernels in ``silmm_fast.kernels.pairwise_distance`` (pool while loading, Gram through
   ``tl.dot``, distance epilogue; hand-written backward that re-reads the inputs once).
-- ``torch``: the same algorithm in vectorized PyTorch (the CPU path): pool once, one batched matmul for the Gram,
-  a closed-form backward; it keeps only the [B, M, N, L'] statistics, never a [B, M, N, D] difference tensor.
+- ``torch``: the same algorithm in vectorized PyTorch (the CPU path): pool once, one batched matmul for the Gram
+  (cosine: on the unit rows), the same epilogue and gradient conventions, differentiated by autograd; no tensor
+  larger than the pooled rows and the [B, M, N(, L)] distances, never a [B, M, N, D] difference tensor. (A
+  hand-written autograd Function here measured slower at small CPU shapes: its Python overhead outweighs the ops
+  it saves.)
 - ``reference``: ``silmm_fast.reference.pairwise_distance`` (explicit differences, plain autograd).
 """
 
@@ -25,119 +28,46 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# --- torch backend: the Triton kernels' algorithm in vectorized PyTorch, with the same gradient conventions --------
-# Rows are handled as [*, R, D] batches: * = B for pooled inputs, * = (B, L) for pool "none" (one distance per token).
-def _pool(t: torch.Tensor, pool: str, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[B, R, L, D] -> rows in ``acc``: pooled [B, R, D] or per token [B, L, R, D]; for "max" over L > 1 tokens also
-    the first argmax token per feature (kept for backward: [B, R, D] indices, 1/L of the input)."""
+# --- torch backend: the Triton kernels' algorithm in vectorized PyTorch, differentiated by autograd ---------------
+# Rows are [*, R, D] batches: * = B for pooled inputs, * = (B, L) for pool "none" (one distance per token). Autograd
+# keeps only [B, R, D]-sized tensors (pooled rows, unit rows, norms; max-pool indices) and [*, M, N] statistics.
+def _pool(t: torch.Tensor, pool: str, acc: torch.dtype) -> torch.Tensor:
     if pool == "none":
-        return t.transpose(1, 2).to(acc), None
+        return t.transpose(1, 2).to(acc)
     if t.shape[2] == 1:
-        return t[:, :, 0].to(acc), None
+        return t[:, :, 0].to(acc)
     if pool == "mean":
-        return t.mean(dim=2, dtype=acc), None
-    values, index = t.max(dim=2)  # the first maximal token on ties
-    return values.to(acc), index
+        return t.mean(dim=2, dtype=acc)
+    return t.max(dim=2).values.to(acc)  # backward routes to the first maximal token
 
 
-def _forward_stats(a: torch.Tensor, c: torch.Tensor, kernel: str, sigma: float):
-    """Distances [*, M, N], the rows backward multiplies (cosine: the unit rows â, ĉ; else a, c) and the statistics
-    it needs: (cos, ‖a‖ clamped, ‖c‖ clamped) [*, M, N], [*, M, 1], [*, N, 1] for cosine, else (sq,)."""
-    if kernel == "cosine":
-        ra = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min_(COSINE_EPS)
-        rc = torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(COSINE_EPS)
-        a_hat, c_hat = a / ra, c / rc
-        cos = torch.bmm(a_hat, c_hat.transpose(1, 2)) if a.dim() == 3 else torch.matmul(a_hat, c_hat.transpose(-1, -2))
-        return 1.0 - cos, a_hat, c_hat, (cos, ra, rc)
-    na, nc = (a * a).sum(-1), (c * c).sum(-1)
-    # ‖a‖² + ‖c‖² − 2a·c in one batched matmul; the expansion can round slightly below zero
-    sq = (
-        torch.baddbmm(na.unsqueeze(-1) + nc.unsqueeze(-2), a, c.transpose(-1, -2), alpha=-2.0)
-        if a.dim() == 3
-        else (na.unsqueeze(-1) + nc.unsqueeze(-2) - 2.0 * torch.matmul(a, c.transpose(-1, -2)))
-    )
-    sq = sq.clamp_min_(0.0)
-    if kernel == "euclidean":
-        dist = sq.sqrt()
-    elif kernel == "sqeuclidean":
-        dist = sq
-    else:
-        dist = 2.0 - 2.0 * torch.exp(-sq / (2.0 * sigma**2))
-    return dist, a, c, (sq,)
+def _gram(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(a, c.transpose(1, 2)) if a.dim() == 3 else torch.matmul(a, c.transpose(-1, -2))
 
 
-def _coefficients(sq: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
-    """P = ∂f/∂‖a‖² for the distances of sq = ‖a − c‖² (Q = ∂f/∂(a·c) = −2P)."""
-    if kernel == "euclidean":
-        positive = sq > 0
-        p = torch.where(positive, 0.5 * torch.where(positive, sq, 1.0).rsqrt(), 0.0)  # gradient 0 at distance 0
-    elif kernel == "sqeuclidean":
-        p = torch.ones_like(sq)
-    else:
-        inv = 1.0 / (2.0 * sigma**2)
-        p = (2.0 * inv) * torch.exp(-sq * inv)
-    return p
-
-
-def _grad_rows(go, rows, cols, stats, kernel, sigma):
-    """∂/∂rows_i of Σ go·distance = Σ_j go_ij·(2·P_ij·rows_i + Q_ij·cols_j); go, stats oriented rows × cols."""
-    if kernel == "cosine":
-        # with P = cos/(2·ra²), Q = −1/(ra·rc): (Σ_j go_ij·cos_ij·â_i − Σ_j go_ij·ĉ_j) / ra_i, and no gradient through
-        # a norm clamped at eps; rows, cols are the unit rows here
-        cos, ra = stats
-        coef = torch.where(ra > COSINE_EPS, (go * cos).sum(-1, keepdim=True), 0.0)
-        return (coef * rows - torch.matmul(go, cols)) / ra
-    (sq,) = stats
-    wp = go * _coefficients(sq, kernel, sigma)
-    return 2.0 * (wp.sum(-1, keepdim=True) * rows - torch.matmul(wp, cols))  # Q = −2P
-
-
-def _route(grad: torch.Tensor, meta: tuple, pool: str, index: torch.Tensor | None) -> torch.Tensor:
-    """Gradient of the pooling, back to the [B, R, L, D] input given as (shape, dtype)."""
-    shape, dtype = meta
-    if pool == "none":
-        return grad.transpose(1, 2).to(dtype)
-    if pool == "mean" or index is None:  # index is None for max over a single token
-        return (grad / shape[2]).to(dtype).unsqueeze(2).expand(shape)
-    out = torch.zeros(shape, dtype=dtype, device=grad.device)
-    return out.scatter_(2, index.unsqueeze(2), grad.to(dtype).unsqueeze(2))
-
-
-def _torch_forward(x, y, kernel, pool, sigma):
+def _torch_distance(x: torch.Tensor, y: torch.Tensor, kernel: str, pool: str, sigma: float) -> torch.Tensor:
     acc = _acc_dtype(x.dtype)
-    (a, ia), (c, ic) = _pool(x, pool, acc), _pool(y, pool, acc)
-    dist, a, c, stats = _forward_stats(a, c, kernel, sigma)
-    out = dist.mean(1) if pool == "none" else dist
-    return out, (a, c, ia, ic, *stats)
-
-
-class _TorchPairwiseDistance(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, kernel, pool, sigma):
-        out, saved = _torch_forward(x, y, kernel, pool, sigma)
-        # pooled rows ([B, R, D]; pool "none": the inputs) and [*, M, N] statistics, never a [B, M, N, D] tensor
-        ctx.save_for_backward(*saved)
-        ctx.config = (kernel, pool, sigma, (x.shape, x.dtype), (y.shape, y.dtype))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        a, c, ia, ic, *stats = ctx.saved_tensors
-        kernel, pool, sigma, x_meta, y_meta = ctx.config
-        go = grad_out.to(a.dtype)
-        if pool == "none":  # each token's distance enters the output with weight 1/L
-            go = (go / a.shape[1]).unsqueeze(1)
-        gx = gy = None
-        if kernel == "cosine":
-            cos, ra, rc = stats
-            stats_x, stats_y = (cos, ra), (cos.transpose(-1, -2), rc)
+    a, c = _pool(x, pool, acc), _pool(y, pool, acc)
+    if kernel == "cosine":
+        ra = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+        rc = torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+        dist = 1.0 - _gram(a / ra, c / rc)
+    else:
+        # ‖a‖² + ‖c‖² − 2a·c through one batched matmul; the expansion can round slightly below zero
+        base = (a * a).sum(-1).unsqueeze(-1) + (c * c).sum(-1).unsqueeze(-2)
+        if a.dim() == 3:
+            sq = torch.baddbmm(base, a, c.transpose(1, 2), alpha=-2.0)
         else:
-            stats_x, stats_y = tuple(stats), (stats[0].transpose(-1, -2),)
-        if ctx.needs_input_grad[0]:
-            gx = _route(_grad_rows(go, a, c, stats_x, kernel, sigma), x_meta, pool, ia)
-        if ctx.needs_input_grad[1]:
-            gy = _route(_grad_rows(go.transpose(-1, -2), c, a, stats_y, kernel, sigma), y_meta, pool, ic)
-        return gx, gy, None, None, None
+            sq = base - 2.0 * _gram(a, c)
+        sq = sq.clamp_min(0.0)
+        if kernel == "euclidean":
+            positive = sq > 0
+            dist = torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)  # gradient 0 at distance 0
+        elif kernel == "sqeuclidean":
+            dist = sq
+        else:
+            dist = 2.0 - 2.0 * torch.exp(-sq / (2.0 * sigma**2))
+    return dist.mean(1) if pool == "none" else dist
 
 
 class _TritonPairwiseDistance(torch.autograd.Function):
@@ -215,7 +145,8 @@ def pairwise_distance(
     distance (its square root for ``"euclidean"``). Conventions: ``"euclidean"`` has gradient 0 where the distance
     is exactly 0; ``"cosine"`` clamps norms at 1e-8 (a zero vector is at distance 1 from everything and a norm below
     1e-8 passes no gradient through the norm); ``"max"`` routes the gradient to the first maximal token.
-    Memory: the fast paths keep only [B, M, N, L'] statistics (L' = L for pool ``"none"``, else 1).
+    Memory: the Triton path keeps only [B, M, N, L'] statistics for backward (L' = L for pool ``"none"``, else 1),
+    the torch path pooled [B, M|N, D] rows; neither forms the [B, M, N, D] differences the reference does.
 
     Raises:
         TypeError: non-tensor or non-floating input, x and y of different dtypes. ValueError: wrong ranks,
@@ -229,6 +160,4 @@ def pairwise_distance(
         backend = "torch"  # nothing to launch for an empty batch; the torch path returns the empty result
     if backend == "triton":
         return _TritonPairwiseDistance.apply(x, y, kernel, pool, sigma)
-    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-        return _TorchPairwiseDistance.apply(x, y, kernel, pool, sigma)
-    return _torch_forward(x, y, kernel, pool, sigma)[0]  # inference: nothing to save
+    return _torch_distance(x, y, kernel, pool, sigma)
