@@ -71,8 +71,13 @@ class FeatureShape:
 FEATURE_SHAPES = {
     "dreamllm-1k": FeatureShape("dreamllm-1k", 32, 8, 64, 1024, "DreamLLM-like: 64 query tokens"),
     "dreamllm-4k": FeatureShape("dreamllm-4k", 32, 8, 64, 4096, "DreamLLM-like, H=4096"),
+    # KC-DPO with K winners and K losers per prompt: candidates = 2K
+    "dreamllm-1k-k1": FeatureShape("dreamllm-1k-k1", 32, 2, 64, 1024, "DreamLLM-like, K=1 (best vs worst)"),
+    "dreamllm-4k-k1": FeatureShape("dreamllm-4k-k1", 32, 2, 64, 4096, "DreamLLM-like H=4096, K=1"),
+    "dreamllm-4k-k8": FeatureShape("dreamllm-4k-k8", 32, 16, 64, 4096, "DreamLLM-like H=4096, K=8"),
     "wide-64k": FeatureShape("wide-64k", 32, 8, 1, 65536, "ANCHORS floor shape: pooled D=65,536"),
     "cpu-small": FeatureShape("cpu-small", 8, 4, 16, 256, "quick CPU check"),
+    "cpu-kc": FeatureShape("cpu-kc", 8, 4, 64, 1024, "CPU-sized KC-DPO: 8 prompts, K=2, 64 tokens x 1024"),
     "tiny": FeatureShape("tiny", 2, 2, 3, 8, "test registry"),
 }
 
