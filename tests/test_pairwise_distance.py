@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tolerances import assert_close
 
 from silmm_fast import pairwise_distance, use_backend
@@ -195,6 +197,24 @@ def test_max_pool_routes_gradient_to_argmax():
         # pooled a = (2, 5): d‖a‖²/da = (4, 10), routed to token 1 for feature 0 and token 0 for feature 1
         expected = torch.tensor([[[[0.0, 10.0], [4.0, 0.0], [0.0, 0.0]]]], dtype=torch.float64)
         torch.testing.assert_close(gx, expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dims=st.tuples(*[st.integers(1, 4)] * 4, st.integers(1, 9)),
+    kernel=st.sampled_from(KERNELS),
+    pool=st.sampled_from(POOLS),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_path_any_shape(dims, kernel, pool, seed):
+    x, y, go = _inputs(*dims, seed=seed)
+    out, gx, gy = _run("torch", x, y, go, kernel=kernel, pool=pool, sigma=SIGMA)
+    ref, rgx, rgy = _expected(x, y, go, kernel=kernel, pool=pool, sigma=SIGMA)
+    assert_close(out, ref, torch.float64, 100.0)
+    # euclidean gradients scale with 1/distance: random points can land close together in tiny dimensions
+    scale = 1e4 if kernel == "euclidean" else 100.0
+    assert_close(gx, rgx, torch.float64, scale)
+    assert_close(gy, rgy, torch.float64, scale)
 
 
 @pytest.mark.parametrize("backend", FAST)
