@@ -42,7 +42,7 @@ def _distance(g, na, nc, KERNEL: tl.constexpr, inv_two_sigma2, EPS: tl.constexpr
         rc = tl.maximum(tl.sqrt(nc), eps)
         dist = 1.0 - g / (ra[:, None] * rc[None, :])
     else:
-        sq = tl.maximum(na[:, None] + nc[None, :] - 2.0 * g, 0.0)
+        sq = tl.maximum(na[:, None] + nc[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if KERNEL == 1:
             dist = tl.sqrt(sq)
         elif KERNEL == 2:
@@ -64,11 +64,11 @@ def _coefficients(g, na, nc, KERNEL: tl.constexpr, inv_two_sigma2, EPS: tl.const
         p = g / (2.0 * (ra * ra * ra)[:, None] * rc[None, :])
         p = tl.where((norm_a > eps)[:, None], p, 0.0)
     else:
-        sq = tl.maximum(na[:, None] + nc[None, :] - 2.0 * g, 0.0)
+        sq = tl.maximum(na[:, None] + nc[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if KERNEL == 1:
             d = tl.sqrt(sq)
-            inv = 1.0 / tl.where(d > 0.0, d, 1.0)  # no division by zero even in the untaken branch
-            p = tl.where(d > 0.0, 0.5 * inv, 0.0)
+            inv = 1.0 / tl.where(d == 0.0, 1.0, d)  # no division by zero even in the untaken branch
+            p = tl.where(d == 0.0, 0.0, 0.5 * inv)  # gradient 0 at distance 0; NaN stays NaN
         elif KERNEL == 2:
             p = sq * 0.0 + 1.0
         else:
@@ -86,7 +86,7 @@ def _load_pooled(base, offs_l_stride, L, mask, POOL: tl.constexpr, ACC: tl.const
         if POOL == 0:
             v += t
         else:
-            v = tl.maximum(v, t)
+            v = tl.maximum(v, t, propagate_nan=tl.PropagateNan.ALL)  # a NaN token must not vanish
     if POOL == 0:
         v = v / L
     return v

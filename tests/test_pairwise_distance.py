@@ -217,6 +217,18 @@ def test_torch_path_any_shape(dims, kernel, pool, seed):
     assert_close(gy, rgy, torch.float64, scale)
 
 
+@pytest.mark.parametrize("backend", (*FAST, "reference"))
+def test_nan_propagates(backend):
+    # not checked up front (a host sync on CUDA): a NaN feature must show up in every distance of its row
+    x, y, _ = _inputs(1, 2, 2, 3, 20, seed=8)
+    x = x.detach().clone()
+    x[0, 0, 1, 5] = float("nan")
+    with use_backend(backend):
+        for pool in POOLS:
+            out = pairwise_distance(x, y.detach(), kernel="euclidean", pool=pool)
+            assert out[0, 0].isnan().all() and not out[0, 1].isnan().any(), pool
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_empty_batch(backend):
     x = torch.randn(0, 2, 3, 4)

@@ -61,8 +61,8 @@ def _torch_distance(x: torch.Tensor, y: torch.Tensor, kernel: str, pool: str, si
             sq = base - 2.0 * _gram(a, c)
         sq = sq.clamp_min(0.0)
         if kernel == "euclidean":
-            positive = sq > 0
-            dist = torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)  # gradient 0 at distance 0
+            zero = sq == 0
+            dist = torch.where(zero, 0.0, torch.where(zero, 1.0, sq).sqrt())  # gradient 0 at distance 0
         elif kernel == "sqeuclidean":
             dist = sq
         else:
@@ -145,6 +145,9 @@ def pairwise_distance(
     distance (its square root for ``"euclidean"``). Conventions: ``"euclidean"`` has gradient 0 where the distance
     is exactly 0; ``"cosine"`` clamps norms at 1e-8 (a zero vector is at distance 1 from everything and a norm below
     1e-8 passes no gradient through the norm); ``"max"`` routes the gradient to the first maximal token.
+    NaN / Inf inputs are not checked (that would cost a host sync on CUDA); a NaN feature makes every distance of
+    its matrix NaN, also under max pooling.
+
     Memory: the Triton path keeps only [B, M, N, L'] statistics for backward (L' = L for pool ``"none"``, else 1),
     the torch path pooled [B, M|N, D] rows; neither forms the [B, M, N, D] differences the reference does.
 

@@ -9,9 +9,9 @@ COSINE_EPS = 1e-8  # norms are clamped at this before dividing (the convention o
 
 
 def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
-    # sqrt with gradient 0 (not NaN) where the distance is exactly 0
-    positive = sq > 0
-    return torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
+    # sqrt with gradient 0 (not NaN) where the distance is exactly 0; a NaN stays NaN
+    zero = sq == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, sq).sqrt())
 
 
 def pairwise_distance(
