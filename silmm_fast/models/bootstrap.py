@@ -1,0 +1,270 @@
+"""Bootstrap of the shapes-world base model: train a ShapesLMM from synthetic data on CPU, cache it, load it back.
+
+``bootstrap("discrete")`` (or ``"continuous"``) returns the base model. The first call trains it (a tqdm bar shows
+the progress; about 5 minutes on 2 CPU cores with the default config) and stores ``config.json``,
+``model.safetensors`` and ``bootstrap.json`` (the training config and statistics) in
+``<cache>/shapes_lmm-<variant>-<hash>/``, where the hash covers the training config and the world's vocabulary; any
+later call with the same config loads that directory in about a second. ``<cache>`` is ``cache_dir`` when given,
+else ``$SILMM_FAST_CACHE/models``, else ``~/.cache/silmm_fast/models``.
+
+One explicit loop: every step draws a fresh batch of each task (prompt writing, decomposition, VQA, generation —
+feature regression in the continuous variant), sums their mean losses with fixed weights and takes one AdamW step
+(linear warm-up, cosine decay). See ``silmm_fast.models.data`` for the data and its deliberate generation noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from silmm_fast.models.data import IGNORE, SyntheticData, collate
+from silmm_fast.models.shapes_lmm import VARIANTS, ShapesLMM, ShapesLMMConfig
+
+STATS_FILE = "bootstrap.json"
+# Bumped whenever the data or the loop change in a way that makes old cached models stale.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """Model size and training recipe of a bootstrap. Every field enters the cache key."""
+
+    variant: str = "discrete"
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    steps: int = 900
+    lr: float = 3e-3
+    warmup: int = 40
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    write_batch: int = 16
+    decompose_batch: int = 16
+    vqa_batch: int = 64
+    generate_batch: int = 32
+    feature_weight: float = 1.0
+    gen_noise: float = 0.3
+    distractor_prob: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
+        for name in ("steps", "write_batch", "decompose_batch", "vqa_batch", "generate_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup: expected an int >= 0, got {self.warmup!r}")
+        for name in ("lr", "feature_weight"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+
+    @classmethod
+    def tiny(cls, variant: str = "discrete", **overrides: object) -> BootstrapConfig:
+        """A seconds-long bootstrap of a very small model, for tests and smoke runs (it learns, not well)."""
+        base = dict(
+            variant=variant,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=2,
+            steps=60,
+            lr=5e-3,
+            warmup=5,
+            write_batch=8,
+            decompose_batch=8,
+            vqa_batch=32,
+            generate_batch=16,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def model_config(self) -> ShapesLMMConfig:
+        """The ShapesLMMConfig (over the built-in world) this bootstrap trains."""
+        return ShapesLMMConfig.for_world(
+            self.variant,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+        )
+
+    def cache_key(self) -> str:
+        """16 hex digits of a hash of this config, the model config and the data format."""
+        payload = {"bootstrap": asdict(self), "model": self.model_config().to_dict(), "format": FORMAT_VERSION}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """``$SILMM_FAST_CACHE/models``, else ``~/.cache/silmm_fast/models``."""
+    root = os.environ.get("SILMM_FAST_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "silmm_fast") / "models"
+
+
+def cache_path(config: BootstrapConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Directory where the model of ``config`` is (or will be) cached."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / f"shapes_lmm-{config.variant}-{config.cache_key()}"
+
+
+def _lr_at(step: int, config: BootstrapConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _token_loss(model: ShapesLMM, examples: list, pad_id: int) -> torch.Tensor:
+    ids, labels = collate(examples, pad_id)
+    hidden = model.lm.model(input_ids=ids.to(model.device)).last_hidden_state
+    labels = labels.to(model.device)
+    keep = labels != IGNORE
+    logits = model.lm.lm_head(hidden[keep])
+    return F.cross_entropy(logits.float(), labels[keep])
+
+
+def train(
+    config: BootstrapConfig, progress: bool = True, threads: int | None = None
+) -> tuple[ShapesLMM, dict[str, object]]:
+    """Train a base model from scratch with ``config``; returns (model in eval mode, statistics).
+
+    Statistics: ``seconds``, ``steps_per_second``, ``threads``, and per task the mean loss over the first and
+    the last 10 % of the steps (``loss_start`` / ``loss_end``).
+    """
+    if not isinstance(config, BootstrapConfig):
+        raise TypeError(f"config: expected a BootstrapConfig, got {type(config).__name__}")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(config.seed)
+        model = ShapesLMM(config.model_config())
+        model.train()
+        data = SyntheticData(model.vocab, config.gen_noise, config.distractor_prob, seed=config.seed)
+        codec = None
+        if config.variant == "continuous":
+            from silmm_fast.world import FeatureCodec
+
+            codec = FeatureCodec(model.config.feature_dim)
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr,
+            betas=(0.9, 0.98),
+        )
+        history: dict[str, list[float]] = {}
+        pad = model.vocab.pad
+        start = time.perf_counter()
+        bar = tqdm(range(config.steps), desc=f"bootstrap {config.variant}", disable=not progress, leave=False)
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, config)
+            losses = {
+                "write": _token_loss(model, data.batch("write", config.write_batch), pad),
+                "decompose": _token_loss(model, data.batch("decompose", config.decompose_batch), pad),
+                "vqa": _token_loss(model, data.batch("vqa", config.vqa_batch), pad),
+            }
+            if codec is None:
+                losses["generate"] = _token_loss(model, data.batch("generate", config.generate_batch), pad)
+            else:
+                pairs = [data.generate_pair() for _ in range(config.generate_batch)]
+                target = codec.encode_batch([s for _, s in pairs]).to(model.device)
+                pred = model.feature_forward([t for t, _ in pairs])
+                # Squared error summed over a row's D features, averaged over rows: O(1) at the start like the CEs.
+                losses["generate"] = config.feature_weight * (pred - target).pow(2).sum(-1).mean()
+            total = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            for k, v in losses.items():
+                history.setdefault(k, []).append(float(v.detach()))
+            if step % 10 == 0:
+                bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in history.items()})
+        seconds = time.perf_counter() - start
+        bar.close()
+        tail = max(1, config.steps // 10)
+        stats: dict[str, object] = {
+            "seconds": round(seconds, 2),
+            "steps_per_second": round(config.steps / seconds, 3),
+            "threads": torch.get_num_threads(),
+            "loss_start": {k: round(sum(v[:tail]) / tail, 4) for k, v in history.items()},
+            "loss_end": {k: round(sum(v[-tail:]) / tail, 4) for k, v in history.items()},
+        }
+        return model.eval(), stats
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def bootstrap(
+    variant: str = "discrete",
+    cache_dir: str | os.PathLike | None = None,
+    config: BootstrapConfig | None = None,
+    *,
+    progress: bool = True,
+    force: bool = False,
+    threads: int | None = None,
+) -> ShapesLMM:
+    """The base ShapesLMM of ``variant`` ("discrete" or "continuous"): loaded from the cache, else trained and cached.
+
+    Args:
+        variant: which model; ignored when ``config`` is given (its ``variant`` wins) unless they disagree, which
+            raises ValueError.
+        cache_dir: cache root (default ``$SILMM_FAST_CACHE/models`` or ``~/.cache/silmm_fast/models``).
+        config: the training recipe (default ``BootstrapConfig(variant=variant)``).
+        progress: show a tqdm progress bar while training.
+        force: retrain even when a cached model exists (and replace it).
+        threads: torch CPU threads while training (default: leave torch's setting).
+
+    Returns:
+        The model in eval mode; ``bootstrap_stats(path)`` reads its training statistics.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    if config is None:
+        config = BootstrapConfig(variant=variant)
+    elif not isinstance(config, BootstrapConfig):
+        raise TypeError(f"config: expected a BootstrapConfig, got {type(config).__name__}")
+    elif config.variant != variant:
+        raise ValueError(f"variant: {variant!r} disagrees with config.variant={config.variant!r}")
+    path = cache_path(config, cache_dir)
+    if not force and (path / STATS_FILE).is_file():
+        return ShapesLMM.load(path)
+    model, stats = train(config, progress=progress, threads=threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a sibling temp dir and renamed: a crash mid-write never leaves a half-written cache entry.
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    model.save(tmp)
+    (tmp / STATS_FILE).write_text(json.dumps({"config": asdict(config), "stats": stats}, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return model
+
+
+def bootstrap_stats(path: str | os.PathLike) -> dict:
+    """The ``{"config": ..., "stats": ...}`` record a bootstrap wrote next to its cached model."""
+    return json.loads((Path(path) / STATS_FILE).read_text())
+
+
+def config_from_dict(d: dict) -> BootstrapConfig:
+    """BootstrapConfig from a dict (as stored in ``bootstrap.json``); unknown keys raise ValueError."""
+    unknown = set(d) - {f.name for f in fields(BootstrapConfig)}
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}")
+    return replace(BootstrapConfig(variant=d.get("variant", "discrete")), **d)

@@ -1,0 +1,171 @@
+"""Synthetic training data for the ShapesLMM bootstrap: the four text tasks as token sequences, and the feature
+generation task of the continuous variant.
+
+Every example is drawn fresh from the world's samplers (an unbounded stream, seeded). Generation, decomposition and
+prompt-writing examples use **train** prompts only, so held-out attribute pairs are never asked for, written or
+decomposed in training. VQA is the model's understanding data and, like the captioning data of real LMMs, covers
+the whole world: questions about random scenes (any attribute combination) and the ground-truth questions of train
+prompts about matching scenes and near misses.
+
+Like web image-text data, the generation targets are imperfect: with probability ``gen_noise`` the target image of a
+prompt is a near miss from ``corrupt_scene`` (a swapped attribute, a wrong relation, one object too many) instead of
+a scene that meets the prompt. The VQA labels are always exact. This is what leaves the base model better at judging
+compositions than at composing them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from silmm_fast.models.vocab import JointVocab
+from silmm_fast.world import (
+    CATEGORIES,
+    ImageTokenizer,
+    Prompt,
+    Scene,
+    answer,
+    corrupt_scene,
+    negative_questions,
+    positive_questions,
+    questions_for,
+    random_scene,
+    sample_prompt,
+    scene_for_prompt,
+    tokenize_text,
+)
+
+IGNORE = -100
+TASKS = ("write", "decompose", "vqa", "generate")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One token sequence; the loss covers the positions from ``target_start`` on (they are predicted from the
+    tokens before them)."""
+
+    ids: tuple[int, ...]
+    target_start: int
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids [B, T-1], labels [B, T-1]) for next-token training: ``labels[b, t]`` is the token
+    after ``input_ids[b, t]`` when it is a target, else ``IGNORE``. Right padding needs no attention mask: causal
+    attention keeps the pads, which come last, out of every real position."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        ids[i, :n] = torch.tensor(e.ids)
+        labels[i, e.target_start : n] = ids[i, e.target_start : n]
+    return ids[:, :-1], labels[:, 1:]
+
+
+class SyntheticData:
+    """Seeded stream of training examples for every bootstrap task.
+
+    Args:
+        vocab: the model's joint vocabulary.
+        gen_noise: fraction of generation targets replaced by a near miss (``corrupt_scene``), in [0, 1).
+        distractor_prob: probability that a generation target carries one extra object the prompt does not mention.
+        seed: seed of the stream.
+    """
+
+    def __init__(self, vocab: JointVocab, gen_noise: float = 0.3, distractor_prob: float = 0.2, seed: int = 0) -> None:
+        if not isinstance(vocab, JointVocab):
+            raise TypeError(f"vocab: expected a JointVocab, got {type(vocab).__name__}")
+        for name, value in (("gen_noise", gen_noise), ("distractor_prob", distractor_prob)):
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+        self.vocab = vocab
+        self.gen_noise = float(gen_noise)
+        self.distractor_prob = float(distractor_prob)
+        self.rng = random.Random(seed)
+        self.tokenizer = ImageTokenizer()
+
+    def _text(self, text: str) -> list[int]:
+        return self.vocab.encode_words(tokenize_text(text))
+
+    def prompt(self) -> Prompt:
+        """A random train prompt of a random category."""
+        return sample_prompt(self.rng.choice(CATEGORIES), self.rng, "train")
+
+    def _image(self, scene: Scene) -> list[int]:
+        return self.vocab.image_ids(self.tokenizer.encode(scene))
+
+    def write(self) -> Example:
+        """Example: "<bos> <write> <cat:C>" → a train prompt of category C, then <eos>."""
+        v = self.vocab
+        p = self.prompt()
+        head = [v.bos, v.write, v.token_id(v.category_token(p.category))]
+        return Example((*head, *self._text(p.text), v.eos), len(head))
+
+    def decompose(self) -> Example:
+        """Example: "<bos> <dec> prompt <sep>" → its ground-truth questions separated by <sep>, then <eos>."""
+        v = self.vocab
+        p = self.prompt()
+        head = [v.bos, v.dec, *self._text(p.text), v.sep]
+        body: list[int] = []
+        for i, q in enumerate(questions_for(p)):
+            body += ([v.sep] if i else []) + self._text(q.text)
+        return Example((*head, *body, v.eos), len(head))
+
+    def target_scene(self, prompt: Prompt) -> Scene:
+        """The (imperfect) generation target of ``prompt``: a matching scene, or a near miss with probability
+        ``gen_noise``."""
+        distractors = 1 if self.rng.random() < self.distractor_prob else 0
+        scene = scene_for_prompt(prompt, self.rng, distractors=distractors)
+        if self.rng.random() < self.gen_noise:
+            scene = corrupt_scene(prompt, scene, self.rng)
+        return scene
+
+    def generate_pair(self) -> tuple[str, Scene]:
+        """(train prompt text, target scene) for feature generation."""
+        p = self.prompt()
+        return p.text, self.target_scene(p)
+
+    def generate(self) -> Example:
+        """Example: "<bos> <gen> prompt <img>" → the nine image tokens of the target scene."""
+        v = self.vocab
+        text, scene = self.generate_pair()
+        head = [v.bos, v.gen, *self._text(text), v.img]
+        return Example((*head, *self._image(scene)), len(head))
+
+    def vqa_item(self) -> tuple[Scene, str, bool]:
+        """(scene, question, answer), yes and no equally likely."""
+        rng = self.rng
+        want = rng.random() < 0.5
+        if rng.random() < 0.5:
+            p = self.prompt()
+            scene = scene_for_prompt(p, rng, distractors=rng.randint(0, 1))
+            if rng.random() < 0.5:
+                scene = corrupt_scene(p, scene, rng)
+            matching = [q for q in questions_for(p) if answer(q, scene) == want]
+            if matching and scene.objects:
+                return scene, rng.choice(matching).text, want
+        else:
+            scene = random_scene(rng)
+        while True:
+            make = positive_questions if want else negative_questions
+            qs = make(scene, rng, 1)
+            if qs:
+                return scene, qs[0].text, want
+            scene = random_scene(rng)
+
+    def vqa(self) -> Example:
+        """Example: "<bos> <img> tokens </img> <q> question <a>" → yes / no."""
+        v = self.vocab
+        scene, question, yes = self.vqa_item()
+        head = [v.bos, v.img, *self._image(scene), v.img_close, v.q, *self._text(question), v.a]
+        return Example((*head, v.yes if yes else v.no), len(head))
+
+    def batch(self, task: str, n: int) -> list[Example]:
+        """``n`` examples of ``task`` (one of ``TASKS``)."""
+        if task not in TASKS:
+            raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+        make = getattr(self, task)
+        return [make() for _ in range(n)]

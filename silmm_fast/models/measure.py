@@ -1,0 +1,167 @@
+"""How good a ShapesLMM is at each SILMM skill on held-out prompts, scored by the world's ground truth.
+
+``measure_base(model)`` gives, per prompt category and overall:
+
+- ``vqa``: accuracy of the model's yes/no answers (yes when p(yes) > p(no)) to the ground-truth questions of each
+  held-out prompt, asked about a scene that meets the prompt, a near miss of it (``corrupt_scene``) and one image
+  the model generated for the prompt;
+- ``decompose``: fraction of held-out prompts whose greedy decomposition is exactly the ground-truth question set
+  (compared as token sequences, order-free);
+- ``generate``: for images sampled from the model (discrete: nucleus sampling; continuous: the deterministic
+  feature matrix, decoded by the FeatureCodec), the fraction of images meeting every constraint
+  (``all_constraints``) and the mean fraction of constraints met (``constraint_fraction``), per category and for
+  single- vs multi-object prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from silmm_fast.models.shapes_lmm import ShapesLMM
+from silmm_fast.world import (
+    FeatureCodec,
+    ImageTokenizer,
+    Prompt,
+    Scene,
+    corrupt_scene,
+    prompt_split,
+    questions_for,
+    scene_for_prompt,
+    tokenize_text,
+)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return round(sum(xs) / len(xs), 4) if xs else float("nan")
+
+
+def _by_category(prompts: Sequence[Prompt], values: Sequence[Sequence[float]]) -> dict[str, float]:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for p, vs in zip(prompts, values):
+        groups[p.category].extend(vs)
+        groups["all"].extend(vs)
+    return {k: _mean(v) for k, v in groups.items()}
+
+
+@torch.no_grad()
+def generate_scenes(
+    model: ShapesLMM,
+    texts: Sequence[str],
+    samples: int = 4,
+    top_p: float = 0.95,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[list[Scene]]:
+    """``samples`` generated scenes per prompt text (leniently decoded: a blank or crowded image is still a scene).
+
+    The continuous variant's output is deterministic without DropDiv; it gives one scene repeated ``samples`` times.
+    """
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    out: list[list[Scene]] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        if model.config.variant == "discrete":
+            tokens = model.generate_images(chunk, samples, top_p=top_p, temperature=temperature, generator=gen)
+            tok = ImageTokenizer()
+            out.extend([tok.decode(t, strict=False) for t in row] for row in tokens.cpu())
+        else:
+            codec = FeatureCodec(model.config.feature_dim)
+            feats = model.feature_forward(chunk).float().cpu()
+            out.extend([codec.decode(f, strict=False)] * samples for f in feats)
+    return out
+
+
+@torch.no_grad()
+def measure_base(
+    model: ShapesLMM,
+    prompts: Sequence[Prompt] | None = None,
+    *,
+    n_per_category: int = 40,
+    split_seed: int = 0,
+    samples: int = 4,
+    top_p: float = 0.95,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """VQA accuracy, decomposition accuracy and generation alignment of ``model`` (see the module docstring).
+
+    Args:
+        model: a ShapesLMM of either variant.
+        prompts: the prompts to measure on (default: the held-out half of ``prompt_split(split_seed,
+            n_per_category)``).
+        samples, top_p, temperature: how many images to sample per prompt and how (discrete variant).
+        seed: seed of the sampling and of the near-miss scenes.
+
+    Returns:
+        ``{"vqa": {cat: acc}, "decompose": {cat: frac}, "generate": {cat | "single" | "multi":
+        {"all_constraints": ..., "constraint_fraction": ...}}}``, each with an ``"all"`` entry.
+    """
+    if not isinstance(model, ShapesLMM):
+        raise TypeError(f"model: expected a ShapesLMM, got {type(model).__name__}")
+    if prompts is None:
+        prompts = prompt_split(split_seed, n_per_category)["heldout"]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, Prompt) for p in prompts):
+        raise TypeError("prompts: expected a non-empty list of silmm_fast.world.Prompt")
+    rng = random.Random(seed)
+    texts = [p.text for p in prompts]
+
+    generated = generate_scenes(model, texts, samples, top_p, temperature, seed)
+    all_ok = [[float(p.satisfied_by(s)) for s in scenes] for p, scenes in zip(prompts, generated)]
+    frac = [[sum(p.check(s)) / len(p.constraints) for s in scenes] for p, scenes in zip(prompts, generated)]
+    by_cat_all = _by_category(prompts, all_ok)
+    by_cat_frac = _by_category(prompts, frac)
+    generate = {k: {"all_constraints": by_cat_all[k], "constraint_fraction": by_cat_frac[k]} for k in by_cat_all}
+    for name, keep in (("single", lambda p: p.n_objects == 1), ("multi", lambda p: p.n_objects > 1)):
+        idx = [i for i, p in enumerate(prompts) if keep(p)]
+        generate[name] = {
+            "all_constraints": _mean([x for i in idx for x in all_ok[i]]),
+            "constraint_fraction": _mean([x for i in idx for x in frac[i]]),
+            "prompts": len(idx),
+        }
+
+    decomposed = model.decompose(texts)
+    dec_ok = []
+    for p, qs in zip(prompts, decomposed):
+        truth = sorted(tuple(tokenize_text(q.text)) for q in questions_for(p))
+        dec_ok.append([float(sorted(tuple(tokenize_text(q)) for q in qs) == truth)])
+
+    scenes, questions, truths, owners = [], [], [], []
+    tok = ImageTokenizer()
+    for i, (p, gen_scenes) in enumerate(zip(prompts, generated)):
+        good = scene_for_prompt(p, rng)
+        for scene in (good, corrupt_scene(p, good, rng), gen_scenes[0]):
+            qs = questions_for(p)
+            scenes.append(scene)
+            questions.append([q.text for q in qs])
+            truths.append([q.answer(scene) for q in qs])
+            owners.append(i)
+    image_tokens = torch.tensor([tok.encode(s) for s in scenes])
+    p_yes, p_no = model.answer(image_tokens, questions)
+    per_prompt: dict[int, list[float]] = defaultdict(list)
+    for i, yes, no, truth in zip(owners, p_yes, p_no, truths):
+        per_prompt[i].extend(float((y > n).item() == t) for y, n, t in zip(yes, no, truth))
+    vqa = _by_category(prompts, [per_prompt[i] for i in range(len(prompts))])
+    return {"vqa": vqa, "decompose": _by_category(prompts, dec_ok), "generate": generate}
+
+
+def format_report(result: dict[str, dict]) -> str:
+    """A small text table of a ``measure_base`` result, one row per category."""
+    gen = result["generate"]
+    keys = [k for k in result["vqa"] if k != "all"] + ["all"]
+    lines = [f"{'category':<10} {'vqa':>6} {'decomp':>7} {'gen_all':>8} {'gen_frac':>9}"]
+    for k in keys:
+        lines.append(
+            f"{k:<10} {result['vqa'][k]:>6.3f} {result['decompose'][k]:>7.3f} "
+            f"{gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
+        )
+    for k in ("single", "multi"):
+        lines.append(
+            f"{k + '-object':<19} {'':>7} {gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
+        )
+    return "\n".join(lines)

