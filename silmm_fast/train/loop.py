@@ -369,7 +369,7 @@ class Run:
                     {
                         "epoch": epoch,
                         "step": len(history),
-                        "loss": round(float(out.loss), 6),
+                        "loss": round(out.loss.detach().item(), 6),
                         "reward_margin": round(float((out.chosen_rewards - out.rejected_rewards).mean()), 6),
                         "reward_accuracy": round(float((out.chosen_rewards > out.rejected_rewards).float().mean()), 4),
                     }
@@ -419,6 +419,12 @@ class Run:
             ]
         return " | ".join(parts) + f" | {sum(e['wall_s'].values()):.1f}s"
 
+    def summarize(self, it: int) -> None:
+        """(Re)write the summary entry of a completed iteration from its files, and print its line."""
+        heldout = store.read_json(self.iter_dir(it) / "eval.json")
+        self.update_summary(it, heldout, self.iteration_extra(it) if it else {})
+        log(self.line(it))
+
     def run(self) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.check_config()
@@ -427,11 +433,11 @@ class Run:
             log(f"resuming {self.dir}: iterations 1..{start} are complete")
         policy = self.model_after(start)
         if start == 0:
-            self.update_summary(0, self.record_eval(0, policy), {})
-            log(self.line(0))
+            self.record_eval(0, policy)
+        for it in range(start + 1):  # a crash may have come between an evaluation and its summary entry
+            self.summarize(it)
         for it in range(start + 1, self.cfg.iterations + 1):
             policy = self.iteration(it, policy)
-            heldout = self.record_eval(it, policy)
-            self.update_summary(it, heldout, self.iteration_extra(it))
-            log(self.line(it))
+            self.record_eval(it, policy)
+            self.summarize(it)
         return store.read_json(self.dir / "summary.json")

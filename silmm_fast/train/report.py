@@ -87,7 +87,7 @@ def write_report(summary: dict, run_dir: Path) -> Path:
         h = it["heldout"]
         cells = [f"{h['overall']['all_constraints']:.3f} ({h['overall']['constraint_fraction']:.3f})"]
         cells += [
-            f"{h['per_category'][c]['all_constraints']:.3f} ({h['per_category'][c]['constraint_fraction']:.3f})"
+            f"{h['by_category'][c]['all_constraints']:.3f} ({h['by_category'][c]['constraint_fraction']:.3f})"
             for c in categories
         ]
         lines.append(f"| {it['iteration']} | " + " | ".join(cells) + " |")
