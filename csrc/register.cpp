@@ -8,7 +8,8 @@
 #include "diverse_select/diverse_select.h"
 
 TORCH_LIBRARY(silmm_fast, m) {
-  m.def("diverse_select(Tensor similarity, Tensor? quality, int n, str method, float eps) -> Tensor");
+  m.def(
+      "diverse_select(Tensor similarity, Tensor? scale, Tensor? quality, int n, str method, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(silmm_fast, CPU, m) {
@@ -31,5 +32,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   }, "Whether this build has the CUDA kernels.");
   m.def("diverse_select", &silmm_fast::DiverseSelect, "Direct call of diverse_select, bypassing the dispatcher.",
-        py::arg("similarity"), py::arg("quality"), py::arg("n"), py::arg("method"), py::arg("eps"));
+        py::arg("similarity"), py::arg("scale"), py::arg("quality"), py::arg("n"), py::arg("method"),
+        py::arg("eps"));
 }

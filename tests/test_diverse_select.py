@@ -224,9 +224,15 @@ def test_non_contiguous_and_low_precision(cpp):
     S = ref.cosine_similarity_matrix(torch.randn(3, 7, 5, dtype=torch.float64, generator=g))
     S_t = S.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major strides
     q = torch.rand(7, 3, dtype=torch.float64, generator=g).T
+    G = ref.gram_matrix(torch.randn(3, 7, 5, generator=g))
+    G_t = G.transpose(1, 2).contiguous().transpose(1, 2)
+    c = ref.inverse_norms(G)
+    c_t = c.T.contiguous().T
     for method in ("dpp", "fps"):
-        expect = ref.select_from_similarity(S, 4, method, q, 1e-10)
-        assert torch.equal(cpp(S_t, q, 4, method, 1e-10), expect)
+        expect = ref.select_from_similarity(S, None, q, 4, method, 1e-10)
+        assert torch.equal(cpp(S_t, None, q, 4, method, 1e-10), expect)
+        expect = ref.select_from_similarity(G, c, q, 4, method, 1e-5)
+        assert torch.equal(cpp(G_t, c_t, q, 4, method, 1e-5), expect)
 
 
 def test_empty_batch(cpp):
@@ -237,35 +243,44 @@ def test_empty_batch(cpp):
 
 
 def test_pybind_entry_matches_dispatcher(cpp):
-    S = ref.cosine_similarity_matrix(torch.randn(4, 9, 6))
+    G = ref.gram_matrix(torch.randn(4, 9, 6))
     module = _ext.load()
     assert module.has_cuda() in (True, False)
+    c = ref.inverse_norms(G)
     for method in ("dpp", "fps"):
-        assert torch.equal(module.diverse_select(S, None, 5, method, 1e-5), cpp(S, None, 5, method, 1e-5))
+        direct = module.diverse_select(G, c, None, 5, method, 1e-5)
+        assert torch.equal(direct, cpp(G, c, None, 5, method, 1e-5))
 
 
 # --- registration ----------------------------------------------------------------------------------------------------
 def test_opcheck(cpp):
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
-        S = ref.cosine_similarity_matrix(torch.randn(3, 6, 4, dtype=dtype, generator=g))
+        G = ref.gram_matrix(torch.randn(3, 6, 4, dtype=dtype, generator=g))
         q = torch.rand(3, 6, dtype=dtype, generator=g)
-        torch.library.opcheck(cpp, (S, q, 4, "dpp", ref.DPP_EPS[dtype]))
-        torch.library.opcheck(cpp, (S, None, 2, "fps", 0.0))
+        c = ref.inverse_norms(G)
+        torch.library.opcheck(cpp, (G, c, q, 4, "dpp", ref.DPP_EPS[dtype]))
+        torch.library.opcheck(cpp, (G, c, None, 2, "fps", 0.0))
+    S = ref.cosine_similarity_matrix(torch.randn(2, 5, 3, generator=g))
+    torch.library.opcheck(cpp, (S, None, None, 3, "dpp", 1e-10))
 
 
 def test_cpp_op_rejects_bad_arguments(cpp):
     S = ref.cosine_similarity_matrix(torch.randn(2, 5, 3))
     with pytest.raises(RuntimeError, match="n must be in"):
-        cpp(S, None, 6, "dpp", 1e-5)
+        cpp(S, None, None, 6, "dpp", 1e-5)
     with pytest.raises(RuntimeError, match="method must be"):
-        cpp(S, None, 2, "greedy", 1e-5)
+        cpp(S, None, None, 2, "greedy", 1e-5)
     with pytest.raises(RuntimeError, match="shape \\[B, K, K\\]"):
-        cpp(S[:, :, :4], None, 2, "dpp", 1e-5)
+        cpp(S[:, :, :4], None, None, 2, "dpp", 1e-5)
     with pytest.raises(RuntimeError, match="quality must have shape"):
-        cpp(S, torch.ones(2, 4), 2, "dpp", 1e-5)
+        cpp(S, None, torch.ones(2, 4), 2, "dpp", 1e-5)
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        cpp(S, torch.ones(2, 5, 1), None, 2, "dpp", 1e-5)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        cpp(S.half(), None, 2, "dpp", 1e-5)
+        cpp(S.half(), None, None, 2, "dpp", 1e-5)
+    with pytest.raises(RuntimeError, match="eps must be"):
+        cpp(S, None, None, 2, "dpp", -1.0)
 
 
 # --- fallback path ---------------------------------------------------------------------------------------------------

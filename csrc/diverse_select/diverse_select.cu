@@ -1,7 +1,8 @@
 // CUDA kernel of diverse_select (rules in diverse_select.h): one thread block per prompt, threads over candidates.
 // Built only where torch has CUDA (silmm_fast/_ext.py), with --fmad=false so it rounds like the CPU kernel and the
-// reference. Per-prompt state (distances, residual gains, Cholesky rows [n, K], picked flags) lives in a global
-// workspace; each pick is a block-wide argmax (ties: lowest index) followed by a parallel update over candidates.
+// reference (the arithmetic is +, -, *, / only: IEEE-exact on both). Per-prompt state (distances, residual gains,
+// factor rows [n, K], picked flags) lives in a global workspace; each pick is a block-wide argmax (ties: lowest
+// index) followed by a parallel update over candidates.
 #include "diverse_select.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -49,30 +50,46 @@ __device__ Best BlockArgmax(ScoreFn score, const unsigned char* picked, int64_t 
 template <typename scalar_t>
 __global__ void DiverseSelectKernel(
     const scalar_t* __restrict__ sim, int64_t stride_b, int64_t stride_i, int64_t stride_j,
+    const double* __restrict__ scale,    // contiguous [B, K] or nullptr
     const double* __restrict__ quality,  // contiguous [B, K] or nullptr
-    int64_t K, int64_t n, bool dpp, double eps,
-    double* __restrict__ dist_ws, double* __restrict__ d2_ws, double* __restrict__ chol_ws,
-    unsigned char* __restrict__ picked_ws, int64_t* __restrict__ out) {
+    int64_t K, int64_t n, bool dpp, double eps, double* __restrict__ dist_ws, double* __restrict__ d2_ws,
+    double* __restrict__ w_ws, double* __restrict__ gain_ws, unsigned char* __restrict__ picked_ws,
+    int64_t* __restrict__ out) {
   __shared__ Best shared[kMaxThreads];
   const int64_t b = blockIdx.x;
   const scalar_t* s = sim + b * stride_b;
+  const double* c = scale == nullptr ? nullptr : scale + b * K;
   const double* q = quality == nullptr ? nullptr : quality + b * K;
   double* dist = dist_ws + b * K;
   double* d2 = d2_ws + b * K;
-  double* chol = chol_ws + b * n * K;
+  double* w = w_ws + b * n * K;
+  double* gain = gain_ws + b * n;
   unsigned char* picked = picked_ws + b * K;
   int64_t* o = out + b * n;
-  auto S = [&](int64_t i, int64_t j) { return static_cast<double>(s[i * stride_i + j * stride_j]); };
+  // the similarity rules of diverse_select.h, computed on access
+  auto S = [&](int64_t i, int64_t j) {
+    const double g = static_cast<double>(s[i * stride_i + j * stride_j]);
+    if (c == nullptr) return g;
+    if (i == j) return c[i] > 0.0 ? 1.0 : 0.0;
+    return fmin(fmax((g * c[i]) * c[j], -1.0), 1.0);
+  };
   auto Q = [&](int64_t i) { return q == nullptr ? 1.0 : q[i]; };
 
   for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
-    double acc = 0.0;
-    for (int64_t j = 0; j < K; ++j) acc += S(i, j);
-    dist[i] = 1.0 - acc / static_cast<double>(K);
-    d2[i] = (Q(i) * S(i, i)) * Q(i);
     picked[i] = 0;
+    d2[i] = (Q(i) * S(i, i)) * Q(i);
   }
   __syncthreads();
+  // distance from the whole set (1 - row mean), needed only by an FPS first pick
+  auto init_dist = [&] {
+    for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+      double acc = 0.0;
+      for (int64_t j = 0; j < K; ++j) acc += S(i, j);
+      dist[i] = 1.0 - acc / static_cast<double>(K);
+    }
+    __syncthreads();
+  };
+  if (!dpp) init_dist();
 
   bool in_dpp = dpp;  // block-uniform: every thread computes the same decisions from the same reductions
   double tol = 0.0;
@@ -82,27 +99,29 @@ __global__ void DiverseSelectKernel(
   }
   for (int64_t k = 0; k < n; ++k) {
     int64_t j = -1;
+    double g = 0.0;
     if (in_dpp) {
       const Best best = BlockArgmax([&](int64_t i) { return d2[i]; }, picked, K, shared);
       if (best.value > tol) {
         j = best.index;
+        g = best.value;
       } else {
         in_dpp = false;
+        if (k == 0) init_dist();
       }
     }
     if (j < 0) j = BlockArgmax([&](int64_t i) { return Q(i) * dist[i]; }, picked, K, shared).index;
     if (in_dpp && k + 1 < n) {
-      const double d_j = sqrt(d2[j]);
+      // w_ki = L_ji - sum_t (w_tj / g_t) w_ti, d_i^2 -= w_ki (w_ki / g_k) for every i (picked ones too: unused);
+      // rows t < k are not written this step, and every read of d2 finished inside BlockArgmax
       for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
-        if (picked[i] || i == j) continue;
         double acc = (Q(j) * S(j, i)) * Q(i);
-        for (int64_t t = 0; t < k; ++t) acc -= chol[t * K + j] * chol[t * K + i];
-        const double e = acc / d_j;
-        chol[k * K + i] = e;
-        d2[i] -= e * e;
+        for (int64_t t = 0; t < k; ++t) acc -= (w[t * K + j] / gain[t]) * w[t * K + i];
+        w[k * K + i] = acc;
+        d2[i] -= acc * (acc / g);
       }
+      if (threadIdx.x == 0) gain[k] = g;
     }
-    __syncthreads();  // every thread has read d2[j] / picked before they change
     for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
       const double to_pick = 1.0 - S(i, j);
       dist[i] = k == 0 ? to_pick : fmin(dist[i], to_pick);
@@ -119,23 +138,26 @@ __global__ void DiverseSelectKernel(
 
 at::Tensor DiverseSelectCuda(
     const at::Tensor& similarity,
+    const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& quality,
     int64_t n,
     const std::string& method,
     double eps) {
-  const SelectMethod m = CheckDiverseSelectArgs(similarity, quality, n, method, eps);
+  const SelectMethod m = CheckDiverseSelectArgs(similarity, scale, quality, n, method, eps);
   TORCH_CHECK(similarity.is_cuda(), "diverse_select (CUDA kernel): similarity must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(similarity.device());
   const int64_t B = similarity.size(0);
   const int64_t K = similarity.size(1);
-  at::Tensor q;
+  at::Tensor c, q;
+  if (scale.has_value()) c = scale->to(at::kDouble).contiguous();
   if (quality.has_value()) q = quality->to(at::kDouble).contiguous();
   const auto f64 = similarity.options().dtype(at::kDouble);
   at::Tensor out = at::empty({B, n}, similarity.options().dtype(at::kLong));
   if (B == 0) return out;
   at::Tensor dist = at::empty({B, K}, f64);
   at::Tensor d2 = at::empty({B, K}, f64);
-  at::Tensor chol = at::empty({B, n, K}, f64);
+  at::Tensor w = at::empty({B, n, K}, f64);
+  at::Tensor gain = at::empty({B, n}, f64);
   at::Tensor picked = at::empty({B, K}, similarity.options().dtype(at::kByte));
   int threads = 32;
   while (threads < K && threads < kMaxThreads) threads *= 2;
@@ -143,8 +165,9 @@ at::Tensor DiverseSelectCuda(
   AT_DISPATCH_FLOATING_TYPES(similarity.scalar_type(), "diverse_select_cuda", [&] {
     DiverseSelectKernel<scalar_t><<<static_cast<unsigned int>(B), threads, 0, stream>>>(
         similarity.data_ptr<scalar_t>(), similarity.stride(0), similarity.stride(1), similarity.stride(2),
-        q.defined() ? q.data_ptr<double>() : nullptr, K, n, m == SelectMethod::kDpp, eps, dist.data_ptr<double>(),
-        d2.data_ptr<double>(), chol.data_ptr<double>(), picked.data_ptr<unsigned char>(), out.data_ptr<int64_t>());
+        c.defined() ? c.data_ptr<double>() : nullptr, q.defined() ? q.data_ptr<double>() : nullptr, K, n,
+        m == SelectMethod::kDpp, eps, dist.data_ptr<double>(), d2.data_ptr<double>(), w.data_ptr<double>(),
+        gain.data_ptr<double>(), picked.data_ptr<unsigned char>(), out.data_ptr<int64_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -1,21 +1,30 @@
-// Batched diverse selection: pick n of K candidates per prompt from a [B, K, K] cosine-similarity matrix.
+// Batched diverse selection: pick n of K candidates per prompt from a [B, K, K] similarity (or Gram) matrix.
 //
-//   diverse_select(similarity [B, K, K] float32/float64, quality [B, K] or None, n, method, eps) -> int64 [B, n]
+//   diverse_select(similarity [B, K, K] float32/float64, scale [B, K] or None, quality [B, K] or None, n, method,
+//                  eps) -> int64 [B, n]
 //
-// Indices come back in pick order. All selection arithmetic is float64 whatever the input dtype, in the same order
-// as the reference (silmm_fast/reference/diverse_select.py), so both pick the same indices. Ties go to the lowest
-// index. q_i = quality[b, i], or 1 without quality; s_ij = similarity[b, i, j].
+// Indices come back in pick order. All selection arithmetic is float64 whatever the input dtype, uses only +, -, *,
+// / and comparisons (IEEE-exact everywhere, unlike sqrt, whose vectorized versions in PyTorch may differ in the last
+// bit), in the same order as the reference (silmm_fast/reference/diverse_select.py), so both pick the same indices.
+// Ties go to the lowest index. q_i = quality[b, i], or 1 without quality.
+//
+// Similarity: with scale (c_i = scale[b, i], e.g. 1 / ||x_i|| for a Gram matrix g_ij = <x_i, x_j>, which makes
+//   cosine similarities here, per prompt, instead of in B*K^2 elementwise passes in PyTorch):
+//   s_ij = clamp((g_ij * c_i) * c_j, -1, 1) for i != j and s_ii = 1 if c_i > 0 else 0 (an all-zero candidate).
+//   Without scale: s_ij = similarity[b, i, j] as given.
 //
 // method "fps": farthest-point sampling on the cosine distance 1 - s_ij, quality weighted. A candidate's distance is
 //   dist_i = 1 - mean_j s_ij before any pick (its distance from the whole set: the first pick is the most atypical
 //   candidate) and min over picked j of (1 - s_ij) after; each step picks the unpicked argmax of q_i * dist_i.
 //   O(K^2) per prompt.
 // method "dpp": greedy MAP inference of a k-DPP (Chen, Zhang & Zhou, NeurIPS 2018) with kernel
-//   L_ij = (q_i * s_ij) * q_j, by incremental Cholesky: residual gains d_i^2 start at L_ii; after picking j,
-//   e_i = (L_ji - <c_j, c_i>) / d_j, c_i gets e_i appended, d_i^2 -= e_i^2. O(n^2 K) per prompt. Each step picks the
-//   unpicked argmax of d_i^2. When that gain is <= eps * max_i L_ii (every remaining candidate is spanned by the
-//   picks: duplicates, or n above the feature rank) the DPP stops and the remaining picks follow the "fps" rule from
-//   the picks made so far. The similarity must be PSD (a cosine Gram matrix is).
+//   L_ij = (q_i * s_ij) * q_j, by their incremental factorization in square-root-free (LDL^T) form: residual gains
+//   d_i^2 start at L_ii; picking j with gain g_k = d_j^2 at step k computes
+//     w_ki = L_ji - sum_{t<k} (w_tj / g_t) * w_ti,   d_i^2 -= w_ki * (w_ki / g_k)
+//   (Chen et al.'s e_i = w_ki / sqrt(g_k)). O(n^2 K) per prompt. Each step picks the unpicked argmax of d_i^2. When
+//   that gain is <= eps * max_i L_ii (every remaining candidate is spanned by the picks: duplicates, or n above the
+//   feature rank) the DPP stops and the remaining picks follow the "fps" rule from the picks made so far. The
+//   similarity must be PSD (a cosine Gram matrix is).
 //
 // Prompts run in parallel over the batch (at::parallel_for on CPU, one CUDA block per prompt). Inputs may be
 // non-contiguous. The checks below run before either kernel.
@@ -25,6 +34,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace silmm_fast {
 
@@ -32,6 +42,7 @@ enum class SelectMethod { kFps = 0, kDpp = 1 };
 
 inline SelectMethod CheckDiverseSelectArgs(
     const at::Tensor& similarity,
+    const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& quality,
     int64_t n,
     const std::string& method,
@@ -45,14 +56,15 @@ inline SelectMethod CheckDiverseSelectArgs(
   TORCH_CHECK(eps >= 0.0, "diverse_select: eps must be >= 0, got ", eps);
   TORCH_CHECK(method == "fps" || method == "dpp", "diverse_select: method must be \"dpp\" or \"fps\", got \"", method,
               "\"");
-  if (quality.has_value()) {
-    const at::Tensor& q = *quality;
-    TORCH_CHECK(q.dim() == 2 && q.size(0) == similarity.size(0) && q.size(1) == K,
-                "diverse_select: quality must have shape [B, K] = [", similarity.size(0), ", ", K, "], got ",
-                q.sizes());
-    TORCH_CHECK(at::isFloatingType(q.scalar_type()), "diverse_select: quality must be floating, got ",
-                q.scalar_type());
-    TORCH_CHECK(q.device() == similarity.device(), "diverse_select: quality is on ", q.device(),
+  for (const auto& [name, t] : {std::pair<const char*, const std::optional<at::Tensor>*>{"scale", &scale},
+                                 std::pair<const char*, const std::optional<at::Tensor>*>{"quality", &quality}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& v = **t;
+    TORCH_CHECK(v.dim() == 2 && v.size(0) == similarity.size(0) && v.size(1) == K, "diverse_select: ", name,
+                " must have shape [B, K] = [", similarity.size(0), ", ", K, "], got ", v.sizes());
+    TORCH_CHECK(at::isFloatingType(v.scalar_type()), "diverse_select: ", name, " must be floating, got ",
+                v.scalar_type());
+    TORCH_CHECK(v.device() == similarity.device(), "diverse_select: ", name, " is on ", v.device(),
                 ", similarity on ", similarity.device());
   }
   return method == "dpp" ? SelectMethod::kDpp : SelectMethod::kFps;
@@ -60,6 +72,7 @@ inline SelectMethod CheckDiverseSelectArgs(
 
 at::Tensor DiverseSelectCpu(
     const at::Tensor& similarity,
+    const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& quality,
     int64_t n,
     const std::string& method,
@@ -68,6 +81,7 @@ at::Tensor DiverseSelectCpu(
 #ifdef SILMM_WITH_CUDA
 at::Tensor DiverseSelectCuda(
     const at::Tensor& similarity,
+    const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& quality,
     int64_t n,
     const std::string& method,
@@ -77,18 +91,19 @@ at::Tensor DiverseSelectCuda(
 // Device dispatch for direct (pybind) callers; torch.ops.silmm_fast.diverse_select dispatches by dispatch key.
 inline at::Tensor DiverseSelect(
     const at::Tensor& similarity,
+    const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& quality,
     int64_t n,
     const std::string& method,
     double eps) {
   if (similarity.is_cuda()) {
 #ifdef SILMM_WITH_CUDA
-    return DiverseSelectCuda(similarity, quality, n, method, eps);
+    return DiverseSelectCuda(similarity, scale, quality, n, method, eps);
 #else
     TORCH_CHECK(false, "diverse_select: this build of silmm_fast._C has no CUDA kernels");
 #endif
   }
-  return DiverseSelectCpu(similarity, quality, n, method, eps);
+  return DiverseSelectCpu(similarity, scale, quality, n, method, eps);
 }
 
 }  // namespace silmm_fast

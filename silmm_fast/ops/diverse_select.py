@@ -1,15 +1,17 @@
 """Public ``diverse_select``: keep the ``n`` most diverse of ``K`` candidates per prompt (SPEC.md §3).
 
-The similarity is computed once per call in PyTorch (mean-pool over tokens, one batched Gram matmul, cosine
-normalization from the Gram's diagonal: no extra pass over the features), then one call selects for every prompt:
+Work per call: mean-pool over tokens (4-D input only), one batched Gram matmul ``X·Xᵀ`` in the features' precision
+(the only pass over the features), the ``B·K`` inverse norms from its diagonal (checked finite), then one call that
+scales the Gram to cosine similarities and selects, for every prompt:
 
 - ``cpp``: ``torch.ops.silmm_fast.diverse_select`` from the C++ extension (``csrc/diverse_select``), prompts in
-  parallel over the batch; float64 selection arithmetic; O(K²) per prompt for FPS, O(K² + n²K) for the DPP.
+  parallel over the batch, float64 arithmetic per prompt; O(K²) per prompt for FPS, O(K² + n²K) for the DPP. The
+  cosine scaling happens per prompt inside (no extra ``B·K²`` passes in PyTorch).
 - ``reference``: ``silmm_fast.reference.diverse_select`` (the same rules, batched PyTorch), used when the extension
   is disabled (``SILMM_FAST_NO_EXT=1``), cannot be built (one warning) or is forced with ``use_backend("reference")``.
 
-Both paths pick identical indices (same rules, same rounding order). The selection rules are documented in
-``silmm_fast.reference.diverse_select`` and ``csrc/diverse_select/diverse_select.h``.
+Both paths pick identical indices (same rules, same IEEE operations in the same order). The selection rules are
+documented in ``silmm_fast.reference.diverse_select`` and ``csrc/diverse_select/diverse_select.h``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _register_fake() -> None:
             return
 
         @torch.library.register_fake("silmm_fast::diverse_select")
-        def _(similarity, quality, n, method, eps):
+        def _(similarity, scale, quality, n, method, eps):
             torch._check(similarity.dim() == 3, lambda: "diverse_select: similarity must be [B, K, K]")
             return similarity.new_empty((similarity.shape[0], n), dtype=torch.long)
 
@@ -92,15 +94,16 @@ def _validate(features: object, n: object, method: object, quality: object) -> N
                 raise ValueError("quality: expected non-negative values (per-candidate weights)")
 
 
-def _check_finite_norms(features: torch.Tensor, sq_norms: torch.Tensor) -> None:
+def _check_finite_gram(features: torch.Tensor, gram: torch.Tensor) -> None:
     """A NaN / Inf feature (or an overflowing squared norm) makes diag(G) non-finite: B·K values to check, not
     B·K·L·D. Costs one host sync on CUDA."""
-    if _skip_data_checks(sq_norms) or sq_norms.numel() == 0 or bool(torch.isfinite(sq_norms).all()):
+    sq_norms = gram.diagonal(dim1=1, dim2=2)
+    if _skip_data_checks(gram) or sq_norms.numel() == 0 or bool(torch.isfinite(sq_norms).all()):
         return
     if not bool(torch.isfinite(features).all()):
         raise ValueError("features: contains NaN or Inf")
     raise ValueError(
-        f"features: squared norms overflow {sq_norms.dtype} (values too large); scale the features or pass float64"
+        f"features: squared norms overflow {gram.dtype} (values too large); scale the features or pass float64"
     )
 
 
@@ -120,13 +123,14 @@ def diverse_select(
         "fps": greedy argmax_i q_i · min_{j picked} (1 − S_ij); first pick argmax_i q_i · (1 − mean_j S_ij)
 
     Ties go to the lowest index. The DPP stops when the best remaining gain is ``≤ eps · max_i L_ii`` (``eps`` =
-    ``DPP_EPS[S.dtype]``: 1e-5 for float32, 1e-10 for float64; duplicates or more picks than the feature rank) and
-    fills the remaining picks by the ``"fps"`` rule from the picks so far. Without quality the first DPP pick is
-    index 0 (all singletons are equal). Deterministic; the C++ and reference backends pick identical indices.
+    ``DPP_EPS[Gram dtype]``: 1e-5 for float32, 1e-10 for float64; hit by duplicates, or by more picks than the
+    feature rank) and fills the remaining picks by the ``"fps"`` rule from the picks so far. Without quality the first
+    DPP pick is index 0 (all singletons are equal). Deterministic; the C++ and reference backends pick identical
+    indices.
 
     Args:
-        features: ``[B, K, L, D]`` (mean-pooled over ``L``) or ``[B, K, D]``; float16 / bfloat16 / float32 (similarity
-            in float32) or float64 (float64). Any strides. NaN / Inf raise.
+        features: ``[B, K, L, D]`` (mean-pooled over ``L``) or ``[B, K, D]``; float16 / bfloat16 / float32 (Gram in
+            float32) or float64 (Gram in float64). Any strides. NaN / Inf raise.
         n: how many to keep per prompt, ``1 <= n <= K``.
         method: ``"dpp"`` (default) or ``"fps"``.
         quality: optional ``[B, K]`` non-negative finite weights (e.g. self-feedback scores mapped to ``[0, 1]``); a
@@ -135,16 +139,17 @@ def diverse_select(
     Returns:
         ``[B, n]`` int64 indices into ``K``, in pick order, distinct per row, on the features' device.
 
-    Memory: the ``[B, K, K]`` similarity plus O(B·n·K) float64 workspace; the features are read once (pooling for
-    4-D input) plus once by the Gram matmul.
+    Memory: the ``[B, K, K]`` Gram plus O(K² + n·K) float64 workspace per thread; the features are read once by the
+    Gram matmul (plus once by the pooling of 4-D input).
     """
     _validate(features, n, method, quality)
-    sim, sq_norms = _reference.cosine_similarity_and_sq_norms(_reference.pooled_features(features))
-    _check_finite_norms(features, sq_norms)
-    eps = DPP_EPS[sim.dtype]
+    gram = _reference.gram_matrix(_reference.pooled_features(features))
+    _check_finite_gram(features, gram)
+    scale = _reference.inverse_norms(gram)
+    eps = DPP_EPS[gram.dtype]
     backend = _backend.choose("diverse_select", features.device)
     if backend == "cpp":
         op = cpp_op()
         if op is not None:
-            return op(sim, quality, n, method, eps)
-    return _reference.select_from_similarity(sim, n, method, quality, eps)
+            return op(gram, scale, quality, n, method, eps)
+    return _reference.select_from_similarity(gram, scale, quality, n, method, eps)

@@ -1,21 +1,27 @@
 """Reference diverse selection: cosine similarity of pooled features, then farthest-point sampling or greedy k-DPP MAP.
 
 Readable over fast, batched over prompts, with the exact rules the C++ extension (``csrc/diverse_select``) follows, so
-both pick the same indices. All selection arithmetic is float64 and written in the same order as the C++ loops:
+both pick the same indices. The selection arithmetic is float64, uses only +, −, ×, ÷ and comparisons (IEEE-exact in
+PyTorch and C++ alike; PyTorch's vectorized sqrt may differ from C's in the last bit, so none is taken here) and runs
+in the same order as the C++ loops:
 
-- similarity ``S`` (computed once, shared with the fast path): features ``[B, K, L, D]`` are mean-pooled over ``L``
-  (``[B, K, D]`` used as is), ``G = X·Xᵀ`` (one batched matmul), ``S_ij = G_ij / (‖x_i‖·‖x_j‖)`` with the norms read
-  off ``diag(G)``, clamped to [-1, 1], ``S_ii = 1`` exactly (``0`` for an all-zero candidate, whose row is all 0).
-  ``S`` is a Gram matrix of unit vectors, hence positive semi-definite, as the DPP needs.
+- Gram ``G = X·Xᵀ`` (one batched matmul in the features' precision, shared with the fast path): features
+  ``[B, K, L, D]`` are mean-pooled over ``L`` (``[B, K, D]`` used as is). Scale ``c_i = 1/‖x_i‖`` (``rsqrt`` of
+  ``G_ii`` in float64; 0 for an all-zero candidate), computed once and passed to both paths.
+- cosine similarity, float64: ``S_ij = clamp((G_ij·c_i)·c_j, −1, 1)`` and ``S_ii = 1`` exactly (``0`` for an all-zero
+  candidate, whose row is all 0). ``S`` is a Gram matrix of unit vectors, hence positive semi-definite, as the DPP
+  needs.
 - FPS (max-min cosine distance, optionally quality weighted): before any pick a candidate's distance is
   ``1 − mean_j S_ij`` (its distance from the candidate set as a whole, so the first pick is the most atypical
   candidate); after picks it is ``min over picked j of (1 − S_ij)``. Each step picks the unpicked candidate with the
   largest ``q_i · dist_i`` (``q = 1`` without quality), the lowest index on ties.
-- DPP (Chen, Zhang & Zhou 2018, greedy MAP with incremental Cholesky): kernel ``L_ij = (q_i·S_ij)·q_j``; each step
-  picks the unpicked candidate with the largest residual gain ``d_i²`` (the first pick: the largest ``L_ii``, index 0
-  when all are equal), the lowest index on ties. When the largest remaining gain is ``≤ eps · max_i L_ii`` (every
-  remaining candidate is already spanned by the picks: duplicates, or more picks than the feature rank) the DPP stops
-  and the remaining picks continue by the FPS rule above from the picks made so far.
+- DPP (Chen, Zhang & Zhou 2018, greedy MAP): kernel ``L_ij = (q_i·S_ij)·q_j``; each step picks the unpicked candidate
+  with the largest residual gain ``d_i²`` (the first pick: the largest ``L_ii``, index 0 when all are equal), the
+  lowest index on ties. The incremental factorization is their Cholesky update in square-root-free form: picking
+  ``j`` with gain ``g_k = d_j²`` computes ``w_ki = L_ji − Σ_{t<k} (w_tj / g_t)·w_ti`` and ``d_i² −= w_ki·(w_ki / g_k)``
+  (their ``e_i`` is ``w_ki / √g_k``). When the largest remaining gain is ``≤ eps · max_i L_ii`` (every remaining
+  candidate is already spanned by the picks: duplicates, or more picks than the feature rank) the DPP stops and the
+  remaining picks continue by the FPS rule above from the picks made so far.
 """
 
 from __future__ import annotations
@@ -36,22 +42,29 @@ def pooled_features(features: torch.Tensor) -> torch.Tensor:
     return features.to(dtype)
 
 
-def cosine_similarity_and_sq_norms(pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, K, D]`` → (``[B, K, K]`` cosine similarities by the rules in the module docstring, ``[B, K]`` squared
-    norms ``diag(G)``), dtype of ``pooled``. A NaN / Inf feature makes its squared norm non-finite (callers check it:
-    B·K values instead of B·K·D)."""
-    gram = torch.bmm(pooled, pooled.transpose(1, 2))
-    sq_norms = gram.diagonal(dim1=1, dim2=2).clone()
-    nonzero = sq_norms > 0
-    inv_norm = torch.where(nonzero, sq_norms.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
-    sim = (gram * inv_norm[:, :, None] * inv_norm[:, None, :]).clamp_(-1.0, 1.0)
-    sim.diagonal(dim1=1, dim2=2).copy_(nonzero.to(sim.dtype))
-    return sim, sq_norms
+def gram_matrix(pooled: torch.Tensor) -> torch.Tensor:
+    """``[B, K, D]`` → ``[B, K, K]`` inner products ``X·Xᵀ`` (one batched matmul), dtype of ``pooled``. A NaN / Inf
+    feature makes its diagonal entry non-finite (callers check ``B·K`` values instead of ``B·K·D``)."""
+    return torch.bmm(pooled, pooled.transpose(1, 2))
 
 
-def cosine_similarity_matrix(pooled: torch.Tensor) -> torch.Tensor:
-    """``[B, K, D]`` → ``[B, K, K]`` cosine similarities (the rules in the module docstring), dtype of ``pooled``."""
-    return cosine_similarity_and_sq_norms(pooled)[0]
+def inverse_norms(gram: torch.Tensor) -> torch.Tensor:
+    """``[B, K, K]`` Gram → ``[B, K]`` float64 ``1/‖x_i‖`` (0 for an all-zero candidate)."""
+    sq_norms = gram.diagonal(dim1=1, dim2=2).double()
+    return torch.where(sq_norms > 0, sq_norms.rsqrt(), 0.0)
+
+
+def scaled_similarity(gram: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``S_ij = clamp((G_ij·c_i)·c_j, −1, 1)``, ``S_ii = [c_i > 0]``, float64 (cosine for ``c = inverse_norms(G)``)."""
+    sim = ((gram.double() * scale[:, :, None]) * scale[:, None, :]).clamp(-1.0, 1.0)
+    sim.diagonal(dim1=1, dim2=2).copy_((scale > 0).double())
+    return sim
+
+
+def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Features ``[B, K, L, D]`` or ``[B, K, D]`` → ``[B, K, K]`` float64 cosine similarities of the pooled features."""
+    gram = gram_matrix(pooled_features(features))
+    return scaled_similarity(gram, inverse_norms(gram))
 
 
 def _row_means(sim: torch.Tensor) -> torch.Tensor:
@@ -68,16 +81,22 @@ def _argmax_unpicked(score: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
 
 
 def select_from_similarity(
-    similarity: torch.Tensor, n: int, method: str, quality: torch.Tensor | None, eps: float
+    similarity: torch.Tensor,
+    scale: torch.Tensor | None,
+    quality: torch.Tensor | None,
+    n: int,
+    method: str,
+    eps: float,
 ) -> torch.Tensor:
-    """Greedy selection of ``n`` of ``K`` candidates per prompt from a ``[B, K, K]`` similarity.
+    """Greedy selection of ``n`` of ``K`` candidates per prompt from a ``[B, K, K]`` similarity, or from a Gram matrix
+    with ``scale`` (``[B, K]``; see ``scaled_similarity``).
 
-    Equivalent to ``torch.ops.silmm_fast.diverse_select(similarity, quality, n, method, eps)`` (the C++ op).
+    Equivalent to ``torch.ops.silmm_fast.diverse_select(similarity, scale, quality, n, method, eps)`` (the C++ op).
     Returns ``[B, n]`` int64 indices in pick order.
     """
     B, K, _ = similarity.shape
     dev = similarity.device
-    S = similarity.double()
+    S = similarity.double() if scale is None else scaled_similarity(similarity, scale.double())
     q = torch.ones(B, K, dtype=torch.float64, device=dev) if quality is None else quality.double()
     rows = torch.arange(B, device=dev)
     picked = torch.zeros(B, K, dtype=torch.bool, device=dev)
@@ -88,7 +107,8 @@ def select_from_similarity(
         Lk = (q[:, :, None] * S) * q[:, None, :]
         d2 = Lk.diagonal(dim1=1, dim2=2).clone()
         tol = eps * d2.max(dim=1).values
-        chol = torch.zeros(B, n, K, dtype=torch.float64, device=dev)
+        w = torch.zeros(B, n, K, dtype=torch.float64, device=dev)  # factor rows w_t
+        gains = torch.ones(B, n, dtype=torch.float64, device=dev)  # g_t
         in_dpp = torch.ones(B, dtype=torch.bool, device=dev)
 
     for k in range(n):
@@ -99,14 +119,16 @@ def select_from_similarity(
             in_dpp = in_dpp & (gain > tol)
             j = torch.where(in_dpp, dpp_pick, fps_pick)
             if k + 1 < n:
-                # incremental Cholesky: e_i = (L_ji − <c_j, c_i>) / d_j, then d_i² −= e_i²
-                d_j = torch.where(in_dpp, gain, 1.0).sqrt()
+                # w_ki = L_ji − Σ_t (w_tj / g_t)·w_ti, then d_i² −= w_ki·(w_ki / g_k); prompts that left the DPP compute
+                # values nobody reads (their gain is replaced by 1 to keep them finite)
+                g = torch.where(in_dpp, gain, 1.0)
                 acc = Lk[rows, j, :]
                 for t in range(k):
-                    acc = acc - chol[rows, t, j][:, None] * chol[:, t, :]
-                e = acc / d_j[:, None]
-                chol[:, k, :] = e
-                d2 = d2 - e * e
+                    a = w[rows, t, j] / gains[:, t]
+                    acc = acc - a[:, None] * w[:, t, :]
+                w[:, k, :] = acc
+                gains[:, k] = g
+                d2 = d2 - acc * (acc / g[:, None])
         else:
             j = fps_pick
         out[:, k] = j
@@ -124,5 +146,5 @@ def diverse_select(
     Equivalent to the rules in this module's docstring. Args: features ``[B, K, L, D]`` or ``[B, K, D]`` float;
     quality ``[B, K]`` non-negative or None. Returns ``[B, n]`` int64 indices in pick order.
     """
-    sim = cosine_similarity_matrix(pooled_features(features))
-    return select_from_similarity(sim, n, method, quality, DPP_EPS[sim.dtype])
+    gram = gram_matrix(pooled_features(features))
+    return select_from_similarity(gram, inverse_norms(gram), quality, n, method, DPP_EPS[gram.dtype])
