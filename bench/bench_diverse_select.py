@@ -1,0 +1,273 @@
+"""Benchmark diverse_select: keep n of K candidates per prompt, for B prompts of D-dim (or L×D, pooled) features.
+
+Providers (per method, ``--modes dpp fps``):
+- ``silmm``: ``silmm_fast.diverse_select`` on the C++ extension (one Gram matmul + one batched C++ call).
+- ``reference``: the same call forced onto the pure-PyTorch reference (batched over prompts, loops over picks).
+- ``naive``: a per-prompt Python loop, the way a user would write it: normalize, ``xn @ xn.T``, then Chen et al.'s
+  greedy DPP (or FPS) with torch ops on one prompt at a time.
+- ``fpsample`` / ``torch-fps`` (FPS only, when installed): the point-cloud FPS libraries on the normalized pooled
+  features (Euclidean distance on unit vectors orders like cosine distance); fpsample one prompt at a time, torch-fps
+  batched. Their start rule differs from ours, so only the time is comparable.
+- ``torch.bmm`` (mode ``gram``): one batched Gram product of the features (after the mean over ``L`` for 4-D input):
+  the work no selection method can skip, the hardware floor for wide features.
+
+Floors (issue 4, CPU, side by side in one run): ``floor-naive`` silmm >= 20x faster than naive; ``floor-gram`` silmm
+within 1.5x of torch.bmm. ``python bench/bench_diverse_select.py --device cpu`` runs the sweep and appends rows to
+``bench/results/diverse_select-<device>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import environment, measure, print_table, row, write_rows  # noqa: E402
+from silmm_fast import diverse_select, use_backend  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SelectShape:
+    """``prompts`` (B) × ``candidates`` (K) feature matrices of ``tokens`` (L; 1 = already pooled, [B, K, D]) × ``dim``
+    (D); keep ``keep`` (n) per prompt."""
+
+    name: str
+    prompts: int
+    candidates: int
+    keep: int
+    tokens: int
+    dim: int
+    note: str = ""
+
+
+SELECT_SHAPES = {
+    "floor-naive": SelectShape("floor-naive", 1024, 64, 16, 1, 256, "issue floor: silmm >= 20x naive"),
+    "floor-gram": SelectShape("floor-gram", 256, 32, 8, 1, 4096, "issue floor: silmm <= 1.5x one torch.bmm Gram"),
+    "b64": SelectShape("b64", 64, 64, 16, 1, 256, "fewer prompts"),
+    "k16": SelectShape("k16", 1024, 16, 4, 1, 256, "few candidates"),
+    "k256": SelectShape("k256", 64, 256, 32, 1, 256, "many candidates"),
+    "d4096": SelectShape("d4096", 64, 64, 16, 1, 4096, "wide pooled features"),
+    "dreamllm": SelectShape("dreamllm", 32, 16, 4, 64, 1024, "DreamLLM-like: 64 query tokens, mean-pooled"),
+    "tiny": SelectShape("tiny", 2, 6, 3, 2, 8, "test registry"),
+}
+DEFAULT_SHAPES = ("floor-naive", "floor-gram", "b64", "k16", "k256", "d4096", "dreamllm")
+PROVIDERS = ("silmm", "reference", "naive", "fpsample", "torch-fps", "torch.bmm")
+MODES = ("dpp", "fps")
+
+
+# --- the per-prompt loop a user would write --------------------------------------------------------------------------
+def _naive_dpp(L: torch.Tensor, n: int, eps: float = 1e-10) -> list[int]:
+    """Chen et al. 2018 greedy MAP on one prompt's kernel, with torch ops (the usual port of their numpy code)."""
+    K = L.shape[0]
+    cis = torch.zeros(n, K, dtype=L.dtype)
+    di2s = L.diagonal().clone()
+    selected = [int(torch.argmax(di2s))]
+    while len(selected) < n:
+        k = len(selected) - 1
+        j = selected[-1]
+        ci_opt = cis[:k, j]
+        di_opt = torch.sqrt(di2s[j])
+        eis = (L[j, :] - ci_opt @ cis[:k, :]) / di_opt
+        cis[k, :] = eis
+        di2s = di2s - eis * eis
+        di2s[j] = -math.inf
+        j = int(torch.argmax(di2s))
+        if di2s[j] < eps:
+            remaining = [i for i in range(K) if i not in selected]
+            selected += remaining[: n - len(selected)]
+            break
+        selected.append(j)
+    return selected
+
+
+def _naive_fps(S: torch.Tensor, n: int) -> list[int]:
+    dist = 1.0 - S.mean(dim=1)
+    selected = [int(torch.argmax(dist))]
+    dist = 1.0 - S[:, selected[0]]
+    while len(selected) < n:
+        dist[selected[-1]] = -math.inf
+        j = int(torch.argmax(dist))
+        selected.append(j)
+        dist = torch.minimum(dist, 1.0 - S[:, j])
+    return selected
+
+
+def naive_select(features: torch.Tensor, n: int, method: str, quality: torch.Tensor | None = None) -> torch.Tensor:
+    out = []
+    for b in range(features.shape[0]):
+        x = features[b]
+        if x.dim() == 3:
+            x = x.mean(dim=1)
+        xn = F.normalize(x, dim=-1)
+        S = xn @ xn.T
+        if method == "dpp":
+            q = quality[b] if quality is not None else torch.ones(S.shape[0], dtype=S.dtype)
+            out.append(_naive_dpp(q[:, None] * S * q[None, :], n))
+        else:
+            out.append(_naive_fps(S, n))
+    return torch.tensor(out, dtype=torch.long)
+
+
+# --- peers -----------------------------------------------------------------------------------------------------------
+def _peer_missing(provider: str) -> str | None:
+    module = {"fpsample": "fpsample", "torch-fps": "torch_fps"}[provider]
+    if importlib.util.find_spec(module) is None:
+        return f"{provider} is not installed (pip install {provider})"
+    return None
+
+
+def _pooled_unit(features: torch.Tensor) -> torch.Tensor:
+    x = features.mean(dim=2) if features.dim() == 4 else features
+    return F.normalize(x.float(), dim=-1)
+
+
+def _peer_fn(provider: str, features: torch.Tensor, n: int):
+    if provider == "fpsample":
+        import fpsample
+        import numpy as np
+
+        def run_fpsample():
+            pts = _pooled_unit(features).numpy()
+            return np.stack([fpsample.fps_sampling(pts[b], n, start_idx=0) for b in range(pts.shape[0])])
+
+        return run_fpsample
+    import torch_fps
+
+    def run_torch_fps():
+        pts = _pooled_unit(features)
+        mask = torch.ones(pts.shape[:2], dtype=torch.bool, device=pts.device)
+        return torch_fps.farthest_point_sampling(pts, mask, n, random_start=False)
+
+    return run_torch_fps
+
+
+# --- the sweep -------------------------------------------------------------------------------------------------------
+def _features(shape: SelectShape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    dims = (shape.prompts, shape.candidates, shape.dim)
+    if shape.tokens > 1:
+        dims = (shape.prompts, shape.candidates, shape.tokens, shape.dim)
+    feats = torch.randn(dims, generator=g).to(device)
+    quality = torch.rand(shape.prompts, shape.candidates, generator=g).to(device)
+    return feats, quality
+
+
+def _provider_fn(provider: str, mode: str, feats: torch.Tensor, n: int, device: torch.device):
+    """The call to time for ``provider``, or a string saying why it is skipped."""
+    if provider in ("fpsample", "torch-fps"):
+        why = _peer_missing(provider)
+        if why is not None:
+            return why
+        if provider == "fpsample" and device.type != "cpu":
+            return "CPU (numpy) only"
+        return _peer_fn(provider, feats, n)
+    if provider == "silmm":
+        return lambda: diverse_select(feats, n, method=mode)
+    if provider == "reference":
+
+        def reference():
+            with use_backend("reference"):
+                return diverse_select(feats, n, method=mode)
+
+        return reference
+    if provider == "naive":
+        if device.type != "cpu":
+            return "the per-prompt loop is benchmarked on CPU only"
+        return lambda: naive_select(feats, n, mode)
+    raise ValueError(f"providers: unknown provider {provider!r}; expected some of {PROVIDERS}")
+
+
+def run(
+    shapes: list[str] | None,
+    device: torch.device | str,
+    providers: list[str] | None = None,
+    modes: list[str] | None = None,
+) -> list[dict]:
+    device = torch.device(device)
+    providers = list(providers or PROVIDERS)
+    modes = list(modes or MODES)
+    env = environment(device)
+    rows: list[dict] = []
+    for name in shapes or DEFAULT_SHAPES:
+        shape = SELECT_SHAPES[name]
+        feats, _ = _features(shape, device)
+        n = shape.keep
+        shape_doc = {k: v for k, v in asdict(shape).items() if k != "note"}
+        bmm_ms = None
+        if "torch.bmm" in providers:
+
+            def gram(feats=feats):
+                pooled = feats.mean(dim=2) if feats.dim() == 4 else feats
+                return torch.bmm(pooled, pooled.transpose(1, 2))
+
+            m = measure(gram, device)
+            bmm_ms = m.median_ms
+            rows.append(row("diverse_select", "torch.bmm", "gram", shape_doc, m, env))
+        for mode in modes:
+            expected = diverse_select(feats, n, method=mode)
+            with use_backend("reference"):
+                assert torch.equal(diverse_select(feats, n, method=mode), expected), "reference != silmm"
+            times: dict[str, float] = {}
+            for provider in providers:
+                if provider == "torch.bmm" or (provider in ("fpsample", "torch-fps") and mode != "fps"):
+                    continue
+                fn = _provider_fn(provider, mode, feats, n, device)
+                if isinstance(fn, str):
+                    print(f"skip {provider}: {fn}")
+                    continue
+                slow = provider in ("naive", "fpsample")
+                m = measure(fn, device, warmup=1 if slow else 2, repeats=3 if slow else 7)
+                times[provider] = m.median_ms
+                rows.append(row("diverse_select", provider, mode, shape_doc, m, env))
+            if "silmm" in times:
+                silmm_row = next(
+                    r for r in rows if r["provider"] == "silmm" and r["mode"] == mode and r["shape"] == shape_doc
+                )
+                for other, ms in times.items():
+                    if other != "silmm":
+                        silmm_row[f"speedup_vs_{other}"] = round(ms / times["silmm"], 2)
+                if bmm_ms is not None:
+                    silmm_row["ratio_to_bmm"] = round(times["silmm"] / bmm_ms, 3)
+    return rows
+
+
+def _summary(rows: list[dict]) -> None:
+    for r in rows:
+        if r["provider"] != "silmm":
+            continue
+        extras = {k: v for k, v in r.items() if k.startswith(("speedup_vs_", "ratio_to_"))}
+        if extras:
+            name = ",".join(f"{k}={v}" for k, v in r["shape"].items() if k != "name")
+            print(
+                f"silmm {r['mode']:<4} {r['shape']['name']:<12} {name:<40} "
+                + " ".join(f"{k}={v}" for k, v in extras.items())
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), choices=sorted(SELECT_SHAPES))
+    parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = run(args.shapes, device, args.providers, args.modes)
+    print_table(rows)
+    _summary(rows)
+    path = write_rows(rows, f"diverse_select-{device.type}", args.out)
+    print(f"wrote {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
