@@ -11,6 +11,9 @@ Providers (per method, ``--modes dpp fps``):
 - ``torch.bmm`` (mode ``gram``): one batched Gram product of the features (after the mean over ``L`` for 4-D input):
   the work no selection method can skip, the hardware floor for wide features.
 
+Timing: per shape every (provider, method) pair is warmed up once, then timed ``--rounds`` times taking turns (one call
+each per round), median reported: on a shared machine a load spike then hits all providers alike.
+
 Floors (issue 4, CPU, side by side in one run): ``floor-naive`` silmm >= 20x faster than naive; ``floor-gram`` silmm
 within 1.5x of torch.bmm. ``python bench/bench_diverse_select.py --device cpu`` runs the sweep and appends rows to
 ``bench/results/diverse_select-<device>.jsonl``.
@@ -22,6 +25,7 @@ import argparse
 import importlib.util
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -186,11 +190,35 @@ def _provider_fn(provider: str, mode: str, feats: torch.Tensor, n: int, device: 
     raise ValueError(f"providers: unknown provider {provider!r}; expected some of {PROVIDERS}")
 
 
+def _measure_interleaved(fns: dict, device: torch.device, rounds: int) -> dict:
+    """Median over ``rounds`` of one call of each provider per round, the providers taking turns, so a load spike
+    from other processes on a shared machine hits every provider alike (sequential blocks of repeats would charge
+    it to whichever provider was running). Peak memory from ``bench.common.measure`` (one extra call each)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        fn()  # warm-up (extension load, caches, allocator)
+    times: dict = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for key, fn in fns.items():
+        m = measure(fn, device, warmup=0, repeats=1)
+        m.times_ms = times[key]
+        out[key] = m
+    return out
+
+
 def run(
     shapes: list[str] | None,
     device: torch.device | str,
     providers: list[str] | None = None,
     modes: list[str] | None = None,
+    rounds: int = 5,
 ) -> list[dict]:
     device = torch.device(device)
     providers = list(providers or PROVIDERS)
@@ -202,21 +230,18 @@ def run(
         feats, _ = _features(shape, device)
         n = shape.keep
         shape_doc = {k: v for k, v in asdict(shape).items() if k != "note"}
-        bmm_ms = None
+        fns = {}
         if "torch.bmm" in providers:
 
             def gram(feats=feats):
                 pooled = feats.mean(dim=2) if feats.dim() == 4 else feats
                 return torch.bmm(pooled, pooled.transpose(1, 2))
 
-            m = measure(gram, device)
-            bmm_ms = m.median_ms
-            rows.append(row("diverse_select", "torch.bmm", "gram", shape_doc, m, env))
+            fns[("torch.bmm", "gram")] = gram
         for mode in modes:
             expected = diverse_select(feats, n, method=mode)
             with use_backend("reference"):
                 assert torch.equal(diverse_select(feats, n, method=mode), expected), "reference != silmm"
-            times: dict[str, float] = {}
             for provider in providers:
                 if provider == "torch.bmm" or (provider in ("fpsample", "torch-fps") and mode != "fps"):
                     continue
@@ -224,19 +249,21 @@ def run(
                 if isinstance(fn, str):
                     print(f"skip {provider}: {fn}")
                     continue
-                slow = provider in ("naive", "fpsample")
-                m = measure(fn, device, warmup=1 if slow else 2, repeats=3 if slow else 7)
-                times[provider] = m.median_ms
-                rows.append(row("diverse_select", provider, mode, shape_doc, m, env))
-            if "silmm" in times:
-                silmm_row = next(
-                    r for r in rows if r["provider"] == "silmm" and r["mode"] == mode and r["shape"] == shape_doc
-                )
-                for other, ms in times.items():
-                    if other != "silmm":
-                        silmm_row[f"speedup_vs_{other}"] = round(ms / times["silmm"], 2)
-                if bmm_ms is not None:
-                    silmm_row["ratio_to_bmm"] = round(times["silmm"] / bmm_ms, 3)
+                fns[(provider, mode)] = fn
+        measured = _measure_interleaved(fns, device, rounds)
+        shape_rows = {key: row("diverse_select", key[0], key[1], shape_doc, m, env) for key, m in measured.items()}
+        bmm = measured.get(("torch.bmm", "gram"))
+        for mode in modes:
+            silmm = measured.get(("silmm", mode))
+            if silmm is None:
+                continue
+            silmm_row = shape_rows[("silmm", mode)]
+            for (provider, m_mode), m in measured.items():
+                if m_mode == mode and provider != "silmm":
+                    silmm_row[f"speedup_vs_{provider}"] = round(m.median_ms / silmm.median_ms, 2)
+            if bmm is not None:
+                silmm_row["ratio_to_bmm"] = round(silmm.median_ms / bmm.median_ms, 3)
+        rows.extend(shape_rows.values())
     return rows
 
 
@@ -259,10 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), choices=sorted(SELECT_SHAPES))
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per provider, taken in turns")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = run(args.shapes, device, args.providers, args.modes)
+    rows = run(args.shapes, device, args.providers, args.modes, rounds=args.rounds)
     print_table(rows)
     _summary(rows)
     path = write_rows(rows, f"diverse_select-{device.type}", args.out)
