@@ -1,16 +1,19 @@
 """Bootstrap of the shapes-world base model: synthetic data, a tiny training run that learns, the cache, bad input."""
 
+import importlib
 import random
 
 import pytest
 import torch
 
-import silmm_fast.models.bootstrap as bootstrap_mod
 from silmm_fast.models.bootstrap import BootstrapConfig, bootstrap, bootstrap_stats, cache_path, default_cache_dir
 from silmm_fast.models.data import IGNORE, Example, SyntheticData, collate
 from silmm_fast.models.shapes_lmm import ShapesLMM
 from silmm_fast.models.vocab import JointVocab
 from silmm_fast.world import CATEGORIES, HELDOUT_PAIRS, WORDS, ImageTokenizer, sample_prompt
+
+# the module, not the `bootstrap` function that silmm_fast.models re-exports under the same name
+bootstrap_mod = importlib.import_module("silmm_fast.models.bootstrap")
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,171 @@
+"""The SILMM loop end to end on a tiny config: one iteration per mode, the run directory's contents, and resume
+after injected crashes (at every step boundary and inside a step) giving the same final state as an uninterrupted
+run. Uses the real tiny shapes-world model (bootstrapped once per session into a temporary cache)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from silmm_fast.train import config, store
+from silmm_fast.train.loop import Run
+
+
+def tiny_config(out, mode="discrete", cache=None, **overrides) -> config.TrainConfig:
+    data = {
+        "out": str(out),
+        "mode": mode,
+        "iterations": 1,
+        "model": {"tiny": True, "cache_dir": str(cache)},
+        "sample": {"prompts_per_category": 2, "candidates": 4, "oversample": 6},
+        "pairs": {"min_margin": 0.0},
+        "optim": {"epochs": 1, "batch_size": 4},
+        "eval": {"heldout_per_category": 2, "samples": 1},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return config.from_dict(data).validate()
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, model_cache):
+    """One uninterrupted discrete run: the smoke test reads it, the crash tests compare against it."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    Run(tiny_config(run_dir, cache=model_cache)).run()
+    return run_dir
+
+
+def comparable(run_dir):
+    """Everything a run decided, without wall times and throughputs."""
+    summary = store.read_json(run_dir / "summary.json")
+    for it in summary["iterations"]:
+        it.pop("wall_s", None)
+        it.pop("throughput", None)
+    out = {"summary": summary}
+    for name in ("prompts.jsonl", "questions.jsonl", "scores.jsonl", "pairs.jsonl", "metrics.jsonl"):
+        out[name] = (run_dir / "iter1" / name).read_text()
+    out["weights"] = load_file(str(run_dir / "iter1" / "checkpoint" / "model.safetensors"))
+    return out
+
+
+def assert_same(a, b):
+    for key in a:
+        if key == "weights":
+            assert a[key].keys() == b[key].keys()
+            for name in a[key]:
+                torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0)
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("mode", ["discrete", "continuous"])
+def test_one_iteration_writes_the_run_directory(tmp_path, model_cache, straight_run, mode):
+    if mode == "discrete":
+        d = straight_run
+    else:
+        d = tmp_path / "run"
+        Run(tiny_config(d, mode, model_cache)).run()
+    summary = store.read_json(d / "summary.json")
+    assert summary["schema"] == 1 and summary["mode"] == mode
+    assert [it["iteration"] for it in summary["iterations"]] == [0, 1]
+    heldout = summary["iterations"][1]["heldout"]
+    assert heldout["overall"]["n_prompts"] == 12  # 2 held-out prompts x 6 categories x 1 sample
+    assert set(heldout["by_category"]) == {"color", "shape", "texture", "spatial", "numeracy", "complex"}
+    for key in ("candidates_per_s", "questions_per_s", "pairs_per_s"):
+        assert summary["iterations"][1]["throughput"][key] >= 0
+    for name in ("config.json", "config.yaml", "summary.json", "report.md", "alignment.png", "state.json"):
+        assert (d / name).is_file(), name
+    for name in (
+        "prompts.jsonl",
+        "questions.jsonl",
+        "candidates.pt",
+        "candidates.png",
+        "scores.jsonl",
+        "pairs.jsonl",
+        "metrics.jsonl",
+        "eval.json",
+        "checkpoint/model.safetensors",
+    ):
+        assert (d / "iter1" / name).is_file(), name
+    prompts = store.read_jsonl(d / "iter1" / "prompts.jsonl")
+    scores = store.read_jsonl(d / "iter1" / "scores.jsonl")
+    assert len(scores) == len(prompts) and all(len(r["scores"]) == 4 for r in scores)
+    assert all(-1 <= s <= 1 for r in scores for s in r["scores"])
+    for pair in store.read_jsonl(d / "iter1" / "pairs.jsonl"):
+        row = scores[pair["prompt_id"]]["scores"]
+        assert row[pair["chosen"]] > row[pair["rejected"]]
+    assert store.read_json(d / "state.json")["done"][-1] == "iter1/eval"
+    if mode == "continuous":
+        cands = store.read_tensors(d / "iter1" / "candidates.pt")
+        assert cands["features"].shape[:2] == (len(prompts), 4)
+        assert cands["selected"].shape == (len(prompts), 4)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_at_every_step_boundary(tmp_path, model_cache, straight_run, monkeypatch):
+    expected = comparable(straight_run)
+
+    crash_dir = tmp_path / "crashy"
+    original_mark = store.RunState.mark
+
+    def mark_then_crash(self, step):
+        original_mark(self, step)
+        raise Crash(step)
+
+    monkeypatch.setattr(store.RunState, "mark", mark_then_crash)
+    crashes = []
+    for _ in range(20):
+        try:
+            Run(tiny_config(crash_dir, cache=model_cache)).run()
+            break
+        except Crash as err:
+            crashes.append(str(err))
+    # every step of the run was interrupted right after it completed, and each rerun went on from there
+    assert crashes == ["iter0/eval"] + [
+        f"iter1/{p}" for p in ("prompts", "questions", "generate", "judge", "pairs", "train", "eval")
+    ]
+    monkeypatch.setattr(store.RunState, "mark", original_mark)
+    assert_same(comparable(crash_dir), expected)
+
+
+def test_resume_after_a_crash_inside_a_step(tmp_path, model_cache, straight_run, monkeypatch):
+    expected = comparable(straight_run)
+
+    crash_dir = tmp_path / "crashy"
+    original = store._atomic_bytes
+
+    def torn_write(path, data):
+        if path.name == "candidates.png":  # inside the pairs step, after pairs.jsonl was written
+            path.with_name(".candidates.png.partial.tmp").write_bytes(data[: len(data) // 2])
+            raise Crash("mid-step")
+        original(path, data)
+
+    monkeypatch.setattr(store, "_atomic_bytes", torn_write)
+    with pytest.raises(Crash):
+        Run(tiny_config(crash_dir, cache=model_cache)).run()
+    assert "iter1/pairs" not in store.read_json(crash_dir / "state.json")["done"]
+    monkeypatch.setattr(store, "_atomic_bytes", original)
+    Run(tiny_config(crash_dir, cache=model_cache)).run()
+    assert_same(comparable(crash_dir), expected)
+
+
+def test_random_feedback_control_and_config_mismatch(tmp_path, model_cache):
+    cfg = tiny_config(tmp_path / "rand", cache=model_cache, feedback="random")
+    summary = Run(cfg).run()
+    assert summary["feedback"] == "random"
+    assert json.loads((tmp_path / "rand" / "iter1" / "judge.json").read_text())["questions_judged"] == 0
+    other = tiny_config(tmp_path / "rand", cache=model_cache, feedback="self")
+    with pytest.raises(ValueError, match="another configuration"):
+        Run(other).run()
