@@ -31,5 +31,7 @@ set +o pipefail
 set -o pipefail
 .venv/bin/python -c "import silmm_fast, torch, triton, transformers, pytest" \
   || { echo "[setup] install check failed" >&2; exit 1; }
+echo "[setup] building the C++ extension (cached under ~/.cache/silmm_fast/ext; about 30 s the first time)"
+.venv/bin/python -m silmm_fast.build_ext || echo "[setup] warning: C++ extension build failed; the reference path will be used"
 echo "$want" > "$stamp"
 echo "[setup] ready: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -131,9 +131,15 @@ def choose(op: str, device: torch.device | str) -> str:
 
 
 def describe(device: torch.device | str) -> dict[str, str]:
-    """Per op, the implementation ``choose`` picks for ``device`` right now."""
+    """Per op, the implementation ``choose`` picks for ``device`` right now. Never compiles the C++ extension: an
+    op whose choice depends on a build not tried yet in this process reads "cpp (built on first use)"."""
+    from silmm_fast import _ext
+
     out = {}
     for op in OPS:
+        if "cpp" in OPS[op] and not _ext.tried() and requested_backend() in ("auto", "cpp"):
+            out[op] = "cpp (built on first use; reference if the build fails)"
+            continue
         try:
             out[op] = choose(op, device)
         except RuntimeError as err:

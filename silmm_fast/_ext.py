@@ -107,6 +107,11 @@ def usable(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+def tried() -> bool:
+    """Whether this process has already tried to load (or build) the extension."""
+    return bool(_state["tried"])
+
+
 def status() -> str:
     """One line for env_report; never triggers a build."""
     if _state["module"] is not None:
