@@ -38,6 +38,7 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"sample": {"top_p": 1.5}}, "sample.top_p"),
         ({"iterations": "many"}, "iterations: expected int"),
         ({"sample": {"oversample": 4}}, "sample.oversample"),
+        ({"model": {"name": "janus"}}, "model.name"),
     ],
 )
 def test_bad_values_are_rejected_by_name(overrides, message):

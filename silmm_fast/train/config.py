@@ -88,6 +88,12 @@ class TrainConfig:
         for name in ("iterations",):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1", getattr(self, name))
+        if self.model.name != "shapes":
+            bad(
+                "model.name",
+                "'shapes' (the built-in world's model; other adapters are not available yet)",
+                self.model.name,
+            )
         if self.threads < 0:
             bad("threads", "an integer >= 0", self.threads)
         s, p, o, e = self.sample, self.pairs, self.optim, self.eval
