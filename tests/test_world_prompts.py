@@ -253,3 +253,22 @@ def test_bad_input():
         scene_for_prompt(Prompt("five stars", "numeracy", [Constraint.count_of(Desc("star"), 4)] * 2), 0)
     with pytest.raises(TypeError, match="prompt"):
         questions_for("a red circle")
+
+
+def test_canonical_scene_is_deterministic_satisfying_and_first_fit():
+    from silmm_fast.world import canonical_scene
+
+    prompts = prompt_split(5, 20)
+    for p in prompts["train"] + prompts["heldout"]:
+        scene = canonical_scene(p)
+        assert p.satisfied_by(scene), p.text
+        assert canonical_scene(p) == scene
+    simple = parse_prompt("a red circle to the left of a striped blue square")
+    scene = canonical_scene(simple)
+    # first fit: the circle in cell 0 and the square in cell 1 already meet "left of"
+    assert [(o.shape, o.color, o.texture, o.row, o.col) for o in scene.objects] == [
+        ("circle", "red", "plain", 0, 0),
+        ("square", "blue", "striped", 0, 1),
+    ]
+    with pytest.raises(TypeError, match="prompt"):
+        canonical_scene("a red circle")

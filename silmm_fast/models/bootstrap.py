@@ -33,7 +33,7 @@ from silmm_fast.models.shapes_lmm import VARIANTS, ShapesLMM, ShapesLMMConfig
 
 STATS_FILE = "bootstrap.json"
 # Bumped whenever the data or the loop change in a way that makes old cached models stale.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)

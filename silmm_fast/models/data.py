@@ -28,6 +28,7 @@ from silmm_fast.world import (
     Prompt,
     Scene,
     answer,
+    canonical_scene,
     corrupt_scene,
     negative_questions,
     positive_questions,
@@ -124,14 +125,22 @@ class SyntheticData:
         return scene
 
     def generate_pair(self) -> tuple[str, Scene]:
-        """(train prompt text, target scene) for feature generation."""
+        """(train prompt text, target scene) for feature generation.
+
+        The feature head regresses one matrix per prompt, so its target is the prompt's ``canonical_scene`` (a
+        random layout would teach it the mean of all layouts, which decodes to an empty grid), replaced by a near
+        miss of it with probability ``gen_noise``."""
         p = self.prompt()
-        return p.text, self.target_scene(p)
+        scene = canonical_scene(p)
+        if self.rng.random() < self.gen_noise:
+            scene = corrupt_scene(p, scene, self.rng)
+        return p.text, scene
 
     def generate(self) -> Example:
         """Example: "<bos> <gen> prompt <img>" → the nine image tokens of the target scene."""
         v = self.vocab
-        text, scene = self.generate_pair()
+        p = self.prompt()
+        text, scene = p.text, self.target_scene(p)
         head = [v.bos, v.gen, *self._text(text), v.img]
         return Example((*head, *self._image(scene)), len(head))
 

@@ -35,6 +35,7 @@ one, so no held-out prompt's new combination ever appears in a training prompt.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass, replace
@@ -466,6 +467,32 @@ def answer(question: Question, scene: Scene) -> bool:
 
 def _fill(desc: Desc, rng: random.Random, row: int, col: int) -> Obj:
     return Obj(desc.shape, desc.color or rng.choice(COLORS), desc.texture or rng.choice(TEXTURES), row, col)
+
+
+def canonical_scene(prompt: Prompt) -> Scene:
+    """The one canonical scene of ``prompt``: its objects (``prompt.entities()``, in order) in the first cells, in
+    row-major order, where every constraint holds (cell tuples tried in lexicographic order), with unnamed attributes
+    set to the first color and texture (``COLORS[0]``, ``TEXTURES[0]``). A deterministic target for a model that
+    regresses one image per prompt (the continuous variant): a random layout would leave it the average of all
+    layouts, in which no cell is clearly occupied.
+
+    Raises:
+        ValueError: the prompt's constraints cannot all be met by such a scene.
+    """
+    if not isinstance(prompt, Prompt):
+        raise TypeError(f"prompt: expected a Prompt, got {type(prompt).__name__}")
+    entities = prompt.entities()
+    if len(entities) > MAX_OBJECTS:
+        raise ValueError(f"prompt: asks for {len(entities)} objects, a scene holds at most {MAX_OBJECTS}")
+    for cells in itertools.permutations(range(GRID * GRID), len(entities)):
+        objs = [
+            Obj(d.shape, d.color or COLORS[0], d.texture or TEXTURES[0], c // GRID, c % GRID)
+            for d, c in zip(entities, cells)
+        ]
+        scene = Scene(tuple(objs))
+        if prompt.satisfied_by(scene):
+            return scene
+    raise ValueError(f"prompt: no canonical scene meets every constraint of {prompt.text!r}")
 
 
 def scene_for_prompt(prompt: Prompt, rng: random.Random | int, distractors: int = 0) -> Scene:
