@@ -52,31 +52,27 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Median time per provider (bars) for each shape × mode of one op."""
+    """Median time per provider (bars, log scale) for each (op, shape, mode) case of one benchmark script."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = sorted({(str(sorted(r["shape"].items())), r["mode"]) for r in rows})
+    def case(r: dict) -> tuple[str, str, str]:
+        return r["op"], ",".join(f"{k}={v}" for k, v in sorted(r["shape"].items()) if k != "name"), r["mode"]
+
+    cases = sorted({case(r) for r in rows})
     providers = sorted({r["provider"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases) * max(1, len(providers)) / 2), 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(cases) * max(1, len(providers))), 4.5), dpi=100)
     width = 0.8 / max(1, len(providers))
     for j, prov in enumerate(providers):
-        ys = []
-        for shape, mode in cases:
-            hit = [
-                r["time_ms"]
-                for r in rows
-                if r["provider"] == prov and r["mode"] == mode and str(sorted(r["shape"].items())) == shape
-            ]
-            ys.append(min(hit) if hit else 0.0)
-        ax.bar([i + j * width for i in range(len(cases))], ys, width, label=prov)
+        times = {case(r): r["time_ms"] for r in rows if r["provider"] == prov}
+        ax.bar([i + j * width for i in range(len(cases))], [times.get(c, 0.0) for c in cases], width, label=prov)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels([f"case {i}\n{mode}" for i, (_, mode) in enumerate(cases)], fontsize=7)
+    ax.set_xticklabels([f"{op}\n{mode} #{i}" for i, (op, _, mode) in enumerate(cases)], fontsize=6, rotation=30)
     ax.set_ylabel("median time (ms)")
     ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title + " (case shapes: see the .md table)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
