@@ -149,23 +149,48 @@ def _check_sampling(temperature: float, top_p: float) -> None:
         raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
 
 
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """One token per row of ``logits`` [B, V]: greedy when ``temperature`` is 0, else nucleus (top-p) sampling.
+def _check_noise(noise: object, shape: tuple[int, ...]) -> None:
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape or not noise.is_floating_point():
+        got = f"{tuple(noise.shape)} {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise: expected a float tensor of uniform numbers with shape {list(shape)}, got {got}")
 
-    Disallowed tokens should already be at -inf. The nucleus is the smallest set of most likely tokens whose mass
-    reaches ``top_p`` (always at least the most likely token).
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V]: greedy when ``temperature`` is 0, else nucleus (top-p) sampling by an
+    inverse-CDF draw with one uniform number per row.
+
+    Each row b draws with its own ``noise[b]`` in [0, 1) (float [B]; default ``torch.rand(B, generator=generator)``),
+    so a row's token depends only on its logits and its noise, never on the other rows of the batch. Equivalent to:
+    sort the row's probabilities ``softmax(logits / temperature)`` descending, ties by lower token id (stable sort);
+    keep the nucleus, the shortest prefix whose mass reaches ``top_p`` (always at least the most likely token);
+    return the first kept token whose cumulative mass exceeds ``noise[b]`` times the nucleus mass. Disallowed tokens
+    should already be at -inf (probability 0: never drawn). Math in float32. Returns LongTensor [B].
     """
     if temperature == 0:
         return logits.argmax(-1)
+    rows = logits.shape[0]
+    if noise is None:
+        device = generator.device if generator is not None else logits.device
+        noise = torch.rand(rows, generator=generator, device=device)
+    elif noise.shape != (rows,):
+        raise ValueError(f"noise: expected shape [{rows}] (one uniform number per row), got {tuple(noise.shape)}")
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_p.cumsum(-1) - sorted_p
         sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = sorted_p.cumsum(-1)
+    target = noise.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1]
+    pick = (cdf <= target[:, None]).sum(-1)
+    # u * mass can round up to the mass itself: fall back to the last token with nonzero probability.
+    pick = torch.minimum(pick, (sorted_p > 0).sum(-1) - 1)
+    return order.gather(-1, pick[:, None]).squeeze(-1)
 
 
 class ShapesLMM(nn.Module):
@@ -272,11 +297,18 @@ class ShapesLMM(nn.Module):
         temperature: float = 0.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Batched KV-cached decoding of ``max_new_tokens`` after each prefix (each repeated ``repeat`` times).
 
+        ``noise`` [B * repeat, max_new_tokens] uniform in [0, 1): row r samples its step-t token with ``noise[r, t]``
+        (``sample_next``), so each row's draws are its own; without it the rows draw from ``generator``.
         Returns [B * repeat, T'] new ids, T' <= max_new_tokens; after ``stop_id`` a row holds <pad>.
         """
+        if noise is not None:
+            if generator is not None:
+                raise ValueError("noise, generator: pass one source of randomness, not both")
+            _check_noise(noise, (len(prefixes) * repeat, max_new_tokens))
         ids, mask, pos = self._left_pad(prefixes)
         cache = DynamicCache(config=self.lm.config)
         hidden = self.lm.model(
@@ -291,7 +323,8 @@ class ShapesLMM(nn.Module):
         blocked = ~allowed
         for step in range(max_new_tokens):
             logits = self.lm.lm_head(hidden).float().masked_fill(blocked, float("-inf"))
-            tok = sample_next(logits, temperature, top_p, generator)
+            step_noise = None if noise is None else noise[:, step]
+            tok = sample_next(logits, temperature, top_p, generator, step_noise)
             tok = tok.masked_fill(done, self.vocab.pad)
             out.append(tok)
             if stop_id is not None:
@@ -317,11 +350,14 @@ class ShapesLMM(nn.Module):
         top_p: float = 0.95,
         generator: torch.Generator | None = None,
         max_new_tokens: int = 32,
+        noise: torch.Tensor | None = None,
     ) -> list[str]:
         """The model writes ``n`` prompts per category ("<write> <cat:C>" → words <eos>).
 
         Returns ``len(categories) * n`` strings, category-major (all of ``categories[0]`` first). A prompt that runs
-        out of ``max_new_tokens`` before <eos> is returned as written so far.
+        out of ``max_new_tokens`` before <eos> is returned as written so far. ``noise`` [len(categories), n,
+        max_new_tokens] uniform in [0, 1) gives each prompt its own draws (``sample_next``), so a prompt does not
+        depend on which others are written in the same call; otherwise all draw from ``generator``.
         """
         if isinstance(categories, str) or not isinstance(categories, Sequence) or not categories:
             raise TypeError("categories: expected a non-empty list of category names")
@@ -331,6 +367,8 @@ class ShapesLMM(nn.Module):
         _check_count("n", n)
         _check_sampling(temperature, top_p)
         v = self.vocab
+        if noise is not None:
+            _check_noise(noise, (len(categories), n, max_new_tokens))
         prefixes = [[v.bos, v.write, v.token_id(v.category_token(c))] for c in categories]
         new = self._decode(
             prefixes,
@@ -341,6 +379,7 @@ class ShapesLMM(nn.Module):
             temperature=temperature,
             top_p=top_p,
             generator=generator,
+            noise=None if noise is None else noise.reshape(-1, *noise.shape[2:]),
         )
         texts = []
         for row in new.tolist():
@@ -357,19 +396,24 @@ class ShapesLMM(nn.Module):
         top_p: float = 0.9,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample ``n_samples`` images per prompt: LongTensor [P, n_samples, image_seq_len] of image-token indices
         in [0, num_image_tokens).
 
         Each prompt "<bos> <gen> words <img>" is encoded once; its KV cache is repeated over the samples and the
         image positions are decoded in one batched loop, sampling only among image tokens (nucleus sampling;
-        ``temperature=0`` gives greedy decoding).
+        ``temperature=0`` gives greedy decoding). ``noise`` [P, n_samples, image_seq_len] uniform in [0, 1) gives
+        every sample its own draws (``sample_next``): a prompt's images then depend only on the model, the prompt and
+        its noise, not on the other prompts of the call; without it all samples draw from ``generator``.
         """
         self._require("discrete", "generate_images")
         prompts = _check_prompts(prompts)
         _check_count("n_samples", n_samples)
         _check_sampling(temperature, top_p)
         v = self.vocab
+        if noise is not None:
+            _check_noise(noise, (len(prompts), n_samples, self.config.image_seq_len))
         prefixes = [[v.bos, v.gen, *self.prompt_ids(p), v.img] for p in prompts]
         new = self._decode(
             prefixes,
@@ -379,6 +423,7 @@ class ShapesLMM(nn.Module):
             temperature=temperature,
             top_p=top_p,
             generator=generator,
+            noise=None if noise is None else noise.reshape(-1, *noise.shape[2:]),
         )
         return (new - v.image_offset).view(len(prompts), n_samples, self.config.image_seq_len)
 
