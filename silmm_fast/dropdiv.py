@@ -3,9 +3,11 @@
 
 Mechanism: a forward hook on each chosen MLP multiplies its output by a fresh Bernoulli(1 − p) mask scaled by
 1/(1 − p), exactly what ``F.dropout(output, p, training=True)`` does, with the masks drawn from a dedicated
-``torch.Generator`` (one per device, seeded at entry). Nothing else changes: parameters and buffers are untouched, the
-module tree is the same, the global RNG is never consumed, and by default the whole model runs in eval mode inside the
-block (so any other dropout stays off); on exit the hooks are removed and every module's ``training`` flag restored.
+``torch.Generator`` (one per device, seeded at entry) — or, with ``row_seeds``, from one stream per batch row, so a
+row's masks never depend on the other rows it shares a batch with (see ``dropdiv``). Nothing else changes: parameters
+and buffers are untouched, the module tree is the same, the global RNG is never consumed, and by default the whole
+model runs in eval mode inside the block (so any other dropout stays off); on exit the hooks are removed and every
+module's ``training`` flag restored.
 
 Which MLPs (the lookup rule, first match wins):
 1. ``model.dropdiv_mlps()``, if the model defines it: the MLP modules of its decoder layers, in depth order (our own
@@ -18,7 +20,9 @@ Which MLPs (the lookup rule, first match wins):
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Sequence
 from types import TracebackType
 
 import torch
@@ -104,6 +108,7 @@ class DropDiv:
         *,
         seed: int | None = None,
         eval_mode: bool = True,
+        row_seeds: Sequence[int] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -119,6 +124,16 @@ class DropDiv:
             raise ValueError(f"p: expected a dropout probability in [0, 1), got {p!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+        if row_seeds is not None:
+            if seed is not None:
+                raise ValueError("seed, row_seeds: pass one of them, not both")
+            if isinstance(row_seeds, (str, bytes)) or not isinstance(row_seeds, Sequence) or not row_seeds:
+                raise TypeError("row_seeds: expected a non-empty sequence of ints (one per batch row)")
+            if not all(isinstance(r, int) and not isinstance(r, bool) for r in row_seeds):
+                raise TypeError("row_seeds: expected a non-empty sequence of ints (one per batch row)")
+            row_seeds = [int(r) for r in row_seeds]
+        self.row_seeds: list[int] | None = row_seeds
+        self._calls = 0
         self.model = model
         self.last_layers = last_layers
         self.p = float(p)
@@ -146,9 +161,30 @@ class DropDiv:
             self._generators[device] = g
         return g
 
+    def _row_keep(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep-masks for ``x`` [B, ...] from the per-row streams: row b at hook call c reads uniforms from a CPU
+        generator seeded with a hash of (row_seeds[b], c); with a token axis (x.dim() >= 3) they fill the positions
+        from the last one backwards, so a row's masks don't depend on how much left padding its batch adds."""
+        assert self.row_seeds is not None
+        if x.shape[0] != len(self.row_seeds):
+            raise ValueError(
+                f"row_seeds: {len(self.row_seeds)} seeds given, but a hooked MLP saw a batch of {x.shape[0]} rows; "
+                "every forward pass inside the block must have one row per seed"
+            )
+        call, self._calls = self._calls, self._calls + 1
+        rows = []
+        for seed in self.row_seeds:
+            digest = hashlib.sha256(f"{seed}/{call}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+            u = torch.rand(x.shape[1:], generator=g)
+            rows.append(u.flip(0) if x.dim() >= 3 else u)
+        return (torch.stack(rows) >= self.p).to(device=x.device, dtype=x.dtype)
+
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not x.is_floating_point():
             return x
+        if self.row_seeds is not None:
+            return x * self._row_keep(x).mul_(1.0 / (1.0 - self.p))
         keep = torch.empty_like(x, memory_format=torch.contiguous_format)
         keep.bernoulli_(1.0 - self.p, generator=self._generator(x.device))
         return x * keep.mul_(1.0 / (1.0 - self.p))
@@ -172,6 +208,7 @@ class DropDiv:
             else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
         )
         self._generators = {}
+        self._calls = 0
         if self.eval_mode:
             self._modes = [(m, m.training) for m in self.model.modules()]
             self.model.eval()
@@ -197,6 +234,7 @@ def dropdiv(
     *,
     seed: int | None = None,
     eval_mode: bool = True,
+    row_seeds: Sequence[int] | None = None,
 ) -> DropDiv:
     """Context manager: dropout at inference in the MLPs of the last ``last_layers`` decoder layers of ``model``.
 
@@ -219,8 +257,14 @@ def dropdiv(
         seed: seeds the dedicated mask generator (one per device); the same seed and the same calls give the same
             masks. None draws a fresh seed from the OS (read it back from ``.seed``). The global RNG is never used.
         eval_mode: put the whole model in eval mode inside the block (default True), so only these MLPs are random.
+        row_seeds: instead of ``seed``, one seed per batch row (every forward pass inside the block must have
+            exactly ``len(row_seeds)`` rows). Row b's mask at the c-th hooked call inside the block comes from its own
+            generator seeded with a hash of ``(row_seeds[b], c)``, filled along the token axis from the last position
+            backwards: a row's masks depend only on its seed, the call and its own (right-aligned) positions, never
+            on the other rows of the batch or their left padding. Used by the SILMM loop so that each prompt's
+            samples are the same whatever batch or process it runs in. Masks are drawn on the CPU (a loop over rows).
 
     Returns:
         A ``DropDiv`` context manager (``.mlps``: the hooked modules, ``.seed``: the seed in use once entered).
     """
-    return DropDiv(model, last_layers, p, seed=seed, eval_mode=eval_mode)
+    return DropDiv(model, last_layers, p, seed=seed, eval_mode=eval_mode, row_seeds=row_seeds)
