@@ -1,0 +1,25 @@
+"""Model adapters: how the SILMM loop talks to a model.
+
+- ``protocol``: ``ModelAdapter`` (the ``typing.Protocol`` every model implements: write prompts, generate and decode
+  candidates, decompose prompts into questions, answer them, give DPO inputs, save / load), ``ContinuousAdapter``
+  (feature matrices for KC-DPO), ``ImageLogprobInputs`` and ``check_adapter``.
+- ``shapes``: ``ShapesAdapter``, the built-in world's ``ShapesLMM`` behind the protocol.
+"""
+
+from silmm_fast.adapters.protocol import (
+    ContinuousAdapter,
+    ImageLogprobInputs,
+    ModelAdapter,
+    adapter_mismatches,
+    check_adapter,
+)
+from silmm_fast.adapters.shapes import ShapesAdapter
+
+__all__ = [
+    "ContinuousAdapter",
+    "ImageLogprobInputs",
+    "ModelAdapter",
+    "ShapesAdapter",
+    "adapter_mismatches",
+    "check_adapter",
+]
