@@ -4,8 +4,14 @@
   candidates, decompose prompts into questions, answer them, give DPO inputs, save / load), ``ContinuousAdapter``
   (feature matrices for KC-DPO), ``ImageLogprobInputs`` and ``check_adapter``.
 - ``shapes``: ``ShapesAdapter``, the built-in world's ``ShapesLMM`` behind the protocol.
+- ``janus``: ``JanusAdapter``, transformers' ``JanusForConditionalGeneration`` (Janus / Janus-Pro) from a local
+  checkpoint.
+- ``prompting``: the instructions, examples, parsers and rule-based fallbacks used by adapters whose model writes
+  prompts and questions as free text.
+- ``random_janus``: randomly initialized Janus models with a word-level tokenizer (tests, benchmarks).
 """
 
+from silmm_fast.adapters.janus import JanusAdapter, JanusOptions
 from silmm_fast.adapters.protocol import (
     ContinuousAdapter,
     ImageLogprobInputs,
@@ -18,6 +24,8 @@ from silmm_fast.adapters.shapes import ShapesAdapter
 __all__ = [
     "ContinuousAdapter",
     "ImageLogprobInputs",
+    "JanusAdapter",
+    "JanusOptions",
     "ModelAdapter",
     "ShapesAdapter",
     "adapter_mismatches",
