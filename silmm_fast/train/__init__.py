@@ -6,7 +6,16 @@ __all__ = ["TrainConfig", "load", "parse_args", "run"]
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Run (or resume) the loop described by ``cfg``; returns the final summary (``summary.json``)."""
+    """Run (or resume) the loop described by ``cfg``; returns the final summary (``summary.json``).
+
+    Under torchrun (or with WORLD_SIZE > 1 in the environment) this process joins the process group first and
+    leaves it at the end; every rank returns the same summary.
+    """
+    from silmm_fast.train import distributed
     from silmm_fast.train.loop import Run
 
-    return Run(cfg).run()
+    d = distributed.setup(cfg.dist.device)
+    try:
+        return Run(cfg, d).run()
+    finally:
+        d.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -19,15 +20,22 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = cfg.run_dir()
-    print(
-        f"SILMM loop: {cfg.mode} mode, {cfg.iterations} iterations, feedback={cfg.feedback}, seed {cfg.seed} -> {out}"
-    )
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    main_rank = int(os.environ.get("RANK") or 0) == 0  # only rank 0 talks; every rank reports its own errors
+    if main_rank:
+        procs = f", {world} processes ({cfg.dist.strategy})" if world > 1 else ""
+        print(
+            f"SILMM loop: {cfg.mode} mode, {cfg.iterations} iterations, feedback={cfg.feedback}, seed {cfg.seed}"
+            f"{procs} -> {out}"
+        )
     t0 = time.perf_counter()
     try:
         summary = run(cfg)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not main_rank:
+        return 0
     gain = summary["relative_gain"]["all_constraints"]
     first, last = (summary["iterations"][i]["heldout"]["overall"]["all_constraints"] for i in (0, -1))
     print(

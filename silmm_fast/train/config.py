@@ -35,6 +35,12 @@ class SampleConfig:
     dropdiv_layers: int = _f(2, "continuous mode: DropDiv acts on the MLPs of this many last decoder layers")
     dropdiv_p: float = _f(0.1, "continuous mode: DropDiv dropout rate")
     select_method: str = _f("dpp", "continuous mode: diverse selection method, 'dpp' or 'fps'")
+    chunk: int = _f(
+        32,
+        "prompts per batched call (prompt writing, generation, questions, held-out eval); also the unit of work "
+        "shared out among processes, so results do not depend on their number",
+    )
+    judge_chunk: int = _f(256, "images per batched judge call, rounded down to whole prompts (at least one prompt)")
 
 
 @dataclass
@@ -64,6 +70,21 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: str = _f(
+        "ddp",
+        "training on several processes (torchrun): 'ddp' (replicated model, averaged gradients) or 'fsdp2' "
+        "(parameters, gradients and optimizer state sharded with torch's fully_shard)",
+    )
+    device: str = _f("auto", "'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'")
+
+
+# How a run is executed, not what it computes: left out of the run directory's config, so a run may resume under
+# another number of processes or another strategy.
+EXECUTION_SECTIONS = ("dist",)
+
+
+@dataclass
 class TrainConfig:
     out: str | None = _f(None, "run directory (default runs/<mode>-<feedback>-seed<seed>)")
     mode: str = _f("discrete", "discrete (image tokens + DPO) or continuous (features + DropDiv + KC-DPO)")
@@ -76,6 +97,7 @@ class TrainConfig:
     pairs: PairConfig = field(default_factory=PairConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> TrainConfig:
         def bad(name: str, expected: str, value: Any) -> None:
@@ -113,6 +135,9 @@ class TrainConfig:
             bad("sample.dropdiv_layers", "an integer >= 1", s.dropdiv_layers)
         if s.select_method not in ("dpp", "fps"):
             bad("sample.select_method", "'dpp' or 'fps'", s.select_method)
+        for name in ("chunk", "judge_chunk"):
+            if getattr(s, name) < 1:
+                bad(f"sample.{name}", "an integer >= 1", getattr(s, name))
         if p.k < 1 or 2 * p.k > s.candidates:
             bad("pairs.k", f"an integer in [1, sample.candidates/2 = {s.candidates // 2}]", p.k)
         if p.min_margin < 0:
@@ -131,6 +156,10 @@ class TrainConfig:
                 bad(f"optim.{name}", "an integer >= 1", getattr(o, name))
         if e.heldout_per_category < 1 or e.samples < 1:
             bad("eval", "heldout_per_category >= 1 and samples >= 1", (e.heldout_per_category, e.samples))
+        if self.dist.strategy not in ("ddp", "fsdp2"):
+            bad("dist.strategy", "'ddp' or 'fsdp2'", self.dist.strategy)
+        if self.dist.device not in ("auto", "cpu", "cuda"):
+            bad("dist.device", "'auto', 'cpu' or 'cuda'", self.dist.device)
         return self
 
     def run_dir(self) -> Path:
@@ -138,6 +167,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def run_identity(self) -> dict:
+        """What the run computes: ``to_dict()`` without the execution sections (``dist``). Saved in the run
+        directory; a resumed run must match it, whatever its number of processes."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_SECTIONS}
 
 
 # --- dict / YAML / command line ----------------------------------------------------------------------------------

@@ -4,8 +4,21 @@ KC-DPO on feature matrices); then the ground-truth evaluator scores it on held-o
 
 One explicit loop, one step per phase. Each step writes its outputs atomically and is then marked done in
 ``state.json``; a rerun of the same command skips done steps and reloads their outputs, so a crash loses at most the
-step that was running. Every random stream derives from (run seed, iteration, phase), so a redone step gives the same
-result as the lost one.
+step that was running.
+
+Randomness: every random stream of a prompt derives from (run seed, iteration, phase, prompt id) and nothing else —
+per-prompt noise for the token draws (``sample_next``), per-row DropDiv streams, per-prompt random-feedback scores,
+one global permutation of the pairs per iteration. So a redone step gives the same result as the lost one, and the
+results do not depend on how prompts are batched or on how many processes share the work.
+
+Several processes (``torchrun``, see ``silmm_fast.train.distributed``): every list of prompts (or pairs) is cut into
+units of ``sample.chunk`` prompts (``optim.batch_size`` pairs for reference log-probs), whose boundaries do not depend
+on the number of processes; each rank runs a contiguous run of units and the results are gathered on every rank. A
+batch's floating-point results can depend on its composition (the CPU's matrix products do, at the last bit), so fixed
+units are what makes scores bitwise identical at any world size. Training shards each optimizer step's pairs over the
+ranks (DDP or FSDP2); the global batch is unchanged, each rank weights its loss by its share, so the averaged gradient
+is the single-process mean up to float rounding. Rank 0 alone reads and writes the run directory and hands what the
+others need to them through collectives, so only rank 0's machine needs the directory.
 """
 
 from __future__ import annotations
@@ -13,7 +26,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -21,9 +36,9 @@ from tqdm.auto import tqdm
 from silmm_fast.losses.fused_linear_dpo import FusedLinearDPOLoss
 from silmm_fast.losses.kc_dpo import KCDPOLoss
 from silmm_fast.models.bootstrap import BootstrapConfig, bootstrap
-from silmm_fast.models.shapes_lmm import ShapesLMM
+from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
 from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
-from silmm_fast.train import report, store
+from silmm_fast.train import distributed, report, store
 from silmm_fast.train.config import TrainConfig
 from silmm_fast.train.pairs import aggregate_scores, make_pairs
 from silmm_fast.world import CATEGORIES, FeatureCodec, ImageTokenizer, prompt_split, render_grid, render_tokens
@@ -31,65 +46,117 @@ from silmm_fast.world.evaluate import evaluate_features, evaluate_tokens
 
 PHASES = ("prompts", "questions", "generate", "judge", "pairs", "train", "eval")
 HELDOUT_SEED = 1234  # the held-out prompt set is the same for every run, so runs are comparable
+PROMPT_TOKENS = 32  # most words the model may write for one prompt
+
+
+def stream_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed hashed from the run seed and ``parts`` (iteration, phase, prompt id, ...)."""
+    digest = hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def seeded(seed: int, *parts: object) -> torch.Generator:
-    """A CPU generator whose seed is a hash of the run seed and ``parts`` (iteration, phase, ...)."""
-    digest = hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    """A CPU generator seeded with ``stream_seed(seed, *parts)``."""
+    return torch.Generator().manual_seed(stream_seed(seed, *parts))
+
+
+def uniforms(shape: tuple[int, ...], seed: int, *parts: object) -> torch.Tensor:
+    """float32 uniforms in [0, 1) of one stream (a prompt's noise for its token draws)."""
+    return torch.rand(shape, generator=seeded(seed, *parts))
 
 
 def log(msg: str) -> None:
     tqdm.write(msg)
 
 
-def chunked(n: int, size: int, desc: str):
-    """Slices covering range(n), ``size`` at a time, with a progress bar named ``desc``."""
-    with tqdm(total=n, desc=desc, leave=False, unit="it", dynamic_ncols=True) as bar:
-        for s in range(0, n, size):
-            yield slice(s, min(n, s + size))
-            bar.update(min(n, s + size) - s)
+def units(n: int, size: int) -> list[slice]:
+    """Slices of ``size`` covering range(n): the fixed units of work, whatever the number of processes."""
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
 
 class Run:
-    """One run directory and the state the phases share."""
+    """One run directory and the state the phases share, on one process of the run (``dist``)."""
 
-    CHUNK = 32  # prompts per batched generation call (bounds memory; one progress-bar tick each)
-    JUDGE_CHUNK = 256  # images per batched judge call
-
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, dist: distributed.Dist | None = None) -> None:
         self.cfg = cfg
+        self.dist = dist if dist is not None else distributed.setup(cfg.dist.device)
+        self.main = self.dist.is_main
+        self.device = self.dist.device
         self.dir = cfg.run_dir()
-        self.state = store.RunState(self.dir)
         self.tokenizer = ImageTokenizer()
         self.codec = FeatureCodec()
         self.heldout = prompt_split(HELDOUT_SEED, cfg.eval.heldout_per_category)["heldout"]
+        # Only rank 0 reads the run directory; the others get its state from it.
+        self.state = store.RunState(self.dir, persist=self.main) if self.main else None
+        done = self.dist.broadcast(self.state.done if self.main else None)
+        if not self.main:
+            self.state = store.RunState(self.dir, done=done, persist=False)
         summary_path = self.dir / "summary.json"
-        self.iterations: list[dict] = store.read_json(summary_path)["iterations"] if summary_path.exists() else []
+        self.iterations: list[dict] = (
+            store.read_json(summary_path)["iterations"] if self.main and summary_path.exists() else []
+        )
 
     # --- bookkeeping -----------------------------------------------------------------------------------------
-    def check_config(self) -> None:
-        """A resumed run must use the configuration it started with."""
-        path = self.dir / "config.json"
-        current = self.cfg.to_dict()
-        if path.exists():
-            saved = store.read_json(path)
-            if saved != current:
-                diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-                raise ValueError(
-                    f"out: {self.dir} holds a run with another configuration (differs in {diff}); "
-                    "use another --out, or the same settings to resume it"
-                )
-        else:
-            store.write_json(path, current)
-            import yaml
+    def log(self, msg: str) -> None:
+        if self.main:
+            log(msg)
 
-            store.write_text(self.dir / "config.yaml", yaml.safe_dump(current, sort_keys=False))
+    def shared(self, read: Callable[[], Any]) -> Any:
+        """``read()`` on rank 0 (a file of the run directory), its result on every rank."""
+        return self.dist.broadcast(read() if self.main else None)
+
+    def check_setup(self) -> None:
+        """Before any work: the same configuration on every rank, enough prompts for every rank, a usable
+        strategy."""
+        cfg, world = self.cfg, self.dist.world_size
+        self.dist.check_same_config(cfg.to_dict())
+        n_prompts = len(CATEGORIES) * cfg.sample.prompts_per_category
+        for what, n in (
+            (f"prompts per iteration ({len(CATEGORIES)} categories x sample.prompts_per_category)", n_prompts),
+            (f"held-out prompts ({len(CATEGORIES)} categories x eval.heldout_per_category)", len(self.heldout)),
+        ):
+            if world > n:
+                raise ValueError(
+                    f"world size {world} is larger than the number of {what} = {n}: start fewer processes "
+                    "or ask for more prompts"
+                )
+        distributed.check_strategy(cfg.dist.strategy, self.dist)
+        n_units = -(-n_prompts // cfg.sample.chunk)
+        if n_units < world:
+            self.log(
+                f"note: {n_prompts} prompts make only {n_units} units of sample.chunk={cfg.sample.chunk} for "
+                f"{world} processes; some will idle (a smaller sample.chunk spreads the work)"
+            )
+
+    def check_config(self) -> None:
+        """A resumed run must use the configuration it started with (the run identity: ``dist`` may change)."""
+        path = self.dir / "config.json"
+        current = self.cfg.run_identity()
+        error = None
+        if self.main:
+            if path.exists():
+                saved = store.read_json(path)
+                if saved != current:
+                    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+                    error = (
+                        f"out: {self.dir} holds a run with another configuration (differs in {diff}); "
+                        "use another --out, or the same settings to resume it"
+                    )
+            else:
+                store.write_json(path, current)
+                import yaml
+
+                store.write_text(self.dir / "config.yaml", yaml.safe_dump(current, sort_keys=False))
+        error = self.dist.broadcast(error)
+        if error:
+            raise ValueError(error)
 
     def iter_dir(self, it: int) -> Path:
         return self.dir / f"iter{it}"
 
     def timed(self, it: int, phase: str, seconds: float) -> None:
+        if not self.main:
+            return
         path = self.iter_dir(it) / "timings.json"
         timings = store.read_json(path) if path.exists() else {}
         timings[phase] = round(seconds, 3)
@@ -99,46 +166,82 @@ class Run:
         path = self.iter_dir(it) / "timings.json"
         return store.read_json(path) if path.exists() else {}
 
+    def map_units(self, n: int, size: int, fn: Callable[[slice], Any], desc: str) -> list[Any]:
+        """``fn(unit)`` for every unit of ``units(n, size)``, the units shared out contiguously among the ranks;
+        returns every unit's result, in unit order, on every rank. ``fn`` must return CPU data."""
+        parts = units(n, size)
+        mine = [parts[i] for i in self.dist.shard(len(parts))]
+        local = []
+        total = sum(u.stop - u.start for u in mine)
+        with tqdm(total=total, desc=desc, leave=False, unit="it", dynamic_ncols=True, disable=not self.main) as bar:
+            for u in mine:
+                local.append(fn(u))
+                bar.update(u.stop - u.start)
+        return [r for rank_results in self.dist.all_gather(local) for r in rank_results]
+
     # --- models --------------------------------------------------------------------------------------------------
+    def shared_model(self, load: Callable[[], ShapesLMM]) -> ShapesLMM:
+        """``load()`` on rank 0; the other ranks receive its configuration and weights. On this rank's device."""
+        model = load() if self.main else None
+        if self.dist.world_size > 1:
+            payload = self.dist.broadcast(
+                (model.config.to_dict(), {k: v.detach().cpu() for k, v in model.state_dict().items()})
+                if self.main
+                else None
+            )
+            if not self.main:
+                model = ShapesLMM(ShapesLMMConfig.from_dict(payload[0]))
+                model.load_state_dict(payload[1])
+        return model.to(self.device).eval()
+
     def base_model(self) -> ShapesLMM:
         variant = self.cfg.mode
         config = BootstrapConfig.tiny(variant) if self.cfg.model.tiny else BootstrapConfig(variant=variant)
-        return bootstrap(variant, cache_dir=self.cfg.model.cache_dir, config=config)
+        return self.shared_model(lambda: bootstrap(variant, cache_dir=self.cfg.model.cache_dir, config=config))
 
     def model_after(self, it: int) -> ShapesLMM:
         """The policy after iteration ``it`` (0: the base model)."""
-        return self.base_model() if it == 0 else ShapesLMM.load(self.iter_dir(it) / "checkpoint")
+        if it == 0:
+            return self.base_model()
+        return self.shared_model(lambda: ShapesLMM.load(self.iter_dir(it) / "checkpoint"))
 
     # --- evaluation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: ShapesLMM, it: int) -> dict:
-        texts = [p.text for p in self.heldout]
+    def evaluate(self, model: ShapesLMM, it: int) -> dict | None:
+        """Held-out alignment (ground-truth evaluator), the prompts sharded over the ranks; the result on rank 0."""
+        cfg, texts = self.cfg, [p.text for p in self.heldout]
         desc = f"iter {it} eval"
-        if self.cfg.mode == "discrete":
-            s, gen = self.cfg.eval.samples, seeded(self.cfg.seed, "eval")
-            tokens = torch.cat(
-                [
-                    model.generate_images(
-                        texts[b], s, top_p=self.cfg.sample.top_p, temperature=self.cfg.sample.temperature, generator=gen
-                    )
-                    for b in chunked(len(texts), self.CHUNK, desc)
-                ]
-            )
+        if cfg.mode == "discrete":
+            s, seq = cfg.eval.samples, self.tokenizer.seq_len
+
+            def sample(u: slice) -> torch.Tensor:
+                # the same noise at every iteration (common random numbers make iterations comparable)
+                noise = torch.stack([uniforms((s, seq), cfg.seed, "eval", j) for j in range(u.start, u.stop)])
+                tokens = model.generate_images(
+                    texts[u], s, top_p=cfg.sample.top_p, temperature=cfg.sample.temperature, noise=noise
+                )
+                return tokens.cpu()
+
+            tokens = torch.cat(self.map_units(len(texts), cfg.sample.chunk, sample, desc))
+            if not self.main:
+                return None
             prompts = [p for p in self.heldout for _ in range(s)]
             return evaluate_tokens(prompts, tokens.reshape(-1, tokens.shape[-1]), self.tokenizer)
-        feats = torch.cat([model.feature_forward(texts[b]) for b in chunked(len(texts), self.CHUNK, desc)])
-        return evaluate_features(self.heldout, feats.float(), self.codec)
+        feats = torch.cat(
+            self.map_units(len(texts), cfg.sample.chunk, lambda u: model.feature_forward(texts[u]).float().cpu(), desc)
+        )
+        return evaluate_features(self.heldout, feats, self.codec) if self.main else None
 
-    def record_eval(self, it: int, model: ShapesLMM) -> dict:
+    def record_eval(self, it: int, model: ShapesLMM) -> None:
         step = f"iter{it}/eval"
-        path = self.iter_dir(it) / "eval.json"
         if not self.state.is_done(step):
             t0 = time.perf_counter()
             result = self.evaluate(model, it)
-            store.write_json(path, result)
+            if self.main:
+                store.write_json(self.iter_dir(it) / "eval.json", result)
             self.timed(it, "eval", time.perf_counter() - t0)
             self.state.mark(step)
-        return store.read_json(path)
+            self.dist.barrier()
 
     def update_summary(self, it: int, heldout: dict, extra: dict) -> None:
         entry = {"iteration": it, "heldout": heldout, **extra, "wall_s": self.timings(it)}
@@ -151,7 +254,9 @@ class Run:
         report.write_report(summary, self.dir)
 
     # --- one SILMM iteration -------------------------------------------------------------------------------------
-    def step(self, it: int, phase: str, fn) -> None:
+    def step(self, it: int, phase: str, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (every rank; rank 0 writes its files) unless already done; then rank 0 marks it done, after
+        all its files are durable, and every rank waits for that."""
         key = f"iter{it}/{phase}"
         if self.state.is_done(key):
             return
@@ -159,50 +264,29 @@ class Run:
         fn()
         self.timed(it, phase, time.perf_counter() - t0)
         self.state.mark(key)
+        self.dist.barrier()
 
     def iteration(self, it: int, policy: ShapesLMM) -> ShapesLMM:
         cfg, d = self.cfg, self.iter_dir(it)
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        seed = cfg.seed
 
-        def write_prompts() -> None:
-            with torch.no_grad():
-                texts = policy.write_prompts(
-                    CATEGORIES,
-                    cfg.sample.prompts_per_category,
-                    top_p=cfg.sample.top_p,
-                    generator=seeded(seed, it, "prompts"),
-                )
-            cats = [c for c in CATEGORIES for _ in range(cfg.sample.prompts_per_category)]
-            rows = [{"id": i, "category": c, "prompt": t} for i, (c, t) in enumerate(zip(cats, texts)) if t.strip()]
-            store.write_jsonl(d / "prompts.jsonl", rows)
+        self.step(it, "prompts", lambda: self.write_prompts(it, policy))
+        rows = self.shared(lambda: store.read_jsonl(d / "prompts.jsonl"))
+        prompts = [r["prompt"] for r in rows]
+        ids = [r["id"] for r in rows]  # a prompt's id: its slot among the prompts the model was asked to write
 
-        self.step(it, "prompts", write_prompts)
-        prompts = [r["prompt"] for r in store.read_jsonl(d / "prompts.jsonl")]
+        self.step(it, "questions", lambda: self.write_questions(it, policy, prompts))
+        questions = [r["questions"] for r in self.shared(lambda: store.read_jsonl(d / "questions.jsonl"))]
 
-        def write_questions() -> None:
-            from silmm_fast.decompose import decompose_prompt
+        self.step(it, "generate", lambda: self.generate(it, policy, prompts, ids))
+        cands = self.shared(lambda: store.read_tensors(d / "candidates.pt"))
 
-            with torch.no_grad():
-                written = policy.decompose(prompts)
-            rows = []
-            for i, (p, qs) in enumerate(zip(prompts, written)):
-                source = "model"
-                if not qs:  # the model wrote nothing usable: the rule-based decomposer stands in
-                    qs, source = decompose_prompt(p), "rules"
-                rows.append({"id": i, "prompt": p, "questions": qs, "source": source})
-            store.write_jsonl(d / "questions.jsonl", rows)
-
-        self.step(it, "questions", write_questions)
-        questions = [r["questions"] for r in store.read_jsonl(d / "questions.jsonl")]
-
-        self.step(it, "generate", lambda: self.generate(it, policy, prompts))
-        cands = store.read_tensors(d / "candidates.pt")
-
-        self.step(it, "judge", lambda: self.judge(it, policy, cands["tokens"], questions))
-        scores = torch.tensor([r["scores"] for r in store.read_jsonl(d / "scores.jsonl")])
+        self.step(it, "judge", lambda: self.judge(it, policy, cands["tokens"], questions, ids))
+        scores = torch.tensor([r["scores"] for r in self.shared(lambda: store.read_jsonl(d / "scores.jsonl"))])
 
         def write_pairs() -> None:
+            if not self.main:
+                return
             pairs = make_pairs(scores, cfg.pairs.k, cfg.pairs.min_margin)
             store.write_jsonl(
                 d / "pairs.jsonl",
@@ -211,75 +295,119 @@ class Run:
             self.write_candidate_grid(it, prompts, cands["tokens"], scores, pairs)
 
         self.step(it, "pairs", write_pairs)
-        pairs = store.read_jsonl(d / "pairs.jsonl")
+        pairs = self.shared(lambda: store.read_jsonl(d / "pairs.jsonl"))
 
         def train() -> None:
-            losses = self.train(it, policy, reference, prompts, cands, pairs)
-            store.write_jsonl(d / "metrics.jsonl", losses)
-            policy.save(d / "checkpoint")
+            losses, weights = self.train(it, policy, reference, prompts, cands, pairs)
+            if self.main:
+                store.write_jsonl(d / "metrics.jsonl", losses)
+                if weights is None:
+                    policy.save(d / "checkpoint")
+                else:  # FSDP2 left the policy sharded: save the gathered weights through an unsharded copy
+                    full = ShapesLMM(policy.config)
+                    full.load_state_dict(weights)
+                    full.save(d / "checkpoint")
 
         self.step(it, "train", train)
-        return ShapesLMM.load(d / "checkpoint")
+        return self.model_after(it)
 
     # --- phases with real work -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, it: int, policy: ShapesLMM, prompts: list[str]) -> None:
+    def write_prompts(self, it: int, policy: ShapesLMM) -> None:
         cfg = self.cfg
-        gen = seeded(cfg.seed, it, "generate")
-        desc = f"iter {it} generate"
-        if cfg.mode == "discrete":
-            tokens = torch.cat(
-                [
-                    policy.generate_images(
-                        prompts[b],
-                        cfg.sample.candidates,
-                        top_p=cfg.sample.top_p,
-                        temperature=cfg.sample.temperature,
-                        generator=gen,
-                    )
-                    for b in chunked(len(prompts), self.CHUNK, desc)
-                ]
+        cats = [c for c in CATEGORIES for _ in range(cfg.sample.prompts_per_category)]
+
+        def write(u: slice) -> list[str]:
+            noise = torch.stack(
+                [uniforms((1, PROMPT_TOKENS), cfg.seed, it, "prompts", i) for i in range(u.start, u.stop)]
             )
-            store.write_tensors(self.iter_dir(it) / "candidates.pt", {"tokens": tokens})
+            return policy.write_prompts(cats[u], 1, top_p=cfg.sample.top_p, max_new_tokens=PROMPT_TOKENS, noise=noise)
+
+        texts = [t for part in self.map_units(len(cats), cfg.sample.chunk, write, f"iter {it} prompts") for t in part]
+        if self.main:
+            rows = [{"id": i, "category": c, "prompt": t} for i, (c, t) in enumerate(zip(cats, texts)) if t.strip()]
+            store.write_jsonl(self.iter_dir(it) / "prompts.jsonl", rows)
+
+    @torch.no_grad()
+    def write_questions(self, it: int, policy: ShapesLMM, prompts: list[str]) -> None:
+        from silmm_fast.decompose import decompose_prompt
+
+        parts = self.map_units(
+            len(prompts), self.cfg.sample.chunk, lambda u: policy.decompose(prompts[u]), f"iter {it} questions"
+        )
+        written = [qs for part in parts for qs in part]
+        if not self.main:
+            return
+        rows = []
+        for i, (p, qs) in enumerate(zip(prompts, written)):
+            source = "model"
+            if not qs:  # the model wrote nothing usable: the rule-based decomposer stands in
+                qs, source = decompose_prompt(p), "rules"
+            rows.append({"id": i, "prompt": p, "questions": qs, "source": source})
+        store.write_jsonl(self.iter_dir(it) / "questions.jsonl", rows)
+
+    @torch.no_grad()
+    def generate(self, it: int, policy: ShapesLMM, prompts: list[str], ids: list[int]) -> None:
+        cfg = self.cfg
+        desc = f"iter {it} generate"
+        path = self.iter_dir(it) / "candidates.pt"
+        if cfg.mode == "discrete":
+            n, seq = cfg.sample.candidates, self.tokenizer.seq_len
+
+            def sample(u: slice) -> torch.Tensor:
+                noise = torch.stack([uniforms((n, seq), cfg.seed, it, "generate", i) for i in ids[u]])
+                return policy.generate_images(
+                    prompts[u], n, top_p=cfg.sample.top_p, temperature=cfg.sample.temperature, noise=noise
+                ).cpu()
+
+            tokens = torch.cat(self.map_units(len(prompts), cfg.sample.chunk, sample, desc))
+            if self.main:
+                store.write_tensors(path, {"tokens": tokens})
             return
         from silmm_fast import diverse_select, dropdiv
 
         k, n = cfg.sample.oversample, cfg.sample.candidates
-        with dropdiv(
-            policy,
-            last_layers=cfg.sample.dropdiv_layers,
-            p=cfg.sample.dropdiv_p,
-            seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)),
-        ):
-            feats = torch.cat(
-                [policy.generate_features(prompts[b], k) for b in chunked(len(prompts), self.CHUNK, desc)]
-            )  # [P, K, L, D]
-        picked = diverse_select(feats, n, method=cfg.sample.select_method)  # [P, n]
-        chosen = torch.gather(feats, 1, picked[:, :, None, None].expand(-1, -1, *feats.shape[2:]))
-        scenes = self.codec.decode_batch(chosen.reshape(-1, *feats.shape[2:]), strict=False)
-        tokens = self.tokenizer.encode_batch(scenes).view(len(prompts), n, -1)
-        store.write_tensors(
-            self.iter_dir(it) / "candidates.pt", {"tokens": tokens, "features": chosen, "selected": picked}
-        )
+
+        def sample_features(u: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # one DropDiv stream per (prompt, sample): a prompt's K feature matrices are its own
+            row_seeds = [stream_seed(cfg.seed, it, "generate", i, j) for i in ids[u] for j in range(k)]
+            with dropdiv(policy, last_layers=cfg.sample.dropdiv_layers, p=cfg.sample.dropdiv_p, row_seeds=row_seeds):
+                feats = policy.generate_features(prompts[u], k)  # [u, K, L, D]
+            picked = diverse_select(feats, n, method=cfg.sample.select_method)  # [u, n]
+            chosen = torch.gather(feats, 1, picked[:, :, None, None].expand(-1, -1, *feats.shape[2:])).cpu()
+            scenes = self.codec.decode_batch(chosen.reshape(-1, *feats.shape[2:]).float(), strict=False)
+            tokens = self.tokenizer.encode_batch(scenes).view(len(chosen), n, -1)
+            return tokens, chosen, picked.cpu()
+
+        parts = self.map_units(len(prompts), cfg.sample.chunk, sample_features, desc)
+        if self.main:
+            tokens, chosen, picked = (torch.cat([p[i] for p in parts]) for i in range(3))
+            store.write_tensors(path, {"tokens": tokens, "features": chosen, "selected": picked})
 
     @torch.no_grad()
-    def judge(self, it: int, policy: ShapesLMM, tokens: torch.Tensor, questions: list[list[str]]) -> None:
+    def judge(
+        self, it: int, policy: ShapesLMM, tokens: torch.Tensor, questions: list[list[str]], ids: list[int]
+    ) -> None:
         cfg = self.cfg
         p, n = tokens.shape[:2]
         if cfg.feedback == "random":  # control: the same pipeline, but scores that carry no information
-            scores = torch.rand(p, n, generator=seeded(cfg.seed, it, "judge")) * 2 - 1
+            scores = torch.stack([torch.rand(n, generator=seeded(cfg.seed, it, "judge", i)) * 2 - 1 for i in ids])
             n_questions = 0
         else:
-            per_image = [questions[i // n] for i in range(p * n)]
-            flat = tokens.reshape(p * n, -1)
-            p_yes, p_no = [], []
-            for b in chunked(p * n, self.JUDGE_CHUNK, f"iter {it} judge"):
-                yes, no = policy.answer(flat[b], per_image[b])
-                p_yes += yes
-                p_no += no
-            owner = torch.repeat_interleave(torch.arange(p * n), torch.tensor([len(q) for q in per_image]))
-            scores = aggregate_scores(torch.cat(p_yes).cpu(), torch.cat(p_no).cpu(), owner, p * n).view(p, n)
-            n_questions = int(owner.numel())
+
+            def judge_unit(u: slice) -> torch.Tensor:
+                per_image = [questions[i] for i in range(u.start, u.stop) for _ in range(n)]
+                yes, no = policy.answer(tokens[u].reshape(-1, tokens.shape[-1]), per_image, len(per_image))
+                owner = torch.repeat_interleave(
+                    torch.arange(len(per_image)), torch.tensor([len(q) for q in per_image], dtype=torch.long)
+                )
+                return aggregate_scores(torch.cat(yes).cpu(), torch.cat(no).cpu(), owner, len(per_image)).view(-1, n)
+
+            per_unit = max(1, cfg.sample.judge_chunk // n)
+            scores = torch.cat(self.map_units(p, per_unit, judge_unit, f"iter {it} judge"))
+            n_questions = n * sum(len(q) for q in questions)
+        if not self.main:
+            return
         rows = [{"prompt_id": i, "scores": [round(float(s), 6) for s in scores[i]]} for i in range(p)]
         store.write_jsonl(self.iter_dir(it) / "scores.jsonl", rows)
         store.write_json(self.iter_dir(it) / "judge.json", {"questions_judged": n_questions, "images": p * n})
@@ -313,72 +441,92 @@ class Run:
 
     def train(
         self, it: int, policy: ShapesLMM, reference: ShapesLMM, prompts: list[str], cands: dict, pairs: list[dict]
-    ) -> list[dict]:
-        cfg, o = self.cfg, self.cfg.optim
+    ) -> tuple[list[dict], dict | None]:
+        """DPO / KC-DPO on the iteration's pairs. Returns the per-step metrics and, under FSDP2, the gathered
+        weights (None otherwise: ``policy`` itself holds them)."""
+        cfg, o, world = self.cfg, self.cfg.optim, self.dist.world_size
         if not pairs:
-            log(f"iteration {it}: no pairs passed the margin; the policy is unchanged")
-            return []
-        gen = seeded(cfg.seed, it, "train")
+            self.log(f"iteration {it}: no pairs passed the margin; the policy is unchanged")
+            return [], None
+        dev = self.device
         pid = torch.tensor([r["prompt_id"] for r in pairs])
         win = torch.tensor([r["chosen"] for r in pairs])
         lose = torch.tensor([r["rejected"] for r in pairs])
-        opt = torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad], lr=o.lr, weight_decay=o.weight_decay
-        )
-        policy.train()
         if cfg.mode == "discrete":
             tokens = cands["tokens"]
             loss_fn = FusedLinearDPOLoss(beta=o.beta, loss_type=o.loss_type)
-            ref_c, ref_r = [], []
-            with torch.no_grad():  # reference log-probs: once per iteration, through the same fp32 path
-                for s in range(0, len(pairs), o.batch_size):
-                    b = slice(s, s + o.batch_size)
-                    both = torch.cat([tokens[pid[b], win[b]], tokens[pid[b], lose[b]]])
-                    texts = [prompts[i] for i in pid[b].tolist()] * 2
-                    h, w, lab = reference.image_logprob_inputs(texts, both)
-                    lp = fused_linear_logprobs(h, w, lab)
-                    ref_c.append(lp[: len(lp) // 2])
-                    ref_r.append(lp[len(lp) // 2 :])
-            ref_c, ref_r = torch.cat(ref_c), torch.cat(ref_r)
+
+            @torch.no_grad()
+            def reference_logps(u: slice) -> torch.Tensor:  # once per iteration, through the same fp32 path
+                both = torch.cat([tokens[pid[u], win[u]], tokens[pid[u], lose[u]]])
+                texts = [prompts[i] for i in pid[u].tolist()] * 2
+                lp = fused_linear_logprobs(*reference.image_logprob_inputs(texts, both))
+                return lp.view(2, -1).cpu()
+
+            ref = torch.cat(self.map_units(len(pairs), o.batch_size, reference_logps, f"iter {it} reference"), dim=1)
+            ref_c, ref_r = ref[0], ref[1]
         else:
             feats = cands["features"]
             loss_fn = KCDPOLoss(gamma=o.gamma, kernel=o.kernel, pool=o.pool)
-            with torch.no_grad():
-                ref_feats = reference.feature_forward(prompts)
+            ref_feats = torch.cat(
+                self.map_units(
+                    len(prompts),
+                    cfg.sample.chunk,
+                    lambda u: reference.feature_forward(prompts[u]).detach().cpu(),
+                    f"iter {it} reference",
+                )
+            )
+        # continuous mode never reads the LM head: DDP must be told some parameters get no gradient
+        model = distributed.TrainModel(policy, self.dist, cfg.dist.strategy, find_unused=cfg.mode == "continuous")
+        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        policy.train()
+        gen = seeded(cfg.seed, it, "train")  # the same permutation on every rank
         history = []
         steps = o.epochs * ((len(pairs) + o.batch_size - 1) // o.batch_size)
-        bar = tqdm(total=steps, desc=f"iter {it} train", leave=False, unit="step")
+        bar = tqdm(total=steps, desc=f"iter {it} train", leave=False, unit="step", disable=not self.main)
         for epoch in range(o.epochs):
             order = torch.randperm(len(pairs), generator=gen)
             for s in range(0, len(pairs), o.batch_size):
-                b = order[s : s + o.batch_size]
+                batch = order[s : s + o.batch_size]
+                lo, hi = distributed.shard_bounds(len(batch), world, self.dist.rank)
+                # Each rank's loss is its share of the batch's summed loss, times the world size that the gradient
+                # average divides by: the averaged gradient is the batch mean's. A rank with no pair this step
+                # still runs one (weighted 0) so that every rank joins the gradient collectives.
+                b, live = (batch[lo:hi], 1.0) if hi > lo else (batch[:1], 0.0)
+                weight = live * world / len(batch)
                 texts = [prompts[i] for i in pid[b].tolist()]
                 if cfg.mode == "discrete":
                     both = torch.cat([tokens[pid[b], win[b]], tokens[pid[b], lose[b]]])
-                    h, w, lab = policy.image_logprob_inputs(texts * 2, both)
-                    out = loss_fn(h, w, lab, ref_c[b], ref_r[b])
+                    h, w, lab = model("image_logprob_inputs", texts * 2, both)
+                    out = loss_fn(h, w, lab, ref_c[b].to(dev), ref_r[b].to(dev))
                 else:
-                    h = policy.feature_forward(texts)
-                    out = loss_fn(h, ref_feats[pid[b]], feats[pid[b], win[b]], feats[pid[b], lose[b]])
+                    h = model("feature_forward", texts)
+                    out = loss_fn(
+                        h, ref_feats[pid[b]].to(dev), feats[pid[b], win[b]].to(dev), feats[pid[b], lose[b]].to(dev)
+                    )
                 opt.zero_grad(set_to_none=True)
-                out.loss.backward()
+                (out.losses.sum() * weight).backward()
                 if o.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), o.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
                 opt.step()
+                margin = (out.chosen_rewards - out.rejected_rewards).float()
+                sums = torch.stack([out.losses.detach().float().sum(), margin.sum(), (margin > 0).float().sum()])
+                sums = self.dist.all_reduce_sum(sums * live).cpu() / len(batch)
                 history.append(
                     {
                         "epoch": epoch,
                         "step": len(history),
-                        "loss": round(out.loss.detach().item(), 6),
-                        "reward_margin": round(float((out.chosen_rewards - out.rejected_rewards).mean()), 6),
-                        "reward_accuracy": round(float((out.chosen_rewards > out.rejected_rewards).float().mean()), 4),
+                        "loss": round(float(sums[0]), 6),
+                        "reward_margin": round(float(sums[1]), 6),
+                        "reward_accuracy": round(float(sums[2]), 4),
                     }
                 )
                 bar.update(1)
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         bar.close()
         policy.eval()
-        return history
+        weights = model.full_state_dict() if model.strategy == "fsdp2" else None
+        return history, weights
 
     # --- the whole run ---------------------------------------------------------------------------------------------
     def iteration_extra(self, it: int) -> dict:
@@ -420,17 +568,22 @@ class Run:
         return " | ".join(parts) + f" | {sum(e['wall_s'].values()):.1f}s"
 
     def summarize(self, it: int) -> None:
-        """(Re)write the summary entry of a completed iteration from its files, and print its line."""
+        """(Re)write the summary entry of a completed iteration from its files, and print its line (rank 0)."""
+        if not self.main:
+            return
         heldout = store.read_json(self.iter_dir(it) / "eval.json")
         self.update_summary(it, heldout, self.iteration_extra(it) if it else {})
         log(self.line(it))
 
     def run(self) -> dict:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Run (or resume) the loop; every rank returns the final summary."""
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.check_setup()
         self.check_config()
         start = max([0] + [i for i in range(1, self.cfg.iterations + 1) if self.state.is_done(f"iter{i}/eval")])
         if start:
-            log(f"resuming {self.dir}: iterations 1..{start} are complete")
+            self.log(f"resuming {self.dir}: iterations 1..{start} are complete")
         policy = self.model_after(start)
         if start == 0:
             self.record_eval(0, policy)
@@ -440,4 +593,4 @@ class Run:
             policy = self.iteration(it, policy)
             self.record_eval(it, policy)
             self.summarize(it)
-        return store.read_json(self.dir / "summary.json")
+        return self.shared(lambda: store.read_json(self.dir / "summary.json"))

@@ -69,11 +69,18 @@ def write_png(path: Path, image: Any) -> None:
 
 
 class RunState:
-    """Completed steps of a run, persisted in ``state.json`` (keys like ``"iter1/generate"``)."""
+    """Completed steps of a run, persisted in ``state.json`` (keys like ``"iter1/generate"``).
 
-    def __init__(self, run_dir: Path) -> None:
+    On several processes only rank 0 reads and writes the file (``persist``); the others are handed rank 0's list
+    (``done``) and keep theirs in step in memory.
+    """
+
+    def __init__(self, run_dir: Path, done: list[str] | None = None, persist: bool = True) -> None:
         self.path = Path(run_dir) / "state.json"
-        self.done: list[str] = read_json(self.path)["done"] if self.path.exists() else []
+        self.persist = persist
+        if done is None:
+            done = read_json(self.path)["done"] if self.path.exists() else []
+        self.done: list[str] = list(done)
 
     def is_done(self, step: str) -> bool:
         return step in self.done
@@ -81,4 +88,5 @@ class RunState:
     def mark(self, step: str) -> None:
         if step not in self.done:
             self.done.append(step)
-            write_json(self.path, {"done": self.done})
+            if self.persist:
+                write_json(self.path, {"done": self.done})
