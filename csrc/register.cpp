@@ -10,10 +10,12 @@
 TORCH_LIBRARY(silmm_fast, m) {
   m.def(
       "diverse_select(Tensor similarity, Tensor? scale, Tensor? quality, int n, str method, float eps) -> Tensor");
+  m.def("diverse_select_fps(Tensor features, Tensor? quality, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(silmm_fast, CPU, m) {
   m.impl("diverse_select", &silmm_fast::DiverseSelectCpu);
+  m.impl("diverse_select_fps", &silmm_fast::DiverseSelectFpsCpu);
 }
 
 #ifdef SILMM_WITH_CUDA

@@ -402,3 +402,58 @@ def test_bench_runs_and_its_naive_loop_agrees(cpp):
     q = torch.rand(6, 20, dtype=torch.float64, generator=g) + 0.5
     assert torch.equal(bench.naive_select(x, 8, "dpp", q), diverse_select(x, 8, method="dpp", quality=q))
     assert torch.equal(bench.naive_select(x, 8, "fps"), diverse_select(x, 8, method="fps"))
+
+
+# --- FPS straight from the features (CPU) -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cpp_fps(cpp):
+    return ds_ops.cpp_op("diverse_select_fps")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fps_op_equals_its_reference_bit_for_bit(cpp_fps, dtype):
+    # D not a multiple of the 16 lanes, K not a multiple of the 4-row groups, a duplicate, an all-zero candidate
+    g = torch.Generator().manual_seed(11)
+    for B, K, D, n in [(6, 13, 37, 9), (3, 4, 16, 4), (2, 1, 3, 1), (4, 70, 200, 20)]:
+        x = torch.randn(B, K, D, dtype=dtype, generator=g)
+        if K > 3:
+            x[:, 3] = x[:, 1]
+            x[:, 2] = 0
+        for quality in (None, torch.rand(B, K, dtype=dtype, generator=g)):
+            assert torch.equal(cpp_fps(x, quality, n), ref.fps_from_features(x, quality, n)), (B, K, D, n)
+
+
+def test_fps_op_follows_the_similarity_rule(cpp_fps):
+    # the Gram-free route and the similarity route are the same rule: on well-separated float64 points they agree
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(8, 24, 10, dtype=torch.float64, generator=g)
+    gram = ref.gram_matrix(x)
+    via_similarity = ref.select_from_similarity(gram, ref.inverse_norms(gram), None, 12, "fps", 0.0)
+    assert torch.equal(cpp_fps(x, None, 12), via_similarity)
+
+
+def test_fps_op_strided_input(cpp_fps):
+    x = torch.randn(3, 20, 2, 9)[:, :, 1, :]  # non-contiguous rows
+    y = torch.randn(3, 9, 20).transpose(1, 2)  # feature stride != 1
+    for t in (x, y):
+        assert torch.equal(cpp_fps(t, None, 7), cpp_fps(t.contiguous(), None, 7))
+
+
+def test_fps_op_registration_and_non_finite(cpp_fps):
+    g = torch.Generator().manual_seed(13)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 6, 5, dtype=dtype, generator=g)
+        torch.library.opcheck(cpp_fps, (x, torch.rand(3, 6, dtype=dtype, generator=g), 4))
+        torch.library.opcheck(cpp_fps, (x, None, 1))
+    bad = torch.randn(2, 5, 4)
+    bad[1, 2, 3] = float("nan")
+    assert cpp_fps(bad, None, 2)[1].tolist() == [-1, -1] and (cpp_fps(bad, None, 2)[0] >= 0).all()
+    for backend in ("cpp", "reference"):
+        with use_backend(backend), pytest.raises(ValueError, match="features: contains NaN or Inf"):
+            diverse_select(bad, 2, method="fps")
+    with pytest.raises(RuntimeError, match="shape \\[B, K, D\\]"):
+        cpp_fps(torch.randn(2, 5), None, 1)
+    with pytest.raises(RuntimeError, match="n must be in"):
+        cpp_fps(torch.randn(2, 5, 3), None, 6)
+    with pytest.raises(RuntimeError, match="quality must have shape"):
+        cpp_fps(torch.randn(2, 5, 3), torch.ones(2, 4), 2)

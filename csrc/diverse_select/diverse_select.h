@@ -70,6 +70,34 @@ inline SelectMethod CheckDiverseSelectArgs(
   return method == "dpp" ? SelectMethod::kDpp : SelectMethod::kFps;
 }
 
+// diverse_select_fps(features [B, K, D] float32/float64, quality [B, K] or None, n) -> int64 [B, n]
+//
+// The "fps" rule above computed from the (pooled) features instead of a similarity matrix, in float64: c_i =
+// 1 / sqrt(<x_i, x_i>) (sqrt by a fixed Newton iteration, repeated bit for bit by the reference) (0 for an all-zero candidate), s_ij = clamp((c_i * c_j) * <x_i, x_j>, -1, 1), and the
+// distances before the first pick 1 - c_i * <x_i, m> / K with m = sum_j c_j x_j (= 1 - mean_j s_ij). Only the
+// columns of the picks are formed. Inner products sum in 8 lanes (d mod 8), an order the reference repeats; a prompt whose features hold NaN / Inf gets a row of -1 (the Python
+// wrapper raises).
+inline void CheckDiverseSelectFpsArgs(const at::Tensor& features, const std::optional<at::Tensor>& quality,
+                                      int64_t n) {
+  TORCH_CHECK(features.dim() == 3, "diverse_select_fps: features must have shape [B, K, D], got ", features.sizes());
+  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
+              "diverse_select_fps: features must be float32 or float64, got ", features.scalar_type());
+  const int64_t K = features.size(1);
+  TORCH_CHECK(n >= 1 && n <= K, "diverse_select_fps: n must be in [1, K=", K, "], got ", n);
+  if (quality.has_value()) {
+    const at::Tensor& v = *quality;
+    TORCH_CHECK(v.dim() == 2 && v.size(0) == features.size(0) && v.size(1) == K,
+                "diverse_select_fps: quality must have shape [B, K] = [", features.size(0), ", ", K, "], got ",
+                v.sizes());
+    TORCH_CHECK(at::isFloatingType(v.scalar_type()), "diverse_select_fps: quality must be floating, got ",
+                v.scalar_type());
+    TORCH_CHECK(v.device() == features.device(), "diverse_select_fps: quality is on ", v.device(), ", features on ",
+                features.device());
+  }
+}
+
+at::Tensor DiverseSelectFpsCpu(const at::Tensor& features, const std::optional<at::Tensor>& quality, int64_t n);
+
 at::Tensor DiverseSelectCpu(
     const at::Tensor& similarity,
     const std::optional<at::Tensor>& scale,

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -169,7 +170,172 @@ void Run(const at::Tensor& similarity, const at::Tensor& scale, const at::Tensor
   });
 }
 
+// --- FPS straight from the features (no Gram matrix) -----------------------------------------------------------
+// FPS reads only n - 1 columns of the similarity (one per pick but the last) plus the row means before the first
+// pick, and the row means need no Gram either: mean_j s_ij = c_i <x_i, m> / K with m = sum_j c_j x_j. That is
+// (n + 2) K D multiply-adds per prompt instead of the K^2 D of a Gram product (B = 1024, K = 64, n = 16: 3.6x fewer),
+// and one read of the features from memory. Inner products run in the features' precision (float32 for float32
+// input, like the Gram product of the DPP path); everything after them is float64.
+
+// Inner products sum in kLanes partial sums (lane l takes d = l mod kLanes, in d order; one 512-bit register of
+// float32), folded by halves at the end. Four rows at a time, so four independent addition chains hide the latency
+// of each (one row at a time is latency bound: measured 3.5x slower). The reference repeats this order exactly.
+constexpr int kLanes = 16;
+
+template <typename scalar_t>
+inline scalar_t FoldLanes(scalar_t* a) {
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  }
+  return a[0];
+}
+
+// out[r] = <x[r], v[r]> for r < 4 (rows of length D), in the lane order above.
+template <typename scalar_t>
+inline void LaneDots4(const scalar_t* const* x, const scalar_t* const* v, int64_t D, scalar_t* out) {
+  scalar_t a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      a0[l] += x[0][d + l] * v[0][d + l];
+      a1[l] += x[1][d + l] * v[1][d + l];
+      a2[l] += x[2][d + l] * v[2][d + l];
+      a3[l] += x[3][d + l] * v[3][d + l];
+    }
+  }
+  for (int l = 0; d < D; ++d, ++l) {
+    a0[l] += x[0][d] * v[0][d];
+    a1[l] += x[1][d] * v[1][d];
+    a2[l] += x[2][d] * v[2][d];
+    a3[l] += x[3][d] * v[3][d];
+  }
+  out[0] = FoldLanes(a0);
+  out[1] = FoldLanes(a1);
+  out[2] = FoldLanes(a2);
+  out[3] = FoldLanes(a3);
+}
+
+// out[i] = <x_i, v> for every row i of x [K, D] (contiguous); with v == nullptr, out[i] = <x_i, x_i>.
+template <typename scalar_t>
+SILMM_MULTIVERSION void InnerProducts(const scalar_t* x, const scalar_t* v, int64_t K, int64_t D, scalar_t* out) {
+  const scalar_t* xs[4];
+  const scalar_t* vs[4];
+  for (int64_t i0 = 0; i0 < K; i0 += 4) {
+    scalar_t res[4];
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = std::min(i0 + r, K - 1);  // a short last group repeats its last row
+      xs[r] = x + i * D;
+      vs[r] = v != nullptr ? v : xs[r];
+    }
+    LaneDots4(xs, vs, D, res);
+    for (int r = 0; r < 4 && i0 + r < K; ++r) out[i0 + r] = res[r];
+  }
+}
+
+// sqrt(v) for finite v > 0 by a fixed Newton iteration with +, *, / and exact power-of-two scaling only: the
+// reference repeats these operations and gets the same bits (the vectorized sqrt behind torch.sqrt is not always
+// correctly rounded, so neither side calls a library sqrt). v = f 2^e with f in [0.5, 2), e even; y0 = (1 + f) / 2
+// >= sqrt(f) and 6 steps y = 0.5 (y + f / y) take the error from < 0.1 to within one ulp.
+inline double NewtonSqrt(double v) {
+  int e = 0;
+  double f = std::frexp(v, &e);
+  if (e & 1) {
+    f *= 2.0;
+    e -= 1;
+  }
+  double y = 0.5 * (1.0 + f);
+  for (int it = 0; it < 6; ++it) y = 0.5 * (y + f / y);
+  return std::ldexp(y, e / 2);
+}
+
+template <typename scalar_t>
+struct FpsWorkspace {
+  FpsWorkspace(int64_t K, int64_t D) : x(K * D), m(D), acc(K), c(K), dist(K), score(K), picked(K) {}
+  std::vector<scalar_t> x, m, acc;
+  std::vector<double> c, dist, score;
+  std::vector<char> picked;
+};
+
+// One prompt: selects n indices into out; false if a squared norm is not finite (NaN / Inf features).
+template <typename scalar_t>
+SILMM_MULTIVERSION bool FpsOne(const scalar_t* X, int64_t si, int64_t sd, const double* Q, int64_t K, int64_t D,
+                               int64_t n, FpsWorkspace<scalar_t>& ws, int64_t* out) {
+  const scalar_t* x = X;
+  if (si != D || sd != 1) {  // rows are read n + 2 times: make them contiguous once
+    scalar_t* copy = ws.x.data();
+    for (int64_t i = 0; i < K; ++i) {
+      for (int64_t d = 0; d < D; ++d) copy[i * D + d] = X[i * si + d * sd];
+    }
+    x = copy;
+  }
+  scalar_t* m = ws.m.data();
+  scalar_t* acc = ws.acc.data();
+  double* c = ws.c.data();
+  double* dist = ws.dist.data();
+  double* score = ws.score.data();
+  char* picked = ws.picked.data();
+  InnerProducts<scalar_t>(x, nullptr, K, D, acc);  // squared norms
+  for (int64_t i = 0; i < K; ++i) {
+    const double sq = static_cast<double>(acc[i]);
+    if (!std::isfinite(sq)) return false;
+    c[i] = sq > 0.0 ? 1.0 / NewtonSqrt(sq) : 0.0;
+  }
+  std::fill(m, m + D, scalar_t(0));  // m_d = sum_i c_i x_id in i order
+  for (int64_t i = 0; i < K; ++i) {
+    const scalar_t* x_i = x + i * D;
+    const scalar_t c_i = static_cast<scalar_t>(c[i]);
+    for (int64_t d = 0; d < D; ++d) m[d] += c_i * x_i[d];
+  }
+  InnerProducts<scalar_t>(x, m, K, D, acc);
+  for (int64_t i = 0; i < K; ++i) dist[i] = 1.0 - (c[i] * static_cast<double>(acc[i])) / static_cast<double>(K);
+  std::fill(ws.picked.begin(), ws.picked.end(), 0);
+  for (int64_t k = 0; k < n; ++k) {
+    for (int64_t i = 0; i < K; ++i) score[i] = (Q != nullptr ? Q[i] : 1.0) * dist[i];
+    const int64_t j = ArgmaxUnpicked(score, picked, K);
+    out[k] = j;
+    picked[j] = 1;
+    if (k + 1 == n) break;
+    InnerProducts<scalar_t>(x, x + j * D, K, D, acc);
+    const double c_j = c[j];
+    for (int64_t i = 0; i < K; ++i) {
+      const double s = std::min(std::max((c[i] * c_j) * static_cast<double>(acc[i]), -1.0), 1.0);
+      dist[i] = k == 0 ? 1.0 - s : std::min(dist[i], 1.0 - s);
+    }
+  }
+  return true;
+}
+
+template <typename scalar_t>
+void RunFps(const at::Tensor& features, const at::Tensor& quality, int64_t n, at::Tensor& out) {
+  const int64_t B = features.size(0), K = features.size(1), D = features.size(2);
+  const scalar_t* F = features.data_ptr<scalar_t>();
+  const int64_t sb = features.stride(0), si = features.stride(1), sd = features.stride(2);
+  const double* Q = quality.defined() ? quality.data_ptr<double>() : nullptr;
+  int64_t* O = out.data_ptr<int64_t>();
+  const int64_t work = (n + 3) * K * D;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(work, 1));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    FpsWorkspace<scalar_t> ws(K, D);
+    for (int64_t b = begin; b < end; ++b) {
+      if (!FpsOne<scalar_t>(F + b * sb, si, sd, Q != nullptr ? Q + b * K : nullptr, K, D, n, ws, O + b * n)) {
+        std::fill(O + b * n, O + (b + 1) * n, int64_t{-1});
+      }
+    }
+  });
+}
+
 }  // namespace
+
+at::Tensor DiverseSelectFpsCpu(const at::Tensor& features, const std::optional<at::Tensor>& quality, int64_t n) {
+  CheckDiverseSelectFpsArgs(features, quality, n);
+  TORCH_CHECK(features.device().is_cpu(), "diverse_select_fps (CPU kernel): features must be a CPU tensor");
+  at::Tensor q;
+  if (quality.has_value()) q = quality->to(at::kDouble).contiguous();
+  at::Tensor out = at::empty({features.size(0), n}, features.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "diverse_select_fps_cpu",
+                             [&] { RunFps<scalar_t>(features, q, n, out); });
+  return out;
+}
 
 at::Tensor DiverseSelectCpu(
     const at::Tensor& similarity,

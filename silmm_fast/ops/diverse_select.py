@@ -1,17 +1,20 @@
 """Public ``diverse_select``: keep the ``n`` most diverse of ``K`` candidates per prompt (SPEC.md §3).
 
-Work per call: mean-pool over tokens (4-D input only), one batched Gram matmul ``X·Xᵀ`` in the features' precision
-(the only pass over the features), the ``B·K`` inverse norms from its diagonal (checked finite), then one call that
-scales the Gram to cosine similarities and selects, for every prompt:
+Work per call: mean-pool over tokens (4-D input only), then per method:
 
-- ``cpp``: ``torch.ops.silmm_fast.diverse_select`` from the C++ extension (``csrc/diverse_select``), prompts in
-  parallel over the batch, float64 arithmetic per prompt; O(K²) per prompt for FPS, O(K² + n²K) for the DPP. The
-  cosine scaling happens per prompt inside (no extra ``B·K²`` passes in PyTorch).
+- ``"dpp"``: one batched Gram matmul ``X·Xᵀ`` in the features' precision (the only pass over the features), the
+  ``B·K`` inverse norms from its diagonal (checked finite), then one C++ call
+  (``torch.ops.silmm_fast.diverse_select``, ``csrc/diverse_select``) that scales the Gram to cosine similarities and
+  runs the greedy DPP per prompt in float64, prompts in parallel over the batch; O(K² + n²K) per prompt after the Gram.
+- ``"fps"`` on CPU: one C++ call (``torch.ops.silmm_fast.diverse_select_fps``) straight from the pooled features,
+  forming only the columns of the picks: (n + 2)·K·D multiply-adds per prompt instead of the K²·D of a Gram product,
+  inner products in the features' precision, selection in float64. On CUDA: the Gram route as for the DPP.
 - ``reference``: ``silmm_fast.reference.diverse_select`` (the same rules, batched PyTorch), used when the extension
   is disabled (``SILMM_FAST_NO_EXT=1``), cannot be built (one warning) or is forced with ``use_backend("reference")``.
 
-Both paths pick identical indices (same rules, same IEEE operations in the same order). The selection rules are
-documented in ``silmm_fast.reference.diverse_select`` and ``csrc/diverse_select/diverse_select.h``.
+The C++ and reference paths of each route pick identical indices (same IEEE operations in the same order). The
+selection rules are documented in ``silmm_fast.reference.diverse_select`` and
+``csrc/diverse_select/diverse_select.h``.
 """
 
 from __future__ import annotations
@@ -43,15 +46,20 @@ def _register_fake() -> None:
             torch._check(similarity.dim() == 3, lambda: "diverse_select: similarity must be [B, K, K]")
             return similarity.new_empty((similarity.shape[0], n), dtype=torch.long)
 
+        @torch.library.register_fake("silmm_fast::diverse_select_fps")
+        def _(features, quality, n):
+            torch._check(features.dim() == 3, lambda: "diverse_select_fps: features must be [B, K, D]")
+            return features.new_empty((features.shape[0], n), dtype=torch.long)
+
         _fake_registered = True
 
 
-def cpp_op():
-    """``torch.ops.silmm_fast.diverse_select`` (building / loading the extension first), or None if unavailable."""
+def cpp_op(name: str = "diverse_select"):
+    """``torch.ops.silmm_fast.<name>`` (building / loading the extension first), or None if unavailable."""
     if _ext.load() is None:
         return None
     _register_fake()
-    return torch.ops.silmm_fast.diverse_select.default
+    return getattr(torch.ops.silmm_fast, name).default
 
 
 def _check_n(n: object, K: int) -> int:
@@ -94,17 +102,19 @@ def _validate(features: object, n: object, method: object, quality: object) -> N
                 raise ValueError("quality: expected non-negative values (per-candidate weights)")
 
 
+def _raise_non_finite(features: torch.Tensor, dtype: torch.dtype) -> None:
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("features: contains NaN or Inf")
+    raise ValueError(f"features: squared norms overflow {dtype} (values too large); scale the features or pass float64")
+
+
 def _check_finite_gram(features: torch.Tensor, gram: torch.Tensor) -> None:
     """A NaN / Inf feature (or an overflowing squared norm) makes diag(G) non-finite: B·K values to check, not
     B·K·L·D. Costs one host sync on CUDA."""
     sq_norms = gram.diagonal(dim1=1, dim2=2)
     if _skip_data_checks(gram) or sq_norms.numel() == 0 or bool(torch.isfinite(sq_norms).all()):
         return
-    if not bool(torch.isfinite(features).all()):
-        raise ValueError("features: contains NaN or Inf")
-    raise ValueError(
-        f"features: squared norms overflow {gram.dtype} (values too large); scale the features or pass float64"
-    )
+    _raise_non_finite(features, gram.dtype)
 
 
 def diverse_select(
@@ -129,8 +139,8 @@ def diverse_select(
     indices.
 
     Args:
-        features: ``[B, K, L, D]`` (mean-pooled over ``L``) or ``[B, K, D]``; float16 / bfloat16 / float32 (Gram in
-            float32) or float64 (Gram in float64). Any strides. NaN / Inf raise.
+        features: ``[B, K, L, D]`` (mean-pooled over ``L``) or ``[B, K, D]``; float16 / bfloat16 / float32 (inner
+            products in float32) or float64 (in float64). Any strides. NaN / Inf raise.
         n: how many to keep per prompt, ``1 <= n <= K``.
         method: ``"dpp"`` (default) or ``"fps"``.
         quality: optional ``[B, K]`` non-negative finite weights (e.g. self-feedback scores mapped to ``[0, 1]``); a
@@ -139,17 +149,46 @@ def diverse_select(
     Returns:
         ``[B, n]`` int64 indices into ``K``, in pick order, distinct per row, on the features' device.
 
-    Memory: the ``[B, K, K]`` Gram plus O(K² + n·K) float64 workspace per thread; the features are read once by the
-    Gram matmul (plus once by the pooling of 4-D input).
+    Memory: DPP, the ``[B, K, K]`` Gram plus O(K² + n·K) float64 workspace per thread; FPS on CPU, no Gram, O(K·D)
+    workspace per thread only for non-contiguous input. The features are read from memory once (plus once by the
+    pooling of 4-D input).
     """
     _validate(features, n, method, quality)
-    gram = _reference.gram_matrix(_reference.pooled_features(features))
+    pooled = _reference.pooled_features(features)
+    backend = _backend.choose("diverse_select", features.device)
+    if method == "fps":
+        return _fps(features, pooled, n, quality, backend)
+    gram = _reference.gram_matrix(pooled)
     _check_finite_gram(features, gram)
     scale = _reference.inverse_norms(gram)
     eps = DPP_EPS[gram.dtype]
-    backend = _backend.choose("diverse_select", features.device)
     if backend == "cpp":
         op = cpp_op()
         if op is not None:
             return op(gram, scale, quality, n, method, eps)
     return _reference.select_from_similarity(gram, scale, quality, n, method, eps)
+
+
+def _fps(features: torch.Tensor, pooled: torch.Tensor, n: int, quality: torch.Tensor | None, backend: str):
+    """FPS on CPU: straight from the pooled features, without a Gram matrix (C++ ``diverse_select_fps`` or the
+    reference ``fps_from_features``, identical bits). On CUDA: one Gram product, then the similarity kernel or its
+    reference (a GPU multiplies matrices faster than it walks columns); the same rule, rounded like the GPU's matmul."""
+    if pooled.is_cuda:
+        gram = _reference.gram_matrix(pooled)
+        _check_finite_gram(features, gram)
+        scale = _reference.inverse_norms(gram)
+        op = cpp_op() if backend == "cpp" else None
+        if op is not None:
+            return op(gram, scale, quality, n, "fps", 0.0)
+        return _reference.select_from_similarity(gram, scale, quality, n, "fps", 0.0)
+    op = cpp_op("diverse_select_fps") if backend == "cpp" else None
+    if op is not None:
+        out = op(pooled, quality, n)
+        if out.numel() > 0 and not _skip_data_checks(out) and bool((out[:, 0] < 0).any()):
+            _raise_non_finite(features, pooled.dtype)
+        return out
+    if pooled.numel() > 0 and not _skip_data_checks(pooled):
+        sq = _reference.lane_dot(pooled, pooled)
+        if not bool(torch.isfinite(sq).all()):
+            _raise_non_finite(features, pooled.dtype)
+    return _reference.fps_from_features(pooled, quality, n)

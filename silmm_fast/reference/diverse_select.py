@@ -14,7 +14,10 @@ in the same order as the C++ loops:
 - FPS (max-min cosine distance, optionally quality weighted): before any pick a candidate's distance is
   ``1 − mean_j S_ij`` (its distance from the candidate set as a whole, so the first pick is the most atypical
   candidate); after picks it is ``min over picked j of (1 − S_ij)``. Each step picks the unpicked candidate with the
-  largest ``q_i · dist_i`` (``q = 1`` without quality), the lowest index on ties.
+  largest ``q_i · dist_i`` (``q = 1`` without quality), the lowest index on ties. On CPU, ``fps_from_features``
+  computes the same rule without a Gram matrix (only the columns of the picks, inner products in the features'
+  precision; the C++ ``diverse_select_fps`` repeats its operations in its order); on CUDA and after a stopped DPP,
+  ``select_from_similarity`` computes it from ``S``.
 - DPP (Chen, Zhang & Zhou 2018, greedy MAP): kernel ``L_ij = (q_i·S_ij)·q_j``; each step picks the unpicked candidate
   with the largest residual gain ``d_i²`` (the first pick: the largest ``L_ii``, index 0 when all are equal), the
   lowest index on ties. The incremental factorization is their Cholesky update in square-root-free form: picking
@@ -138,6 +141,74 @@ def select_from_similarity(
     return out
 
 
+LANES = 16  # partial sums per inner product in the C++ kernel (csrc/diverse_select/diverse_select_cpu.cpp)
+
+
+def lane_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``⟨a, b⟩`` over the last dim (broadcasting), in the dtype of the inputs and the C++ kernel's order: ``LANES``
+    running sums (lane ``l`` takes ``d ≡ l mod LANES``, in ``d`` order), then folded by halves (``s_l += s_{l+w}`` for
+    ``w = 8, 4, 2, 1``). Same IEEE operations in the same order, so the same bits."""
+    prod = a * b
+    D = prod.shape[-1]
+    prod = torch.nn.functional.pad(prod, (0, -D % LANES)).unflatten(-1, (-1, LANES))
+    s = prod[..., 0, :]
+    for chunk in range(1, prod.shape[-2]):
+        s = s + prod[..., chunk, :]
+    w = LANES // 2
+    while w >= 1:
+        s = s[..., :w] + s[..., w : 2 * w]
+        w //= 2
+    return s[..., 0]
+
+
+def newton_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """``√v`` for finite ``v > 0`` (float64) by the C++ kernel's fixed Newton iteration (``NewtonSqrt``): ``v = f·2ᵉ``
+    with ``f ∈ [0.5, 2)``, ``e`` even; ``y₀ = (1 + f)/2``, six steps ``y = 0.5·(y + f/y)``; ``y·2^(e/2)``. Only
+    +, ×, ÷ and exact scaling, so both give the same bits (torch.sqrt is not always correctly rounded)."""
+    f, e = torch.frexp(v)
+    odd = (e % 2) == 1
+    f = torch.where(odd, f * 2.0, f)
+    e = torch.where(odd, e - 1, e)
+    y = 0.5 * (1.0 + f)
+    for _ in range(6):
+        y = 0.5 * (y + f / y)
+    return torch.ldexp(y, torch.div(e, 2, rounding_mode="floor"))
+
+
+def fps_from_features(pooled: torch.Tensor, quality: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The ``"fps"`` rule computed from pooled features ``[B, K, D]`` (float32 or float64), forming only the picks'
+    columns of the cosine similarity (no ``[B, K, K]`` Gram): ``c_i = 1/newton_sqrt(⟨x_i, x_i⟩)`` (0 for an all-zero
+    candidate), distances before the first pick ``1 − c_i·⟨x_i, m⟩ / K`` with ``m = Σ_j c_j x_j`` (which is
+    ``1 − mean_j S_ij``), after a pick of ``j`` the running minimum of ``1 − clamp((c_i·c_j)·⟨x_i, x_j⟩, −1, 1)``.
+    Inner products and squared norms by ``lane_dot`` and ``m`` (summed in ``j`` order) in the features' dtype, the
+    rest in float64: the C++ kernel's operations in its order.
+
+    Equivalent to ``torch.ops.silmm_fast.diverse_select_fps(pooled, quality, n)``. Returns ``[B, n]`` int64 indices in
+    pick order.
+    """
+    x = pooled
+    B, K, D = x.shape
+    rows = torch.arange(B, device=x.device)
+    sq = lane_dot(x, x).double()
+    c = torch.where(sq > 0, 1.0 / newton_sqrt(torch.where(sq > 0, sq, 1.0)), 0.0)
+    m = torch.zeros(B, D, dtype=x.dtype, device=x.device)
+    for j in range(K):
+        m = m + c[:, j, None].to(x.dtype) * x[:, j]
+    dist = 1.0 - (c * lane_dot(x, m[:, None, :]).double()) / K
+    q = torch.ones(B, K, dtype=torch.float64, device=x.device) if quality is None else quality.double()
+    picked = torch.zeros(B, K, dtype=torch.bool, device=x.device)
+    out = torch.empty(B, n, dtype=torch.long, device=x.device)
+    for k in range(n):
+        j = _argmax_unpicked(q * dist, picked)
+        out[:, k] = j
+        picked[rows, j] = True
+        if k + 1 < n:
+            col = (c * c[rows, j, None]) * lane_dot(x, x[rows, j, None, :]).double()
+            to_pick = 1.0 - col.clamp(-1.0, 1.0)
+            dist = to_pick if k == 0 else torch.minimum(dist, to_pick)
+    return out
+
+
 def diverse_select(
     features: torch.Tensor, n: int, *, method: str = "dpp", quality: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -146,5 +217,8 @@ def diverse_select(
     Equivalent to the rules in this module's docstring. Args: features ``[B, K, L, D]`` or ``[B, K, D]`` float;
     quality ``[B, K]`` non-negative or None. Returns ``[B, n]`` int64 indices in pick order.
     """
-    gram = gram_matrix(pooled_features(features))
+    pooled = pooled_features(features)
+    if method == "fps":
+        return fps_from_features(pooled, quality, n)
+    gram = gram_matrix(pooled)
     return select_from_similarity(gram, inverse_norms(gram), quality, n, method, DPP_EPS[gram.dtype])
