@@ -3,6 +3,10 @@
 Providers (per method, ``--modes dpp fps``):
 - ``silmm``: ``silmm_fast.diverse_select`` on the C++ extension (one Gram matmul + one batched C++ call).
 - ``reference``: the same call forced onto the pure-PyTorch reference (batched over prompts, loops over picks).
+- ``torch_compile``: ``silmm_fast.reference.diverse_select`` through ``torch.compile``. Not run unless asked for
+  (``--providers ... torch_compile``): compiling the reference's pick loop takes about 80 s per shape and method on
+  the 2-core CPU (``floor-naive``, DPP), longer than the rest of the sweep together. Skipped with a printed reason
+  when compiling fails.
 - ``naive``: a per-prompt Python loop, the way a user would write it: normalize, ``xn @ xn.T``, then Chen et al.'s
   greedy DPP (or FPS) with torch ops on one prompt at a time.
 - ``fpsample`` / ``torch-fps`` (FPS only, when installed): the point-cloud FPS libraries on the normalized pooled
@@ -12,7 +16,8 @@ Providers (per method, ``--modes dpp fps``):
   the work no selection method can skip, the hardware floor for wide features.
 
 Timing: per shape every (provider, method) pair is warmed up once, then timed ``--rounds`` times taking turns (one call
-each per round), median reported: on a shared machine a load spike then hits all providers alike.
+each per round; CUDA events on a GPU, with the features rotated among ``bench.common.rotation_copies`` copies),
+median reported: on a shared machine a load spike then hits all providers alike. Cost model: ``cost``.
 
 Floors (issue 4, CPU, side by side in one run): ``floor-naive`` silmm >= 20x faster than naive; ``floor-gram`` silmm
 within 1.5x of torch.bmm. ``python bench/bench_diverse_select.py --device cpu`` runs the sweep and appends rows to
@@ -22,10 +27,8 @@ within 1.5x of torch.bmm. ``python bench/bench_diverse_select.py --device cpu`` 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +38,22 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, measure, print_table, row, write_rows  # noqa: E402
+from bench import common  # noqa: E402
+from bench.common import (  # noqa: E402
+    Cost,
+    Measurement,
+    case_label,
+    environment,
+    note_skip,
+    peak_memory,
+    peer_missing,
+    print_table,
+    rotation_copies,
+    row,
+    tensor_bytes,
+    time_call,
+    write_rows,
+)
 from silmm_fast import diverse_select, use_backend  # noqa: E402
 
 
@@ -63,8 +81,10 @@ SELECT_SHAPES = {
     "dreamllm": SelectShape("dreamllm", 32, 16, 4, 64, 1024, "DreamLLM-like: 64 query tokens, mean-pooled"),
     "tiny": SelectShape("tiny", 2, 6, 3, 2, 8, "test registry"),
 }
+SHAPES = SELECT_SHAPES  # the registry the suite runner picks --shapes names from
 DEFAULT_SHAPES = ("floor-naive", "floor-gram", "b64", "k16", "k256", "d4096", "dreamllm")
-PROVIDERS = ("silmm", "reference", "naive", "fpsample", "torch-fps", "torch.bmm")
+PROVIDERS = ("silmm", "reference", "torch_compile", "naive", "fpsample", "torch-fps", "torch.bmm")
+DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p != "torch_compile")
 MODES = ("dpp", "fps")
 
 
@@ -123,10 +143,7 @@ def naive_select(features: torch.Tensor, n: int, method: str, quality: torch.Ten
 
 # --- peers -----------------------------------------------------------------------------------------------------------
 def _peer_missing(provider: str) -> str | None:
-    module = {"fpsample": "fpsample", "torch-fps": "torch_fps"}[provider]
-    if importlib.util.find_spec(module) is None:
-        return f"{provider} is not installed (pip install {provider})"
-    return None
+    return peer_missing({"fpsample": "fpsample", "torch-fps": "torch_fps"}[provider], provider)
 
 
 def _pooled_unit(features: torch.Tensor) -> torch.Tensor:
@@ -165,14 +182,23 @@ def _features(shape: SelectShape, device: torch.device) -> tuple[torch.Tensor, t
     return feats, quality
 
 
+def cost(shape: SelectShape, mode: str) -> Cost:
+    """Minimal cost of one case: bytes = the fp32 features read once (B·K·L·D·4) and the indices written (B·n·8; the
+    Gram matrix B·K·K·4 for mode ``gram``); FLOPs = the Gram product of the pooled features, 2·B·K·K·D (the pooling
+    adds and the pick loops, O(B·n·K) and O(B·n²·K), are not counted)."""
+    read = shape.prompts * shape.candidates * shape.tokens * shape.dim * 4
+    written = shape.prompts * shape.candidates**2 * 4 if mode == "gram" else shape.prompts * shape.keep * 8
+    return Cost(read + written, 2 * shape.prompts * shape.candidates**2 * shape.dim)
+
+
 def _provider_fn(provider: str, mode: str, feats: torch.Tensor, n: int, device: torch.device):
-    """The call to time for ``provider``, or a string saying why it is skipped."""
+    """The call to time for ``provider``, or a (kind, reason) pair saying why it is skipped."""
     if provider in ("fpsample", "torch-fps"):
         why = _peer_missing(provider)
         if why is not None:
-            return why
+            return "unavailable", why
         if provider == "fpsample" and device.type != "cpu":
-            return "CPU (numpy) only"
+            return "unavailable", "CPU (numpy) only"
         return _peer_fn(provider, feats, n)
     if provider == "silmm":
         return lambda: diverse_select(feats, n, method=mode)
@@ -183,33 +209,38 @@ def _provider_fn(provider: str, mode: str, feats: torch.Tensor, n: int, device: 
                 return diverse_select(feats, n, method=mode)
 
         return reference
+    if provider == "torch_compile":
+        from silmm_fast.reference.diverse_select import diverse_select as reference
+
+        return torch.compile(lambda: reference(feats, n, method=mode), dynamic=False)
     if provider == "naive":
         if device.type != "cpu":
-            return "the per-prompt loop is benchmarked on CPU only"
+            return "not_run", "the per-prompt loop is benchmarked on CPU only"
         return lambda: naive_select(feats, n, mode)
     raise ValueError(f"providers: unknown provider {provider!r}; expected some of {PROVIDERS}")
 
 
-def _measure_interleaved(fns: dict, device: torch.device, rounds: int) -> dict:
+def _measure_interleaved(fns: dict, device: torch.device, rounds: int, shape_name: str) -> dict:
     """Median over ``rounds`` of one call of each provider per round, the providers taking turns, so a load spike
     from other processes on a shared machine hits every provider alike (sequential blocks of repeats would charge
-    it to whichever provider was running). Peak memory from ``bench.common.measure`` (one extra call each)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns.values():
-        fn()  # warm-up (extension load, caches, allocator)
+    it to whichever provider was running). Each value of ``fns`` is one call per input copy; round ``r`` uses copy
+    ``r``. Peak memory from ``bench.common.peak_memory`` (one extra call each); a failing provider is skipped."""
     times: dict = {key: [] for key in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[key].append((time.perf_counter() - t0) * 1e3)
+    for key, calls in list(fns.items()):
+        try:
+            calls[0]()  # warm-up (extension load, compilation, caches, allocator)
+        except Exception as err:  # noqa: BLE001 - torch.compile or a peer failing must not stop the sweep
+            note_skip("diverse_select", key[0], f"{key[1]} failed with {type(err).__name__}: {err}", "failed")
+            del fns[key], times[key]
+    for r in range(rounds):
+        for key, calls in fns.items():
+            times[key].append(time_call(calls[r % len(calls)], device))
     out = {}
-    for key, fn in fns.items():
-        m = measure(fn, device, warmup=0, repeats=1)
-        m.times_ms = times[key]
-        out[key] = m
+    for key, calls in fns.items():
+        peak, metric = peak_memory(calls[0], device)
+        out[key] = Measurement(times[key], peak, metric, len(calls))
+        if common.TRACE_DIR is not None:
+            common.write_trace(calls[0], device, case_label("diverse_select", key[0], shape_name, key[1]))
     return out
 
 
@@ -218,26 +249,37 @@ def run(
     device: torch.device | str,
     providers: list[str] | None = None,
     modes: list[str] | None = None,
-    rounds: int = 5,
+    rounds: int | None = None,
 ) -> list[dict]:
+    """Time every (shape, provider, method); returns result rows (bench.common.row schema). ``rounds``: timed calls
+    per provider (default 5 on CPU, 50 on CUDA). ``providers`` None: every provider but ``torch_compile``."""
     device = torch.device(device)
-    providers = list(providers or PROVIDERS)
+    rounds = rounds or (50 if device.type == "cuda" else 5)
+    if providers is None:
+        providers = list(DEFAULT_PROVIDERS)
+        why = "left out by default: compiling the reference's pick loop takes ~80 s per shape and method on 2 CPU cores"
+        note_skip("diverse_select", "torch_compile", why + " (ask for it: --providers torch_compile)", "not_run")
     modes = list(modes or MODES)
     env = environment(device)
     rows: list[dict] = []
     for name in shapes or DEFAULT_SHAPES:
         shape = SELECT_SHAPES[name]
         feats, _ = _features(shape, device)
+        extra_copies = rotation_copies(tensor_bytes(feats), device) - 1
+        copies = [feats] + [_features(shape, device)[0] for _ in range(extra_copies)]
         n = shape.keep
         shape_doc = {k: v for k, v in asdict(shape).items() if k != "note"}
         fns = {}
         if "torch.bmm" in providers:
 
-            def gram(feats=feats):
-                pooled = feats.mean(dim=2) if feats.dim() == 4 else feats
-                return torch.bmm(pooled, pooled.transpose(1, 2))
+            def gram(feats):
+                def call():
+                    pooled = feats.mean(dim=2) if feats.dim() == 4 else feats
+                    return torch.bmm(pooled, pooled.transpose(1, 2))
 
-            fns[("torch.bmm", "gram")] = gram
+                return call
+
+            fns[("torch.bmm", "gram")] = [gram(f) for f in copies]
         for mode in modes:
             expected = diverse_select(feats, n, method=mode)
             with use_backend("reference"):
@@ -245,13 +287,16 @@ def run(
             for provider in providers:
                 if provider == "torch.bmm" or (provider in ("fpsample", "torch-fps") and mode != "fps"):
                     continue
-                fn = _provider_fn(provider, mode, feats, n, device)
-                if isinstance(fn, str):
-                    print(f"skip {provider}: {fn}")
+                calls = [_provider_fn(provider, mode, f, n, device) for f in copies]
+                if isinstance(calls[0], tuple):
+                    note_skip("diverse_select", provider, calls[0][1], calls[0][0])
                     continue
-                fns[(provider, mode)] = fn
-        measured = _measure_interleaved(fns, device, rounds)
-        shape_rows = {key: row("diverse_select", key[0], key[1], shape_doc, m, env) for key, m in measured.items()}
+                fns[(provider, mode)] = calls
+        measured = _measure_interleaved(fns, device, rounds, shape.name)
+        shape_rows = {
+            key: row("diverse_select", key[0], key[1], shape_doc, m, env, cost=cost(shape, key[1]))
+            for key, m in measured.items()
+        }
         bmm = measured.get(("torch.bmm", "gram"))
         for mode in modes:
             silmm = measured.get(("silmm", mode))
@@ -284,9 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), choices=sorted(SELECT_SHAPES))
-    parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="*", default=None, choices=PROVIDERS, help="default: all but compile")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls per provider, taken in turns")
+    parser.add_argument("--rounds", type=int, default=None, help="timed calls per provider, taken in turns")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -2,12 +2,14 @@
 their prompt ([B, 2K, L, D]) -> [B, 2, 2K], the single ``pairwise_distance`` launch ``kc_dpo_loss`` makes.
 
 Providers: ``reference`` (eager ``silmm_fast.reference.pairwise_distance``), ``torch_compile`` (the same function
-through ``torch.compile``), ``silmm`` (``silmm_fast.pairwise_distance``: Triton on CUDA, the torch path on CPU).
+through ``torch.compile``; skipped with a printed reason if compiling fails here), ``silmm``
+(``silmm_fast.pairwise_distance``: Triton on CUDA, the torch path on CPU). No peer library computes these pooled
+kernel distances with a backward (ANCHORS.md), so there is none to compare against.
 Modes: ``forward`` (no autograd) and ``full`` (forward + backward into the [B, 2, L, D] side, as in training).
 Each row also carries ``min_ms`` (the fastest repeat: on a shared CPU the median drifts with other load),
-``traced_peak_bytes`` (storage bytes the call allocates at its peak, traced per op: eager providers only) and
-``min_bytes`` (inputs read once; plus the gradient written, for ``full``) and the GB/s that
-implies, to compare with the HBM floor of ANCHORS.md.
+``traced_peak_bytes`` (storage bytes the call allocates at its peak, traced per op: eager providers only) and the
+minimal cost (``cost``: ``min_bytes`` and ``flops``) with the GB/s it implies, to compare with the HBM floor of
+ANCHORS.md.
 
     python bench/bench_kernel_similarity.py --device cpu --shapes cpu-small dreamllm-1k-k1
 """
@@ -25,9 +27,22 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import FEATURE_SHAPES, FeatureShape, environment, measure, print_table, row, write_rows  # noqa: E402
+from bench.common import (  # noqa: E402
+    FEATURE_SHAPES,
+    Cost,
+    FeatureShape,
+    case_label,
+    environment,
+    measure,
+    note_skip,
+    print_table,
+    rotation_copies,
+    row,
+    write_rows,
+)
 
 OP = "kernel_similarity"
+SHAPES = FEATURE_SHAPES  # the registry the suite runner picks --shapes names from
 PROVIDERS = ("reference", "torch_compile", "silmm")
 MODES = ("forward", "full")
 
@@ -79,8 +94,19 @@ def _provider_fn(provider: str):
     raise ValueError(f"providers: unknown provider {provider!r}; expected some of {PROVIDERS}")
 
 
-def _case(shape: FeatureShape, provider: str, mode: str, device: torch.device, dtype: torch.dtype, kw: dict):
-    fn = _provider_fn(provider)
+def cost(shape: FeatureShape, mode: str, dtype: torch.dtype) -> Cost:
+    """Minimal cost of one case: bytes = x [B, 2, L, D] and y [B, N, L, D] read once (plus the gradient of x written,
+    for ``full``); the [B, 2, N] output is negligible. FLOPs: the pooled Gram products, 2·B·2·N·D forward, the same
+    again for the gradient (``full``); pooling and the distance epilogue are elementwise and not counted."""
+    elem = torch.finfo(dtype).bits // 8
+    x, y = shape.prompts * 2 * shape.tokens * shape.dim, shape.prompts * shape.candidates * shape.tokens * shape.dim
+    gram = 2 * shape.prompts * 2 * shape.candidates * shape.dim
+    if mode == "full":
+        return Cost((2 * x + y) * elem, 2 * gram)
+    return Cost((x + y) * elem, gram)
+
+
+def _case(fn, shape: FeatureShape, mode: str, device: torch.device, dtype: torch.dtype, kw: dict):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape.prompts, 2, shape.tokens, shape.dim, generator=gen).to(device=device, dtype=dtype)
     y = torch.randn(shape.prompts, shape.candidates, shape.tokens, shape.dim, generator=gen).to(device, dtype)
@@ -97,9 +123,7 @@ def _case(shape: FeatureShape, provider: str, mode: str, device: torch.device, d
             x.grad = None
             fn(x, y, **kw).sum().backward()
 
-    elem = torch.finfo(dtype).bits // 8
-    min_bytes = (x.numel() + y.numel()) * elem + (x.numel() * elem if mode == "full" else 0)
-    return call, min_bytes
+    return call
 
 
 def run(
@@ -111,7 +135,7 @@ def run(
     kernel: str = "cosine",
     pool: str = "mean",
     dtype: torch.dtype | None = None,
-    repeats: int = 5,
+    repeats: int | None = 5,
 ) -> list[dict]:
     """Time and measure every (shape, provider, mode); returns result rows (bench.common.row schema)."""
     device = torch.device(device)
@@ -121,21 +145,26 @@ def run(
     rows = []
     for shape in shapes:
         shape = FEATURE_SHAPES[shape] if isinstance(shape, str) else shape
+        input_bytes = shape.prompts * (2 + shape.candidates) * shape.tokens * shape.dim * dtype.itemsize
         for provider in providers or PROVIDERS:
+            fn = _provider_fn(provider)
             for mode in modes or MODES:
-                call, min_bytes = _case(shape, provider, mode, device, dtype, kw)
-                m = measure(call, device, warmup=2, repeats=repeats)
+                calls = [_case(fn, shape, mode, device, dtype, kw) for _ in range(rotation_copies(input_bytes, device))]
+                label = case_label(OP, provider, shape.name, mode)
+                try:
+                    m = measure(calls, device, warmup=2, repeats=repeats, label=label)
+                except Exception as err:  # noqa: BLE001 - torch.compile failing here must not stop the suite
+                    note_skip(OP, provider, f"{mode} failed with {type(err).__name__}: {err}", "failed")
+                    continue
                 shape_doc = dict(name=shape.name, B=shape.prompts, M=2, N=shape.candidates, L=shape.tokens, D=shape.dim)
                 rows.append(
                     row(
-                        OP, provider, mode, shape_doc, m, env,
+                        OP, provider, mode, shape_doc, m, env, cost=cost(shape, mode, dtype),
                         kernel=kernel, pool=pool, dtype=str(dtype).removeprefix("torch."),
-                        min_bytes=min_bytes, gbps=round(min_bytes / (m.median_ms * 1e6), 2),
-                        threads=torch.get_num_threads(), min_ms=round(min(m.times_ms), 4),
-                        traced_peak_bytes=None if provider == "torch_compile" else _traced_peak_bytes(call),
+                        traced_peak_bytes=None if provider == "torch_compile" else _traced_peak_bytes(calls[0]),
                     )
                 )  # fmt: skip
-                del call
+                del calls
     return rows
 
 

@@ -8,9 +8,10 @@ Providers: ``naive`` (materialized logits, fp32 ``log_softmax``, gather, mask: w
 ``reference`` (``silmm_fast.reference``), ``torch_compile`` (the reference through ``torch.compile``), ``silmm``
 (the public API, auto backend), and peers when installed: ``trl`` (``selective_log_softmax``), ``cut_cross_entropy``
 (``linear_cross_entropy``, per-token), ``liger_kernel`` (fused linear cross-entropy / DPO; Triton, CUDA only).
-A provider that is missing or fails is skipped with a printed reason.
+A provider that is missing or fails (``torch.compile`` included) is skipped with a printed reason.
 Modes: ``forward`` (autograd recording, as in training), ``backward`` (on a retained graph), ``full`` (both).
-Metrics: median time and the peak memory one call adds (bench.common.measure).
+Metrics: median time and the peak memory one call adds (bench.common.measure), and the minimal cost of the case
+(``cost``: bytes an ideal implementation moves, matrix-product FLOPs) with the GB/s and TFLOP/s it implies.
 
     python bench/bench_logprobs.py --device cpu --shapes cpu-floor --ops fused_linear_logprobs --providers naive silmm
 """
@@ -18,7 +19,6 @@ Metrics: median time and the peak memory one call adds (bench.common.measure).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,9 +28,25 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import HEAD_SHAPES, HeadShape, environment, measure, print_table, row, write_rows  # noqa: E402
+from bench.common import (  # noqa: E402
+    HEAD_SHAPES,
+    Cost,
+    HeadShape,
+    case_label,
+    environment,
+    measure,
+    note_skip,
+    peer_missing,
+    print_table,
+    release_freed_memory_to_os,
+    rotation_copies,
+    row,
+    tensor_bytes,
+    write_rows,
+)
 
 OPS = ("gather_logprobs", "sequence_logprobs", "fused_linear_logprobs", "fused_linear_dpo")
+SHAPES = HEAD_SHAPES  # the registry the suite runner picks --shapes names from
 PROVIDERS = ("naive", "reference", "torch_compile", "silmm", "trl", "cut_cross_entropy", "liger_kernel")
 MODES = ("forward", "backward", "full")
 HEADS = ("trainable", "frozen")
@@ -39,18 +55,11 @@ BETA = 0.1
 
 
 class Skip(Exception):
-    """A provider that cannot run here (not installed, no CUDA, no implementation for the op)."""
+    """A provider that cannot run here (not installed, no CUDA)."""
 
 
-def _release_freed_memory_to_os() -> None:
-    """CPU peak memory is measured on the resident set: make glibc return every freed block above 128 KiB to the OS
-    (a fixed mmap threshold), so memory one provider freed is not silently reused by the next one's measurement."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
+class Unsupported(Skip):
+    """A provider with no implementation of the op."""
 
 
 # --- the computations ------------------------------------------------------------------------------------------------
@@ -91,12 +100,12 @@ def _logits_fn(op: str, provider: str, device: torch.device) -> Callable:
     if provider == "silmm":
         return silmm
     if provider == "trl":
-        try:
-            from trl.trainer.utils import selective_log_softmax
-        except ImportError as err:
-            raise Skip(f"trl not importable ({err})") from err
+        if why := peer_missing("trl.trainer.utils", "trl"):
+            raise Skip(why)
+        from trl.trainer.utils import selective_log_softmax
+
         return lambda z, y: (selective_log_softmax(z, y.clamp(min=0)) * (y != IGNORE)).sum()
-    raise Skip(f"{provider} has no {op}")
+    raise Unsupported(f"{provider} has no {op}")
 
 
 def _head_logps_fn(provider: str, device: torch.device) -> Callable:
@@ -113,22 +122,22 @@ def _head_logps_fn(provider: str, device: torch.device) -> Callable:
     if provider == "silmm":
         return lambda h, w, y: silmm_fast.fused_linear_logprobs(h, w, y, ignore_index=IGNORE)
     if provider == "cut_cross_entropy":
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-        except ImportError as err:
-            raise Skip(f"cut_cross_entropy not importable ({err})") from err
+        if why := peer_missing("cut_cross_entropy", "cut-cross-entropy"):
+            raise Skip(why)
+        from cut_cross_entropy import linear_cross_entropy
+
         impl = "cce" if device.type == "cuda" else "torch_compile"
         return lambda h, w, y: -linear_cross_entropy(h, w, y, ignore_index=IGNORE, reduction="none", impl=impl).sum(-1)
     if provider == "liger_kernel":
+        if why := peer_missing("liger_kernel.transformers", "liger-kernel"):
+            raise Skip(why)
         if device.type != "cuda":
             raise Skip("liger_kernel runs Triton kernels: CUDA only")
-        try:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        except ImportError as err:
-            raise Skip(f"liger_kernel not importable ({err})") from err
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
         ce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="none")
         return lambda h, w, y: -ce(w, h.reshape(-1, h.shape[-1]), y.reshape(-1)).view(y.shape).sum(-1)
-    raise Skip(f"{provider} has no fused_linear_logprobs")
+    raise Unsupported(f"{provider} has no fused_linear_logprobs")
 
 
 def _dpo_fn(provider: str, device: torch.device) -> Callable:
@@ -139,12 +148,12 @@ def _dpo_fn(provider: str, device: torch.device) -> Callable:
         module = FusedLinearDPOLoss(beta=BETA, ignore_index=IGNORE)
         return lambda h, w, y, rc, rr: module(h, w, y, rc, rr).loss
     if provider == "liger_kernel":
+        if why := peer_missing("liger_kernel.chunked_loss", "liger-kernel"):
+            raise Skip(why)
         if device.type != "cuda":
             raise Skip("liger_kernel runs Triton kernels: CUDA only")
-        try:
-            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-        except ImportError as err:
-            raise Skip(f"liger_kernel not importable ({err})") from err
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
         # Liger computes its own reference term from a reference model; without one it scores the policy alone,
         # which is the same head work.
         module = LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=BETA, use_ref_model=False)
@@ -155,7 +164,7 @@ def _dpo_fn(provider: str, device: torch.device) -> Callable:
 
         return liger
     if provider == "trl":
-        raise Skip("trl has no fused DPO head (its DPO is the naive provider)")
+        raise Unsupported("trl has no fused DPO head (its DPO is the naive provider)")
     logps = _head_logps_fn(provider, device)
     return lambda h, w, y, rc, rr: _dpo(logps(h, w, y), rc, rr)
 
@@ -181,14 +190,17 @@ def _inputs(op: str, shape: HeadShape, head: str, device: torch.device, dtype: t
     return (hidden, weight, labels, ref[0], ref[1]), leaves
 
 
-def _callable(op: str, provider: str, mode: str, args: tuple, leaves: list, device: torch.device):
+def _provider_fn(op: str, provider: str, device: torch.device) -> Callable:
+    """The provider's computation for ``op``: call arguments -> scalar (built once per case, shared by the copies)."""
     if op in ("gather_logprobs", "sequence_logprobs"):
-        fn = _logits_fn(op, provider, device)
-    elif op == "fused_linear_logprobs":
+        return _logits_fn(op, provider, device)
+    if op == "fused_linear_logprobs":
         logps = _head_logps_fn(provider, device)
-        fn = lambda *a: logps(*a).sum()
-    else:
-        fn = _dpo_fn(provider, device)
+        return lambda *a: logps(*a).sum()
+    return _dpo_fn(provider, device)
+
+
+def _callable(fn: Callable, mode: str, args: tuple, leaves: list):
     if mode == "forward":
         return lambda: fn(*args)
     if mode == "full":
@@ -197,13 +209,30 @@ def _callable(op: str, provider: str, mode: str, args: tuple, leaves: list, devi
     return lambda: torch.autograd.grad(loss, leaves, retain_graph=True)
 
 
-def _flops(op: str, shape: HeadShape, head: str, mode: str) -> int | None:
-    """Matrix-product FLOPs of the head a naive implementation does (2·N·H·V per product)."""
-    if op not in ("fused_linear_logprobs", "fused_linear_dpo"):
-        return None
-    product = 2 * shape.n * shape.hidden * shape.vocab
+def cost(op: str, shape: HeadShape, head: str, mode: str, dtype: torch.dtype) -> Cost:
+    """The minimal cost of one case (N = B·T tokens, e bytes per element of logits / hidden / weight).
+
+    Bytes: every input read once, every output and gradient written once; int64 labels, fp32 outputs.
+    - ``gather_logprobs`` / ``sequence_logprobs`` (memory-bound: FLOPs None): forward reads the logits (N·V·e);
+      backward and full also write their gradient (N·V·e) and need the logits (or a softmax of the same size) once.
+    - ``fused_linear_logprobs`` / ``fused_linear_dpo``: forward reads hidden (N·H·e) and weight (V·H·e); backward and
+      full also write the hidden gradient (N·H·e) and, for a trainable head, the weight gradient (V·H·e). The logits
+      never need to reach memory. FLOPs: the head's matrix products, 2·N·H·V each: one forward; backward two for a
+      trainable head (input and weight gradients), one for a frozen head. An implementation that recomputes the
+      logits in backward (not storing them) does one more product that this model does not credit.
+    """
+    e = torch.finfo(dtype).bits // 8
+    n, labels = shape.n, shape.n * 8
+    grads = mode in ("backward", "full")
+    if op in ("gather_logprobs", "sequence_logprobs"):
+        out = n * 4 if op == "gather_logprobs" else shape.sequences * 4
+        return Cost(n * shape.vocab * e * (2 if grads else 1) + labels + out)
+    hidden, weight = n * shape.hidden * e, shape.vocab * shape.hidden * e
+    written = (hidden + (weight if head == "trainable" else 0)) if grads else shape.sequences * 4
+    product = 2 * n * shape.hidden * shape.vocab
     backward = 2 * product if head == "trainable" else product
-    return {"forward": product, "backward": backward, "full": product + backward}[mode]
+    flops = {"forward": product, "backward": backward, "full": product + backward}[mode]
+    return Cost(hidden + weight + labels + written, flops)
 
 
 def run(
@@ -216,7 +245,7 @@ def run(
     heads: list[str] | None = None,
     dtype: torch.dtype | None = None,
     warmup: int = 1,
-    repeats: int = 3,
+    repeats: int | None = 3,
     rounds: int = 1,
 ) -> list[dict]:
     """Time and measure every (op, shape, head, provider, mode); returns result rows (bench.common.row schema).
@@ -229,7 +258,7 @@ def run(
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cpu":
-        _release_freed_memory_to_os()
+        release_freed_memory_to_os()
     env = environment(device)
     rows = []
     for rnd, shape in [(r, s) for r in range(rounds) for s in shapes]:
@@ -243,28 +272,32 @@ def run(
                 for provider in providers or PROVIDERS:
                     for mode in modes or MODES:
                         args, leaves = _inputs(op, shape, head, device, dtype)
+                        copies = [(args, leaves)]
+                        copies += [_inputs(op, shape, head, device, dtype)
+                                   for _ in range(rotation_copies(tensor_bytes(args), device) - 1)]  # fmt: skip
+                        label = case_label(op, provider, shape.name, mode, head)
                         try:
-                            call = _callable(op, provider, mode, args, leaves, device)
-                            m = measure(call, device, warmup=warmup, repeats=repeats)
+                            fn = _provider_fn(op, provider, device)
+                            calls = [_callable(fn, mode, a, lv) for a, lv in copies]
+                            m = measure(calls, device, warmup=warmup, repeats=repeats, label=label)
                         except Skip as why:
-                            print(f"skip {provider} for {op}: {why}")
+                            kind = "unsupported" if isinstance(why, Unsupported) else "unavailable"
+                            note_skip(op, provider, str(why), kind)
                             break
-                        except Exception as err:  # noqa: BLE001 - a peer failing must not stop the suite
-                            print(f"skip {provider} for {op} {mode}: failed with {type(err).__name__}: {err}")
+                        except Exception as err:  # noqa: BLE001 - a peer or torch.compile failing must not stop the suite
+                            note_skip(op, provider, f"{mode} failed with {type(err).__name__}: {err}", "failed")
                             continue
                         finally:
-                            del args, leaves
-                        flops = _flops(op, shape, head, mode)
+                            del args, leaves, copies
                         shape_doc = dict(name=shape.name, B=shape.sequences, T=shape.tokens, H=shape.hidden,
                                          V=shape.vocab)  # fmt: skip
                         extra = dict(head=head, dtype=str(dtype).removeprefix("torch."), round=rnd)
                         if provider == "silmm":
                             key = "fused_linear_logprobs" if op == "fused_linear_dpo" else op
                             extra["backend"] = _backend.choose(key, device)
-                        if flops is not None:
-                            extra.update(flops=flops, tflops=round(flops / (m.median_ms * 1e9), 3))
-                        rows.append(row(op, provider, mode, shape_doc, m, env, **extra))
-                        del call
+                        case_cost = cost(op, shape, head, mode, dtype)
+                        rows.append(row(op, provider, mode, shape_doc, m, env, cost=case_cost, **extra))
+                        del calls, fn
     return rows
 
 

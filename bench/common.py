@@ -1,26 +1,49 @@
-"""Shared benchmark machinery: timing, peak memory, result rows as JSON lines, and the registry of realistic shapes.
+"""Shared benchmark machinery: timing, peak memory, cost models and rooflines, profiler traces, result rows as JSON
+lines, and the registry of realistic shapes.
 
-Timing: on CUDA, CUDA events around each repeat after warm-up, median of the repeats; on CPU, wall time
-(perf_counter), median. Inputs are rebuilt per provider, so no provider benefits from another's warm caches.
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the call; on CPU, the
-process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above the resident set before the call.
+Timing (``measure``): every call under test is warmed up first (``torch.compile`` compiles there). On CUDA each repeat
+sits between two CUDA events, all repeats are queued before one synchronization, and the count is chosen so the
+timed calls take about half a second (at least 20 repeats); the inputs rotate among enough copies
+(``rotation_copies``) that together they are twice the L2 cache, so a repeat never finds its inputs still cached by
+the previous one. On CPU, wall time (``perf_counter``) per repeat, without rotation (this machine's last-level cache
+is hundreds of MiB; CPU figures are warm-cache figures). The row's ``time_ms`` is the median, ``min_ms`` the fastest
+repeat (on a shared machine interference only ever adds time).
+
+Peak memory (``peak_mem_bytes``, how it was taken in ``mem_metric``): what one call adds at its peak.
+- ``cuda_max_allocated``: ``torch.cuda.max_memory_allocated`` during one call, above the memory allocated before it.
+- ``rss_hwm``: on CPU, the growth of the process's peak resident set during one call: ``/proc/self/clear_refs``
+  resets the high-water mark, and the figure is VmHWM after the call minus VmRSS before it. Every page the call
+  touches that was not resident counts: tensor storages, allocator scratch, compiled-kernel buffers, C++ extension
+  work space. So that memory freed by earlier calls cannot hide a later allocation, glibc is told to hand every
+  freed block of 128 KiB or more back to the OS (a fixed mmap threshold); blocks below that size, a few hundred KiB
+  in all, may be reused unseen. ``None`` where the kernel does not allow the reset.
+
+Cost models (``Cost``): each benchmark script computes, per op, shape and mode, the bytes an ideal implementation must
+move (inputs read once, outputs and gradients written once) and the arithmetic it must do (matrix products; None
+where the op is memory-bound and the FLOP count is meaningless). ``row`` turns them into achieved GB/s and TFLOP/s,
+and ``attach_roofline`` into the fraction of the device's measured ceilings (``measure_ceilings``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import gc
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+SCHEMA = 2  # version of the result rows (documented in silmm_fast/bench.py); rows without the field are version 1
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -50,8 +73,9 @@ HEAD_SHAPES = {
     "lumina": HeadShape("lumina", 4, 1024, 4096, 65536, "Chameleon / Lumina-mGPT"),
     "emu3": HeadShape("emu3", 1, 8190, 4096, 184622, "Emu3: one image, 184,622-way vocab"),
     # CPU-sized
-    "cpu-floor": HeadShape("cpu-floor", 8, 512, 1024, 16384, "issue floor: N=4096, H=1024, V=16384"),
+    "cpu-xs": HeadShape("cpu-xs", 2, 256, 256, 4096, "smallest step of the CPU size sweep"),
     "cpu-small": HeadShape("cpu-small", 4, 256, 512, 8192, "quick CPU check"),
+    "cpu-floor": HeadShape("cpu-floor", 8, 512, 1024, 16384, "issue floor: N=4096, H=1024, V=16384"),
     "tiny": HeadShape("tiny", 2, 16, 32, 96, "test registry"),
 }
 
@@ -83,6 +107,11 @@ FEATURE_SHAPES = {
 
 
 # --- measuring ----------------------------------------------------------------------------------------------------
+CUDA_MIN_REPEATS = 20
+CUDA_TIMED_SECONDS = 0.5
+MAX_COPIES = 8
+
+
 def _rss_bytes(field_name: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -100,47 +129,260 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+_MALLOC_FIXED = False
+
+
+def release_freed_memory_to_os() -> None:
+    """Make glibc return every freed block of 128 KiB or more to the OS (a fixed mmap threshold), so the resident-set
+    peak of one call is not hidden by memory an earlier call freed and the allocator reuses. Process-wide; once."""
+    global _MALLOC_FIXED
+    if _MALLOC_FIXED:
+        return
+    _MALLOC_FIXED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The cache that inputs are rotated to defeat: the GPU's L2 (0 on CPU, where inputs are not rotated)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
+    return 0
+
+
+def rotation_copies(input_bytes: int, device: torch.device) -> int:
+    """How many copies of a case's inputs to rotate among: together at least twice the cache, at most ``MAX_COPIES``."""
+    cache = cache_bytes(torch.device(device))
+    if cache <= 0 or input_bytes <= 0:
+        return 1
+    return max(1, min(MAX_COPIES, math.ceil(2 * cache / input_bytes)))
+
+
+def tensor_bytes(*tensors: object) -> int:
+    """Storage bytes of the tensors among ``tensors`` (nested lists and tuples walked)."""
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+        elif isinstance(t, (list, tuple)):
+            total += tensor_bytes(*t)
+    return total
+
+
 @dataclass
 class Measurement:
     times_ms: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+    mem_metric: str | None = None
+    copies: int = 1
 
     @property
     def median_ms(self) -> float:
         return statistics.median(self.times_ms)
 
+    @property
+    def min_ms(self) -> float:
+        return min(self.times_ms)
 
-def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 5) -> Measurement:
-    """Median time of ``fn()`` and the peak memory one call adds."""
-    for _ in range(warmup):
-        fn()
-    out = Measurement()
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            out.times_ms.append(start.elapsed_time(end))
-        gc.collect()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events on CUDA, wall time on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        torch.cuda.synchronize()
-        out.peak_bytes = torch.cuda.max_memory_allocated() - base
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, str | None]:
+    """(bytes one call of ``fn`` adds at its peak, how it was measured): see the module docstring."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, "cuda_max_allocated"
+    release_freed_memory_to_os()
+    if not _reset_peak_rss():
+        fn()
+        return None, None
+    base = _rss_bytes("VmRSS")
+    fn()
+    return max(0, _rss_bytes("VmHWM") - base), "rss_hwm"
+
+
+def measure(
+    fn: Callable[[], object] | Sequence[Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    repeats: int | None = None,
+    label: str | None = None,
+) -> Measurement:
+    """Median time of the call and the peak memory one call adds (module docstring). ``fn`` is one callable or one
+    per input copy (``rotation_copies``), called in turn. ``repeats``: CPU repeats (default 5); on CUDA the count is
+    at least ``repeats`` and at least enough for about ``CUDA_TIMED_SECONDS`` of calls (20 minimum). ``label``
+    names the case's profiler trace when tracing is on (``trace_into``)."""
+    device = torch.device(device)
+    fns = [fn] if callable(fn) else list(fn)
+    for i in range(max(warmup, 1 if device.type == "cuda" else warmup)):
+        fns[i % len(fns)]()
+    out = Measurement(copies=len(fns))
+    if device.type == "cuda":
+        estimate = time_call(fns[0], device)
+        count = max(repeats or 0, CUDA_MIN_REPEATS, min(200, int(CUDA_TIMED_SECONDS * 1e3 / max(estimate, 1e-3))))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+        for i in range(count):
+            starts[i].record()
+            fns[i % len(fns)]()
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        out.times_ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            out.times_ms.append((time.perf_counter() - t0) * 1e3)
-        gc.collect()
-        if _reset_peak_rss():
-            base = _rss_bytes("VmRSS")
-            fn()
-            out.peak_bytes = max(0, _rss_bytes("VmHWM") - base)
+        out.times_ms = [time_call(fns[i % len(fns)], device) for i in range(repeats or 5)]
+    out.peak_bytes, out.mem_metric = peak_memory(fns[0], device)
+    if label is not None and TRACE_DIR is not None:
+        write_trace(fns[0], device, label)
+    return out
+
+
+# --- device ceilings and rooflines ----------------------------------------------------------------------------------
+def significant(x: float, digits: int = 4) -> float:
+    """``x`` rounded to ``digits`` significant digits (rates span many orders of magnitude)."""
+    return float(f"{x:.{digits}g}")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What an ideal implementation of one case must do: ``bytes`` moved to and from memory (inputs read once,
+    outputs and gradients written once) and ``flops`` of arithmetic (None where the op is memory-bound)."""
+
+    bytes: int
+    flops: int | None = None
+
+
+def measure_ceilings(device: torch.device, *, copy_bytes: int | None = None, matmul_n: int | None = None) -> dict:
+    """The device's own ceilings, measured: a large device-to-device copy (GB/s counting the bytes read and the bytes
+    written) and a large square matmul (TFLOP/s; bf16 on CUDA, fp32 on CPU, where bf16 matmuls are emulated).
+    CUDA: 1 GiB copy, n = 8192; CPU: 256 MiB copy, n = 2048 (about a second on 2 cores). Median of the repeats."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    copy_bytes = copy_bytes or (2**30 if cuda else 2**28)
+    matmul_n = matmul_n or (8192 if cuda else 2048)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    buffers = [torch.ones(copy_bytes // 4, dtype=torch.float32, device=device) for _ in range(2)]
+    copy = measure(lambda: buffers[1].copy_(buffers[0]), device, warmup=1, repeats=5)
+    buffers.clear()
+    a, b = (torch.randn(matmul_n, matmul_n, device=device).to(dtype) for _ in range(2))
+    mm = measure(lambda: a @ b, device, warmup=1, repeats=5)
+    return {
+        "ceiling_gbps": significant(2 * copy_bytes / (copy.median_ms * 1e6)),
+        "ceiling_tflops": significant(2 * matmul_n**3 / (mm.median_ms * 1e9)),
+        "ceiling_matmul_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def attach_roofline(rows: list[dict], ceilings: dict) -> None:
+    """Add the ceilings and ``roofline`` to each row: the time the row's cost would take at the ceilings (bytes at the
+    copy bandwidth, or FLOPs at the matmul rate, whichever is longer) over its measured median time. 1.0 is the
+    ceiling; ``roofline_bound`` says which of the two set it."""
+    for r in rows:
+        r.update(ceilings)
+        r["roofline"] = r["roofline_bound"] = None
+        if not r.get("time_ms") or r.get("min_bytes") is None:
+            continue
+        memory_ms = r["min_bytes"] / (ceilings["ceiling_gbps"] * 1e6)
+        compute_ms = (r.get("flops") or 0) / (ceilings["ceiling_tflops"] * 1e9)
+        r["roofline"] = significant(max(memory_ms, compute_ms) / r["time_ms"])
+        r["roofline_bound"] = "compute" if compute_ms > memory_ms else "memory"
+
+
+# --- profiler traces ------------------------------------------------------------------------------------------------
+TRACE_DIR: Path | None = None
+
+
+def trace_into(folder: Path | str | None) -> None:
+    """Write a torch.profiler Chrome trace of one call of every measured case into ``folder`` (None: stop)."""
+    global TRACE_DIR
+    TRACE_DIR = None if folder is None else Path(folder)
+    if TRACE_DIR is not None:
+        TRACE_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def case_label(op: str, provider: str, shape: str, mode: str, *tags: str | None) -> str:
+    """``op-provider-shape-mode[-tag...]``, safe as a file name."""
+    parts = [op, provider, shape, mode, *(t for t in tags if t and t != "-")]
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "-".join(parts))
+
+
+def write_trace(fn: Callable[[], object], device: torch.device, label: str) -> Path:
+    """One call of ``fn`` under torch.profiler (CPU, plus CUDA on a GPU) -> ``TRACE_DIR/<label>.json``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+        fn()
+        _sync(device)
+    path = Path(TRACE_DIR or ".") / f"{label}.json"
+    prof.export_chrome_trace(str(path))
+    return path
+
+
+# --- skipped providers ------------------------------------------------------------------------------------------------
+SKIPPED: list[dict] = []
+
+
+SKIP_KINDS = ("unavailable", "failed", "not_run", "unsupported")
+
+
+def note_skip(op: str, provider: str, reason: str, kind: str = "unavailable") -> None:
+    """Print why ``provider`` does not run for ``op`` here and keep the record (the suite writes it as a row).
+    ``kind``: ``unavailable`` (not installed, or not on this device), ``failed`` (it raised, e.g. torch.compile),
+    ``not_run`` (left out by default, the reason says how to ask for it), ``unsupported`` (it has no such op)."""
+    if kind not in SKIP_KINDS:
+        raise ValueError(f"kind: expected one of {SKIP_KINDS}, got {kind!r}")
+    print(f"skip {provider} for {op}: {reason}", flush=True)
+    if not any(s["op"] == op and s["provider"] == provider for s in SKIPPED):
+        SKIPPED.append({"op": op, "provider": provider, "skipped": reason, "skip_kind": kind})
+
+
+def peer_missing(module: str, package: str | None = None) -> str | None:
+    """None when the peer library ``module`` can be imported; otherwise why not, with the install command."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and module.split(".")[0] == err.name.split(".")[0]:
+            return f"{package or module} is not installed (pip install {package or module})"
+        return f"{module} not importable ({err})"
+    except Exception as err:  # noqa: BLE001 - a broken install is a reason too
+        return f"{module} not importable ({type(err).__name__}: {err})"
+    return None
+
+
+def take_skips() -> list[dict]:
+    """The skip records noted since the last call (and forget them)."""
+    out = list(SKIPPED)
+    SKIPPED.clear()
     return out
 
 
@@ -171,8 +413,12 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001
         triton_version = None
+    device = torch.device(device)
     return {
+        "schema": SCHEMA,
         "device": device_name(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "torch": torch.__version__,
         "triton": triton_version,
         "git": _git_revision(),
@@ -191,18 +437,32 @@ def write_rows(rows: list[dict], name: str, results_dir: Path | None = None) -> 
     return path
 
 
-def row(op: str, provider: str, mode: str, shape: dict, m: Measurement, env: dict, **extra) -> dict:
-    """One result row: the schema every benchmark writes."""
-    return {
+def row(
+    op: str, provider: str, mode: str, shape: dict, m: Measurement, env: dict, cost: Cost | None = None, **extra
+) -> dict:
+    """One result row: the schema every benchmark writes (documented in silmm_fast/bench.py)."""
+    out = {
         "op": op,
         "provider": provider,
         "mode": mode,
         "shape": shape,
         "time_ms": round(m.median_ms, 4),
+        "min_ms": round(m.min_ms, 4),
+        "repeats": len(m.times_ms),
+        "copies": m.copies,
         "peak_mem_bytes": m.peak_bytes,
+        "mem_metric": m.mem_metric,
         **env,
-        **extra,
     }
+    if cost is not None:
+        out.update(
+            min_bytes=cost.bytes,
+            flops=cost.flops,
+            gbps=significant(cost.bytes / (m.median_ms * 1e6)),
+            tflops=None if cost.flops is None else significant(cost.flops / (m.median_ms * 1e9)),
+        )
+    out.update(extra)
+    return out
 
 
 def print_table(rows: list[dict]) -> None:
