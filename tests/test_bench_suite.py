@@ -1,35 +1,206 @@
-"""`python -m silmm_fast.bench`: the suite runner on a tiny registry writes rows, a table and plots, and every public
-fast op appears in its rows."""
+"""`python -m silmm_fast.bench`: the suite runner on the tiny registry writes schema-valid rows with rooflines, a table
+and plots; missing peers are skipped with a reason; --profile writes traces; every public op has a benchmark entry;
+the README section is generated from results; the timing and memory helpers measure what they say."""
 
+import inspect
 import json
+import subprocess
+import sys
+import types
+from pathlib import Path
 
+import pytest
+import torch
+
+import silmm_fast
 from silmm_fast import bench
 
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
 
-def test_suite_writes_rows_table_and_plots(tmp_path, capsys):
-    argv = ["--device", "cpu", "--shapes", "tiny", "--providers", "reference", "silmm", "--out", str(tmp_path)]
-    assert bench.main(argv) == 0
-    rows_files = list(tmp_path.glob("suite-cpu-*.jsonl"))
-    assert len(rows_files) == 1
-    rows = [json.loads(line) for line in rows_files[0].read_text().splitlines()]
-    for key in ("op", "provider", "mode", "shape", "time_ms", "peak_mem_bytes", "device", "torch", "git", "timestamp"):
-        assert all(key in r for r in rows), key
-    assert all(r["time_ms"] > 0 for r in rows)
-    ops = {r["op"] for r in rows}
-    # every public fast op has a benchmark entry (pairwise_distance is benchmarked as the KC-DPO kernel similarity)
-    for op in (
-        "gather_logprobs",
-        "sequence_logprobs",
-        "fused_linear_logprobs",
-        "fused_linear_dpo",
-        "kernel_similarity",
-        "diverse_select",
-    ):
-        assert op in ops, (op, ops)
-    assert {r["provider"] for r in rows} == {"reference", "silmm"}
-    for op in bench.SUITE:
-        png = tmp_path / f"suite-cpu-{op}.png"
-        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = next(tmp_path.glob("suite-cpu-*.md")).read_text()
-    assert table.startswith("| op | provider |") and table.count("\n") == len(rows) + 2
-    assert "[bench]" in capsys.readouterr().out
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """One tiny CPU run of the whole suite; cut_cross_entropy is asked for and made uninstalled."""
+    out = tmp_path_factory.mktemp("suite")
+    argv = ["--device", "cpu", "--shapes", "tiny", "--providers", "reference", "silmm", "cut_cross_entropy"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "cut_cross_entropy", None)  # `import cut_cross_entropy` now fails as if missing
+        assert bench.main([*argv, "--out", str(out)]) == 0
+    (rows_file,) = out.glob("suite-cpu-*.jsonl")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    return out, rows
+
+
+def test_rows_follow_the_schema(suite):
+    _, rows = suite
+    measured = bench.measured(rows)
+    assert measured and {r["provider"] for r in measured} == {"reference", "silmm"}
+    for r in measured:
+        assert r["schema"] == 2
+        for key in ("op", "provider", "mode", "device", "device_type", "torch", "triton", "git", "timestamp"):
+            assert key in r, key
+        assert r["shape"]["name"] == "tiny" and all(isinstance(v, int) for k, v in r["shape"].items() if k != "name")
+        assert 0 < r["min_ms"] <= r["time_ms"] and r["repeats"] >= 1 and r["copies"] == 1
+        assert r["mem_metric"] in ("rss_hwm", None) and (r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0)
+        assert r["min_bytes"] > 0 and r["gbps"] >= 0
+        assert r["ceiling_gbps"] > 0 and r["ceiling_tflops"] > 0 and r["ceiling_matmul_dtype"] == "float32"
+        assert r["roofline"] > 0 and r["roofline_bound"] in ("memory", "compute")
+    fused = [r for r in measured if r["op"] == "fused_linear_logprobs"]
+    assert fused and all(r["flops"] > 0 and r["tflops"] > 0 for r in fused)
+
+
+def test_missing_peer_is_skipped_with_a_reason(suite, capsys):
+    _, rows = suite
+    skips = [r for r in rows if "skipped" in r]
+    missing = [s for s in skips if s["provider"] == "cut_cross_entropy" and s["op"] == "fused_linear_logprobs"]
+    assert len(missing) == 1 and missing[0]["skip_kind"] == "unavailable"
+    assert "not installed (pip install cut-cross-entropy)" in missing[0]["skipped"]
+    assert all(s["schema"] == 2 and s["device"] and "time_ms" not in s for s in skips)
+    table = next(suite[0].glob("suite-cpu-*.md")).read_text()
+    assert "- cut_cross_entropy for fused_linear_logprobs (unavailable): cut-cross-entropy is not installed" in table
+
+
+def test_table_and_plots(suite):
+    out, rows = suite
+    table = next(out.glob("suite-cpu-*.md")).read_text()
+    assert table.startswith("| op | provider | case |")
+    assert table.count("\n| ") == len(bench.measured(rows))  # one line per measured row under the header
+    assert "Ceilings measured on this device" in table
+    for op in {r["op"] for r in bench.measured(rows)}:
+        png = out / f"suite-cpu-{op}.png"
+        assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:8] == PNG
+
+
+def test_every_public_op_has_a_benchmark_entry(suite):
+    _, rows = suite
+    ops = {r["op"] for r in bench.measured(rows)}
+    public = [n for n in silmm_fast.__all__ if inspect.isfunction(getattr(silmm_fast, n))]
+    assert "fused_linear_logprobs" in public and "kc_dpo_loss" in public
+    for name in public:
+        assert name in bench.PUBLIC_OPS or name in bench.NOT_BENCHMARKED, f"{name}: no benchmark entry"
+        if name in bench.PUBLIC_OPS:
+            entry, row_op = bench.PUBLIC_OPS[name]
+            assert entry in bench.SUITE, (name, entry)
+            if bench.script_exists(entry):  # an entry whose script is still being written is skipped by the runner
+                assert row_op in ops, (name, row_op, ops)
+
+
+def test_sweep_plot_draws_lines_over_sizes(tmp_path):
+    rows = []
+    for name, size in (("a", 1 << 20), ("b", 1 << 22), ("c", 1 << 24)):
+        for provider, scale in (("reference", 2.0), ("silmm", 1.0)):
+            rows.append(dict(op="x", provider=provider, mode="full", shape={"name": name, "N": size},
+                             time_ms=scale * size / 1e6, peak_mem_bytes=int(scale * size), min_bytes=size))  # fmt: skip
+    bench.plot(rows, tmp_path / "x.png", "x")
+    assert (tmp_path / "x.png").read_bytes()[:8] == PNG
+
+
+def test_a_new_op_is_one_suite_line(tmp_path, monkeypatch):
+    from bench.common import Cost, Measurement, environment, row
+
+    def run(shapes, device, providers):
+        m = Measurement([1.0, 2.0, 3.0], 1024, "rss_hwm")
+        return [row("sample_tokens", p, "forward", {"name": s, "V": 8}, m, environment(device), cost=Cost(64))
+                for s in shapes for p in providers or ("silmm",)]  # fmt: skip
+
+    monkeypatch.setitem(sys.modules, "bench.bench_fake", types.SimpleNamespace(run=run, PROVIDERS=("silmm",)))
+    monkeypatch.setitem(bench.SUITE, "fake", bench.Bench("bench_fake", ("tiny",)))
+    assert bench.main(["--device", "cpu", "--ops", "fake", "--out", str(tmp_path)]) == 0
+    (rows_file,) = tmp_path.glob("*.jsonl")
+    (r,) = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert r["op"] == "sample_tokens" and r["time_ms"] == 2.0 and r["roofline"] > 0
+    assert (tmp_path / "suite-cpu-sample_tokens.png").is_file()
+
+
+def test_profile_writes_a_chrome_trace(tmp_path, capsys):
+    argv = ["--device", "cpu", "--ops", "kernel_similarity", "--shapes", "tiny", "--providers", "silmm", "--profile"]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    traces = sorted((tmp_path / "traces").glob("*.json"))
+    assert [t.name for t in traces] == [f"kernel_similarity-silmm-tiny-{mode}.json" for mode in ("forward", "full")]
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert any("pairwise_distance" in e.get("name", "") or e.get("name", "").startswith("aten::") for e in events)
+    assert "traces in" in capsys.readouterr().out
+
+
+# --- the README section ---------------------------------------------------------------------------------------------
+def _synthetic_rows():
+    env = dict(schema=2, device="cpu: test x2", device_type="cpu", threads=2, torch="2.x", triton=None, git="abc1234",
+               timestamp="2030-01-02T03:04:05+00:00", ceiling_gbps=10.0, ceiling_tflops=0.1,
+               ceiling_matmul_dtype="float32")  # fmt: skip
+    shape = {"name": "tiny", "B": 2, "T": 16, "H": 32, "V": 96}
+    rows = []
+    mib = 2**20
+    for provider, t, mem in (("naive", 10.0, 400 * mib), ("reference", 8.0, 400 * mib), ("silmm", 5.0, 100 * mib)):
+        for mode in ("forward", "full"):
+            rows.append(dict(env, op="fused_linear_logprobs", provider=provider, mode=mode, shape=shape, head="frozen",
+                             dtype="float32", time_ms=t, peak_mem_bytes=mem, roofline=0.25))  # fmt: skip
+    rows.append(dict(env, op="fused_linear_logprobs", provider="liger_kernel", skipped="liger-kernel is not installed",
+                     skip_kind="unavailable"))  # fmt: skip
+    rows.append(dict(env, op="gather_logprobs", provider="liger_kernel", skipped="no gather", skip_kind="unsupported"))
+    return rows
+
+
+def test_readme_section_is_generated_from_results(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "suite-cpu-x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _synthetic_rows()))
+    (results / "other.jsonl").write_text('{"op": "decompose_prompt", "coverage": 1.0}\n')  # not a benchmark row
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Performance\n\n<!-- perf:begin -->\nold table\n<!-- perf:end -->\n\n## Next\n")
+    assert bench.main(["--readme", str(readme), "--out", str(results)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\n## Performance\n\n<!-- perf:begin -->\n")
+    assert text.endswith("<!-- perf:end -->\n\n## Next\n")
+    assert "old table" not in text
+    body = text.split("<!-- perf:begin -->")[1].split("<!-- perf:end -->")[0]
+    assert "**cpu: test x2** (torch 2.x, 2 threads; runs: git abc1234 (2030-01-02))" in body
+    assert "Ceilings measured there: copy 10 GB/s, float32 matmul 100 GFLOP/s." in body
+    (line,) = [x for x in body.splitlines() if x.startswith("| `fused_linear_logprobs`")]  # only the fwd+bwd case
+    assert "| fwd+bwd, frozen head | tiny: B=2 T=16 H=32 V=96, float32 | 5 ms | 0.5× naive |" in line
+    assert "| 0.25× (100 vs 400 MiB) | reference 0.625× | 25 % |" in line
+    assert "no GPU has been available" in body
+    assert "`liger_kernel` (liger-kernel is not installed)" in body and "no gather" not in body
+    bench.main(["--readme", str(readme), "--out", str(results)])
+    assert readme.read_text() == text  # regenerating is stable
+
+
+def test_readme_has_one_generated_section():
+    text = (ROOT / "README.md").read_text()
+    assert text.count("<!-- perf:begin -->") == 1 and text.count("<!-- perf:end -->") == 1
+
+
+# --- measuring helpers ----------------------------------------------------------------------------------------------
+def test_cpu_peak_memory_counts_what_one_call_allocates():
+    from bench.common import measure
+
+    size = 16 * 2**20  # below glibc's largest dynamic mmap threshold: freed, it could be reused unseen
+    m = measure(lambda: torch.ones(size // 4).sum(), torch.device("cpu"), warmup=2, repeats=2)
+    if m.mem_metric is None:
+        pytest.skip("this kernel does not let /proc/self/clear_refs reset the peak resident set")
+    assert m.mem_metric == "rss_hwm" and 0.9 * size <= m.peak_bytes <= 1.25 * size
+
+
+def test_roofline_and_rotation(monkeypatch):
+    from bench import common
+
+    rows = [dict(time_ms=2.0, min_bytes=10**7, flops=10**8), dict(time_ms=4.0, min_bytes=10**6, flops=10**9)]
+    common.attach_roofline(rows, dict(ceiling_gbps=10.0, ceiling_tflops=1.0, ceiling_matmul_dtype="bfloat16"))
+    assert rows[0]["roofline"] == 0.5 and rows[0]["roofline_bound"] == "memory"  # 1 ms of traffic in 2 ms
+    assert rows[1]["roofline"] == 0.25 and rows[1]["roofline_bound"] == "compute"  # 1 ms of math in 4 ms
+    assert common.rotation_copies(10 * 2**20, torch.device("cpu")) == 1
+    monkeypatch.setattr(common, "cache_bytes", lambda device: 50 * 2**20)
+    assert common.rotation_copies(40 * 2**20, torch.device("cpu")) == 3  # together at least twice the cache
+    assert common.rotation_copies(2**10, torch.device("cpu")) == common.MAX_COPIES
+    calls = []
+    m = common.measure([lambda: calls.append(0), lambda: calls.append(1)], torch.device("cpu"), warmup=0, repeats=4)
+    assert calls[:4] == [0, 1, 0, 1] and m.copies == 2
+
+
+def test_micro_benchmarks_run_under_pytest_benchmark():
+    quick = ["--benchmark-max-time=0.001", "--benchmark-min-rounds=1", "--benchmark-warmup=off"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_micro.py", "--benchmark-only"]
+    cmd += quick
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "7 passed" in done.stdout
