@@ -406,7 +406,21 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (None where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment(device: torch.device) -> dict:
+    """The fields every row carries: device, versions, revision, time, and the machine's load when the script ran
+    (``load_average_1min``: on a shared machine it says how much other work competed for the cores)."""
     try:
         import triton
 
@@ -418,7 +432,9 @@ def environment(device: torch.device) -> dict:
         "schema": SCHEMA,
         "device": device_name(device),
         "device_type": device.type,
+        "cpu_model": cpu_model() if device.type == "cpu" else None,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "triton": triton_version,
         "git": _git_revision(),

@@ -211,8 +211,13 @@ def section(rows: list[dict]) -> str:
             continue
         first = max(dev_rows, key=lambda r: r["timestamp"])
         threads = f", {first['threads']} threads" if first.get("threads") else ""
+        model = f" — {first['cpu_model']}" if first.get("cpu_model") else ""
         dates = sorted({(git, stamp[:10]) for git, stamp in runs}, key=lambda x: x[1])
         run_text = ", ".join(f"git {git} ({date})" for git, date in dates)
+        loads = [r.get("load_average_1min") for r in dev_rows if r["timestamp"] in {s for _, s in runs}]
+        loads = [x for x in loads if x is not None]
+        if loads:
+            run_text += f"; load average {min(loads):.3g}–{max(loads):.3g} while they ran"
         ceilings = ""
         if first.get("ceiling_gbps"):
             ceilings = (
@@ -221,7 +226,7 @@ def section(rows: list[dict]) -> str:
             )
         out += [
             "",
-            f"**{device}** (torch {first['torch']}{threads}; runs: {run_text}).{ceilings}",
+            f"**{device}**{model} (torch {first['torch']}{threads}; runs: {run_text}).{ceilings}",
             "",
             "| op | case | shape | silmm time | time vs baseline | peak memory vs baseline | silmm ÷ others (time)"
             " | silmm roofline |",

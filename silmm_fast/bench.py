@@ -32,8 +32,9 @@ roofline, ``copies``, ``mem_metric`` and skip fields):
   and ``tflops`` (achieved on that cost), ``roofline`` (fraction of the ceiling-bound time, ``roofline_bound``
   memory or compute) with ``ceiling_gbps`` / ``ceiling_tflops`` / ``ceiling_matmul_dtype`` (measured at the start
   of the run; absent when a script runs alone), op-specific extras (``traced_peak_bytes``, ``speedup_vs_*``).
-- environment: ``device`` (name), ``device_type``, ``threads`` (CPU), ``torch``, ``triton``, ``git`` (revision),
-  ``timestamp`` (UTC, one per script run), ``schema``.
+- environment: ``device`` (name), ``device_type``, ``cpu_model`` and ``threads`` (CPU), ``load_average_1min`` (other
+  work competing for the machine), ``torch``, ``triton``, ``git`` (revision), ``timestamp`` (UTC, one per script
+  run), ``schema``.
 - skip rows: ``op``, ``provider``, ``skipped`` (the reason), ``skip_kind`` (``unavailable`` / ``failed`` /
   ``not_run`` / ``unsupported``) and the environment fields; no metrics.
 """
