@@ -15,6 +15,7 @@ from silmm_fast.ops.diverse_select import diverse_select
 from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
 from silmm_fast.ops.logprobs import gather_logprobs, sequence_logprobs
 from silmm_fast.ops.pairwise_distance import pairwise_distance
+from silmm_fast.ops.sampling import sample_tokens
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "KCDPOLoss",
     "kc_dpo_loss",
     "pairwise_distance",
+    "sample_tokens",
     "env_report",
     "use_backend",
     "__version__",

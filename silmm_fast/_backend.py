@@ -33,6 +33,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "fused_linear_logprobs": ("triton", "torch", "reference"),
     "pairwise_distance": ("triton", "torch", "reference"),
     "diverse_select": ("cpp", "reference"),
+    "sample_tokens": ("triton", "torch", "reference"),
 }
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("silmm_fast_backend", default=None)
