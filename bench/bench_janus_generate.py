@@ -24,7 +24,6 @@ Rows are appended to ``bench/results/janus_generate-<device>.jsonl``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -134,10 +133,7 @@ def run(
 ) -> list[dict]:
     device = torch.device(device)
     providers = list(providers or PROVIDERS)
-    env = environment(device)
-    env["threads"] = torch.get_num_threads()
-    if device.type == "cpu":
-        env["load_average_1min"] = round(os.getloadavg()[0], 2)  # other processes on a shared machine
+    env = environment(device)  # includes threads and the load average (other jobs on a shared machine)
     rows: list[dict] = []
     for name in shapes or (CPU_CASES if device.type == "cpu" else ("janus-pro-1b",)):
         case = CASES[name]
@@ -154,7 +150,7 @@ def run(
         measured = _measure_interleaved(fns, device, rounds)
         p = PRESETS[case.preset]
         shape = {
-            "config": name,
+            "name": name,
             "prompts": case.prompts,
             "samples": case.samples,
             "image_tokens": p.num_image_tokens,
@@ -206,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         if "speedup_vs_generate" in r:
             spread = statistics.pstdev(r["times_ms"]) / statistics.mean(r["times_ms"])
             print(
-                f"{r['shape']['config']}: adapter {r['images_per_s']} images/s, "
+                f"{r['shape']['name']}: adapter {r['images_per_s']} images/s, "
                 f"{r['speedup_vs_generate']}x generate() per prompt (adapter time spread {spread:.0%})"
             )
     path = write_rows(rows, f"janus_generate-{device.type}", args.out)
