@@ -1,5 +1,5 @@
 """The model adapter protocol: ShapesLMM's conformance, the ShapesAdapter wrapper, the structural signature check,
-ImageLogprobInputs, and the adapters' token sampler."""
+and ImageLogprobInputs."""
 
 import copy
 
@@ -15,7 +15,6 @@ from silmm_fast.adapters import (
     adapter_mismatches,
     check_adapter,
 )
-from silmm_fast.adapters._sampling import _sample_tokens_torch
 from silmm_fast.adapters.random_janus import random_janus
 from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
 from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
@@ -156,36 +155,3 @@ def test_image_logprob_inputs_frozen_and_bias():
     torch.testing.assert_close(inp.logprobs(), naive.sum(-1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(inp.logprobs("mean"), naive.mean(-1), rtol=1e-12, atol=1e-12)
     assert ImageLogprobInputs(hidden, head.weight, labels).bias is None
-
-
-# --- the adapters' sampler -------------------------------------------------------------------------------------------
-def test_sampler_greedy_cfg_and_filters():
-    torch.manual_seed(0)
-    cond, uncond = torch.randn(6, 50), torch.randn(6, 50)
-    mixed = uncond + 3.0 * (cond - uncond)
-    kw = dict(cfg_scale=3.0, top_k=0, top_p=1.0)
-    assert torch.equal(_sample_tokens_torch(cond, uncond, temperature=0.0, **kw), mixed.argmax(-1))
-    assert torch.equal(_sample_tokens_torch(cond, None, temperature=0.0, **kw), cond.argmax(-1))
-    gen = torch.Generator().manual_seed(0)
-    top1 = _sample_tokens_torch(cond, uncond, cfg_scale=3.0, temperature=1.0, top_k=1, top_p=1.0, generator=gen)
-    assert torch.equal(top1, mixed.argmax(-1))
-    nucleus = _sample_tokens_torch(cond, uncond, cfg_scale=3.0, temperature=1.0, top_k=0, top_p=1e-6, generator=gen)
-    assert torch.equal(nucleus, mixed.argmax(-1))
-
-
-def test_sampler_distribution_and_reproducibility():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).expand(20000, -1)
-    draw = lambda seed, **kw: _sample_tokens_torch(  # noqa: E731
-        logits, None, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw
-    )
-    counts = torch.bincount(draw(0), minlength=4).float() / 20000
-    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015, rtol=0)
-    assert torch.equal(draw(1), draw(1))
-    top2 = torch.bincount(draw(2, top_k=2), minlength=4).float() / 20000
-    torch.testing.assert_close(top2, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
-    # top_p = 0.7: the nucleus is {0, 1} (mass before token 2 is 0.8 >= 0.7)
-    nucleus = torch.bincount(draw(3, top_p=0.7), minlength=4).float() / 20000
-    torch.testing.assert_close(nucleus, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
-    noise = torch.tensor([0.0, 0.49, 0.51, 0.79, 0.81, 0.999])
-    picked = _sample_tokens_torch(logits[:6], None, temperature=1.0, noise=noise)
-    assert picked.tolist() == [0, 0, 1, 1, 2, 2]

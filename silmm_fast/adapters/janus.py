@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from silmm_fast.adapters import prompting
-from silmm_fast.adapters._sampling import sample_tokens
 from silmm_fast.adapters.protocol import ImageLogprobInputs
+from silmm_fast.ops.sampling import sample_tokens
 
 OPTIONS_FILE = "silmm_janus.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
