@@ -362,4 +362,5 @@ def test_processor_input_and_module_behaviour():
     reference = copy.deepcopy(adapter).eval().requires_grad_(False)
     greedy = lambda a: a.generate_images(PROMPTS[:1], 1, temperature=0)  # noqa: E731
     assert torch.equal(greedy(reference), greedy(adapter))
-    assert len(adapter.dropdiv_mlps()) == 2
+    assert len(adapter.dropdiv_mlps()) == 2 and len(adapter.decoder_layers()) == 2
+    assert adapter.image_seq_len == adapter.num_image_tokens == 16

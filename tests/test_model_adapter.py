@@ -33,10 +33,11 @@ def shapes() -> ShapesLMM:
 
 # --- conformance -----------------------------------------------------------------------------------------------------
 def test_shapes_lmm_has_every_step_but_decoding(shapes):
-    """ShapesLMM already implements every protocol method with the protocol's parameters; the one member it lacks is
-    ``decode_images`` (the world renders images outside the model), which ShapesAdapter adds."""
-    assert adapter_mismatches(ShapesLMM) == ["decode_images: missing"]
-    assert adapter_mismatches(shapes) == ["decode_images: missing"]
+    """ShapesLMM already implements every protocol method with the protocol's parameters; it lacks ``image_seq_len``
+    (it is ``config.image_seq_len``) and ``decode_images`` (the world renders images outside the model), which
+    ShapesAdapter adds."""
+    assert adapter_mismatches(ShapesLMM) == ["image_seq_len: missing", "decode_images: missing"]
+    assert adapter_mismatches(shapes) == ["image_seq_len: missing", "decode_images: missing"]
     assert not isinstance(shapes, ModelAdapter)
     assert adapter_mismatches(ShapesLMM, ContinuousAdapter) == []
 
@@ -83,7 +84,7 @@ def test_mismatches_name_every_problem():
     assert "decode_images: extra parameter 'size' has no default" in text
     assert "decompose: parameter 'max_new_tokens' should be positional number 2" in text
     assert "answer: not callable" in text
-    for member in ("image_logprob_inputs", "save", "load", "parameters", "train", "eval"):
+    for member in ("image_seq_len", "image_logprob_inputs", "save", "load", "parameters", "train", "eval"):
         assert f"{member}: missing" in text
     with pytest.raises(TypeError, match="_Bad does not implement ModelAdapter: .*decode_images"):
         check_adapter(_Bad())
@@ -114,6 +115,7 @@ def test_shapes_adapter_decode_and_sources(shapes):
     tokens = shapes.generate_images(["a red circle"], 3, generator=torch.Generator().manual_seed(1))
     images = adapter.decode_images(tokens)
     assert images.shape == (1, 3, 48, 48, 3) and images.dtype == torch.uint8
+    assert adapter.image_seq_len == tokens.shape[-1]
     adapter.write_prompts(["color"], 2, generator=torch.Generator().manual_seed(0), max_new_tokens=4)
     adapter.decompose(["a red circle"], max_new_tokens=4)
     assert adapter.last_sources == {"prompts": ["model", "model"], "questions": ["model"]}
@@ -137,7 +139,7 @@ def test_shapes_adapter_continuous():
     feats = adapter.generate_features(["a red circle"], 2)
     assert feats.shape[:2] == (1, 2)
     assert adapter.feature_forward(["a red circle"]).shape == feats.shape[:1] + feats.shape[2:]
-    assert len(adapter.dropdiv_mlps()) == 1
+    assert len(adapter.dropdiv_mlps()) == 1 and adapter.decoder_layers() is adapter.model.model.layers
 
 
 # --- ImageLogprobInputs ----------------------------------------------------------------------------------------------

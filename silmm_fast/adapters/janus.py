@@ -356,9 +356,18 @@ class JanusAdapter(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def image_seq_len(self) -> int:
+        """T, the image tokens per image (576 for Janus-Pro)."""
+        return self.num_image_tokens
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The language model's decoder blocks, in depth order (shared by understanding and generation)."""
+        return self.model.model.language_model.layers
+
     def dropdiv_mlps(self) -> list[nn.Module]:
         """The decoder layers' MLPs, in depth order (where ``silmm_fast.dropdiv`` adds dropout)."""
-        return [layer.mlp for layer in self.model.model.language_model.layers]
+        return [layer.mlp for layer in self.decoder_layers()]
 
     def _lm(self, cache: Any = None, **kwargs: Any) -> torch.Tensor:
         """Last hidden states of the language model (``cache`` passed under this transformers version's name)."""

@@ -76,7 +76,15 @@ class ModelAdapter(Protocol):
     [..., T] with T the fixed number of tokens per image; ``generator`` is a ``torch.Generator`` that makes sampling
     reproducible, or ``noise`` holds one uniform number per sampled token (each row its own stream: results do not
     depend on how prompts are batched or sharded); ``temperature=0`` means greedy decoding.
+
+    ``image_seq_len`` is T. Optional methods the loop uses when present: ``decoder_layers()`` (the decoder blocks,
+    for FSDP2 sharding) and ``dropdiv_mlps()`` (for ``silmm_fast.dropdiv``).
     """
+
+    @property
+    def image_seq_len(self) -> int:
+        """T, the number of image tokens per image."""
+        ...
 
     def write_prompts(
         self,
@@ -184,12 +192,17 @@ def adapter_mismatches(obj: object, protocol: type = ModelAdapter) -> list[str]:
     """How ``obj`` (an instance or a class) departs from ``protocol``: one message per missing member or
     incompatible signature; an empty list when it conforms.
 
-    A method conforms when it accepts every parameter of the protocol's method under the same name, in the same
-    position and kind (positional or keyword-only), with a default wherever the protocol has one; any parameters it
-    adds must have defaults (or be ``*args`` / ``**kwargs``). Annotations and default values are not compared.
+    A property conforms when the attribute exists. A method conforms when it accepts every parameter of the
+    protocol's method under the same name, in the same position and kind (positional or keyword-only), with a default
+    wherever the protocol has one; any parameters it adds must have defaults (or be ``*args`` / ``**kwargs``).
+    Annotations and default values are not compared.
     """
     problems = []
     for name, member in _members(protocol).items():
+        if isinstance(member, property):
+            if not hasattr(obj, name):
+                problems.append(f"{name}: missing")
+            continue
         if not callable(member) and not isinstance(member, (classmethod, staticmethod)):
             continue
         if not hasattr(obj, name):

@@ -1,8 +1,9 @@
 """``ShapesAdapter``: the built-in world's ``ShapesLMM`` seen through the adapter protocol.
 
 ``ShapesLMM`` already has every SILMM step with the protocol's signatures; the wrapper adds what it lacks:
-``decode_images`` (the world's renderer draws an image from its tokens), an ``image_logprob_inputs`` that returns an
-``ImageLogprobInputs`` (its head has no bias), and ``last_sources``. Everything else is delegated unchanged.
+``decode_images`` (the world's renderer draws an image from its tokens), ``image_seq_len``, an
+``image_logprob_inputs`` that returns an ``ImageLogprobInputs`` (its head has no bias), ``last_sources`` and the layer
+lookups ``decoder_layers`` / ``dropdiv_mlps``. Everything else is delegated unchanged.
 """
 
 from __future__ import annotations
@@ -38,9 +39,18 @@ class ShapesAdapter(nn.Module):
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def image_seq_len(self) -> int:
+        """T, the world's image tokens per image."""
+        return self.model.config.image_seq_len
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The Llama decoder blocks, in depth order."""
+        return self.model.model.layers
+
     def dropdiv_mlps(self) -> list[nn.Module]:
         """The decoder layers' MLPs, in depth order (where ``silmm_fast.dropdiv`` adds dropout)."""
-        return [layer.mlp for layer in self.model.model.layers]
+        return [layer.mlp for layer in self.decoder_layers()]
 
     def write_prompts(
         self,
