@@ -163,34 +163,24 @@ def sample_next(
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per row of ``logits`` [B, V]: greedy when ``temperature`` is 0, else nucleus (top-p) sampling by an
-    inverse-CDF draw with one uniform number per row.
+    inverse-CDF draw with one uniform number per row, through ``silmm_fast.sample_tokens``.
 
     Each row b draws with its own ``noise[b]`` in [0, 1) (float [B]; default ``torch.rand(B, generator=generator)``),
-    so a row's token depends only on its logits and its noise, never on the other rows of the batch. Equivalent to:
-    sort the row's probabilities ``softmax(logits / temperature)`` descending, ties by lower token id (stable sort);
-    keep the nucleus, the shortest prefix whose mass reaches ``top_p`` (always at least the most likely token);
-    return the first kept token whose cumulative mass exceeds ``noise[b]`` times the nucleus mass. Disallowed tokens
-    should already be at -inf (probability 0: never drawn). Math in float32. Returns LongTensor [B].
+    so a row's token depends only on its logits and its noise, never on the other rows of the batch (the rules, ties
+    included, are ``sample_tokens``'). Disallowed tokens should already be at -inf (never drawn). Returns LongTensor
+    [B].
     """
+    from silmm_fast.ops.sampling import sample_tokens
+
     if temperature == 0:
         return logits.argmax(-1)
     rows = logits.shape[0]
     if noise is None:
         device = generator.device if generator is not None else logits.device
-        noise = torch.rand(rows, generator=generator, device=device)
+        noise = torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
     elif noise.shape != (rows,):
         raise ValueError(f"noise: expected shape [{rows}] (one uniform number per row), got {tuple(noise.shape)}")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-    if top_p < 1.0:
-        mass_before = sorted_p.cumsum(-1) - sorted_p
-        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
-    cdf = sorted_p.cumsum(-1)
-    target = noise.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1]
-    pick = (cdf <= target[:, None]).sum(-1)
-    # u * mass can round up to the mass itself: fall back to the last token with nonzero probability.
-    pick = torch.minimum(pick, (sorted_p > 0).sum(-1) - 1)
-    return order.gather(-1, pick[:, None]).squeeze(-1)
+    return sample_tokens(logits, temperature=temperature, top_p=top_p, noise=noise.to(logits.device))
 
 
 class ShapesLMM(nn.Module):
