@@ -137,14 +137,15 @@ def test_sample_next_draws_each_row_from_its_own_noise():
     assert torch.equal(sample_next(logits, 0.8, 0.9, noise=noise), alone)  # a row ignores the other rows
     perm = torch.randperm(6)
     assert torch.equal(sample_next(logits[perm], 0.8, 0.9, noise=noise[perm]), alone[perm])
-    # inverse CDF over the nucleus: noise 0 is the most likely token, noise -> 1 the least likely kept one
+    # inverse CDF over the nucleus in token-id order (sample_tokens' rule): noise 0 is the lowest kept id, noise -> 1
+    # the highest kept id; the nucleus is the most likely tokens up to mass 0.9
     probs = torch.softmax(logits / 0.8, -1)
-    assert torch.equal(sample_next(logits, 0.8, 0.9, noise=torch.zeros(6)), probs.argmax(-1))
-    edge = sample_next(logits, 0.8, 0.9, noise=torch.full((6,), 1 - 1e-7))
+    first = sample_next(logits, 0.8, 0.9, noise=torch.zeros(6))
+    last = sample_next(logits, 0.8, 0.9, noise=torch.full((6,), 1 - 1e-7))
     for i in range(6):
         p = probs[i].sort(descending=True, stable=True)
-        n_kept = int(((p.values.cumsum(0) - p.values) < 0.9).sum())
-        assert edge[i] == p.indices[n_kept - 1]
+        kept = p.indices[: int(((p.values.cumsum(0) - p.values) < 0.9).sum())]
+        assert first[i] == kept.min() and last[i] == kept.max()
     # the frequencies follow the nucleus-renormalized probabilities; -inf is never drawn
     row = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]])
     u = torch.rand(20000, generator=torch.Generator().manual_seed(1))
