@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         summary = run(cfg)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # bad settings, or a model directory without its files
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not main_rank:

@@ -20,7 +20,15 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("shapes", "model adapter: 'shapes' (the built-in world's tiny LMM)")
+    name: str = _f(
+        "shapes",
+        "model adapter: 'shapes' (the built-in world's tiny LMM) or 'janus' (a local Janus / Janus-Pro checkpoint "
+        "given by model.path; discrete mode)",
+    )
+    path: str | None = _f(
+        None, "janus: local checkpoint directory (config.json, weights, tokenizer files); nothing is downloaded"
+    )
+    cfg_scale: float = _f(5.0, "janus: classifier-free guidance scale of image generation")
     cache_dir: str | None = _f(None, "where bootstrapped base models are cached (default ~/.cache/silmm_fast)")
     tiny: bool = _f(False, "use a tiny model and a short bootstrap (tests, smoke runs)")
 
@@ -110,12 +118,15 @@ class TrainConfig:
         for name in ("iterations",):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1", getattr(self, name))
-        if self.model.name != "shapes":
-            bad(
-                "model.name",
-                "'shapes' (the built-in world's model; other adapters are not available yet)",
-                self.model.name,
-            )
+        if self.model.name not in ("shapes", "janus"):
+            bad("model.name", "'shapes' (the built-in world's model) or 'janus'", self.model.name)
+        if self.model.name == "janus":
+            if not self.model.path:
+                bad("model.name", "'janus' together with model.path (--model-path DIR, a local checkpoint)", "janus")
+            if self.mode != "discrete":
+                bad("mode", "'discrete' with model.name 'janus' (Janus generates image tokens)", self.mode)
+            if not self.model.cfg_scale >= 0:
+                bad("model.cfg_scale", "a number >= 0", self.model.cfg_scale)
         if self.threads < 0:
             bad("threads", "an integer >= 0", self.threads)
         s, p, o, e = self.sample, self.pairs, self.optim, self.eval
@@ -262,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file with any of the fields below (nested by section)")
+    # short spellings of the model choice: --model janus --model-path DIR
+    for flag, dest, metavar in (("--model", "model.name", "NAME"), ("--model-path", "model.path", "DIR")):
+        parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=metavar, help=f"= --{dest}")
     for dotted, f, _hint in _dotted_fields():
         parser.add_argument(
             f"--{dotted}",

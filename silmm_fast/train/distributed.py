@@ -235,7 +235,8 @@ class TrainModel:
             check_strategy("fsdp2", d)
             from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-            for layer in policy.model.layers:
+            layers = policy.decoder_layers() if hasattr(policy, "decoder_layers") else policy.model.layers
+            for layer in layers:
                 fully_shard(layer)
             fully_shard(policy)
             for name in self.METHODS:

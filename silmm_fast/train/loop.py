@@ -2,6 +2,11 @@
 yes/no questions, judges its own candidates, builds preference pairs, and learns from them (DPO on image tokens, or
 KC-DPO on feature matrices); then the ground-truth evaluator scores it on held-out prompts.
 
+The model is reached only through the adapter protocol (``silmm_fast.adapters.ModelAdapter``): ``ShapesAdapter`` over
+the built-in world's model (default), or ``JanusAdapter`` over a local Janus / Janus-Pro checkpoint (``--model janus
+--model-path DIR``). The world's ground-truth evaluator reads only the world's image tokens; for other models the
+held-out prompts are scored by the frozen base model answering ``decompose_prompt``'s questions (not ground truth).
+
 One explicit loop, one step per phase. Each step writes its outputs atomically and is then marked done in
 ``state.json``; a rerun of the same command skips done steps and reloads their outputs, so a crash loses at most the
 step that was running.
@@ -33,15 +38,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from silmm_fast.adapters import JanusAdapter, ModelAdapter, ShapesAdapter, check_adapter
 from silmm_fast.losses.fused_linear_dpo import FusedLinearDPOLoss
 from silmm_fast.losses.kc_dpo import KCDPOLoss
 from silmm_fast.models.bootstrap import BootstrapConfig, bootstrap
 from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
-from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
 from silmm_fast.train import distributed, report, store
 from silmm_fast.train.config import TrainConfig
 from silmm_fast.train.pairs import aggregate_scores, make_pairs
-from silmm_fast.world import CATEGORIES, FeatureCodec, ImageTokenizer, prompt_split, render_grid, render_tokens
+from silmm_fast.world import CATEGORIES, FeatureCodec, ImageTokenizer, prompt_split, render_grid
 from silmm_fast.world.evaluate import evaluate_features, evaluate_tokens
 
 PHASES = ("prompts", "questions", "generate", "judge", "pairs", "train", "eval")
@@ -180,39 +185,67 @@ class Run:
         return [r for rank_results in self.dist.all_gather(local) for r in rank_results]
 
     # --- models --------------------------------------------------------------------------------------------------
-    def shared_model(self, load: Callable[[], ShapesLMM]) -> ShapesLMM:
-        """``load()`` on rank 0; the other ranks receive its configuration and weights. On this rank's device."""
+    @property
+    def janus(self) -> bool:
+        return self.cfg.model.name == "janus"
+
+    def load_janus(self, path: str | Path) -> JanusAdapter:
+        """A Janus checkpoint directory on this rank's device, with the run's guidance scale."""
+        adapter = JanusAdapter.from_pretrained(path, device=self.device)
+        adapter.options.cfg_scale = self.cfg.model.cfg_scale
+        return adapter
+
+    def skeleton(self, shapes_config: dict | None) -> ModelAdapter:
+        """An adapter of the run's architecture, for weights loaded next (Janus: the base checkpoint, which every
+        rank must be able to read at model.path)."""
+        if self.janus:
+            return self.load_janus(self.cfg.model.path)
+        return ShapesAdapter(ShapesLMM(ShapesLMMConfig.from_dict(shapes_config)))
+
+    def shared_model(self, load: Callable[[], ModelAdapter]) -> ModelAdapter:
+        """``load()`` on rank 0; the other ranks build the same architecture and receive its weights. On this rank's
+        device. (A Janus-sized model travels as one pickled state dict: slow; a shared run directory would avoid it.)"""
         model = load() if self.main else None
+        if self.main:
+            check_adapter(model)
         if self.dist.world_size > 1:
             payload = self.dist.broadcast(
-                (model.config.to_dict(), {k: v.detach().cpu() for k, v in model.state_dict().items()})
+                (
+                    None if self.janus else model.model.config.to_dict(),
+                    {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                )
                 if self.main
                 else None
             )
             if not self.main:
-                model = ShapesLMM(ShapesLMMConfig.from_dict(payload[0]))
+                model = self.skeleton(payload[0])
                 model.load_state_dict(payload[1])
         return model.to(self.device).eval()
 
-    def base_model(self) -> ShapesLMM:
+    def base_model(self) -> ModelAdapter:
+        if self.janus:
+            return self.shared_model(lambda: self.load_janus(self.cfg.model.path))
         variant = self.cfg.mode
         config = BootstrapConfig.tiny(variant) if self.cfg.model.tiny else BootstrapConfig(variant=variant)
-        return self.shared_model(lambda: bootstrap(variant, cache_dir=self.cfg.model.cache_dir, config=config))
+        return self.shared_model(
+            lambda: ShapesAdapter(bootstrap(variant, cache_dir=self.cfg.model.cache_dir, config=config))
+        )
 
-    def model_after(self, it: int) -> ShapesLMM:
+    def model_after(self, it: int) -> ModelAdapter:
         """The policy after iteration ``it`` (0: the base model)."""
         if it == 0:
             return self.base_model()
-        return self.shared_model(lambda: ShapesLMM.load(self.iter_dir(it) / "checkpoint"))
+        path = self.iter_dir(it) / "checkpoint"
+        return self.shared_model(lambda: self.load_janus(path) if self.janus else ShapesAdapter.load(path))
 
     # --- evaluation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: ShapesLMM, it: int) -> dict | None:
+    def evaluate(self, model: ModelAdapter, it: int) -> dict | None:
         """Held-out alignment (ground-truth evaluator), the prompts sharded over the ranks; the result on rank 0."""
         cfg, texts = self.cfg, [p.text for p in self.heldout]
         desc = f"iter {it} eval"
         if cfg.mode == "discrete":
-            s, seq = cfg.eval.samples, self.tokenizer.seq_len
+            s, seq = cfg.eval.samples, model.image_seq_len
 
             def sample(u: slice) -> torch.Tensor:
                 # the same noise at every iteration (common random numbers make iterations comparable)
@@ -223,6 +256,8 @@ class Run:
                 return tokens.cpu()
 
             tokens = torch.cat(self.map_units(len(texts), cfg.sample.chunk, sample, desc))
+            if self.janus:
+                return self.evaluate_by_base_judge(tokens, it)
             if not self.main:
                 return None
             prompts = [p for p in self.heldout for _ in range(s)]
@@ -232,7 +267,51 @@ class Run:
         )
         return evaluate_features(self.heldout, feats, self.codec) if self.main else None
 
-    def record_eval(self, it: int, model: ShapesLMM) -> None:
+    @torch.no_grad()
+    def evaluate_by_base_judge(self, tokens: torch.Tensor, it: int) -> dict | None:
+        """Held-out alignment of a model without a ground-truth evaluator: the frozen base model (loaded for the
+        occasion, so every iteration has the same judge) answers ``decompose_prompt``'s questions about each image;
+        a constraint is met when p(yes) > p(no). The result on rank 0, in the evaluator's schema."""
+        from silmm_fast.decompose import decompose_prompt
+
+        judge = self.load_janus(self.cfg.model.path).eval()
+        s = tokens.shape[1]
+        questions = [decompose_prompt(p.text) for p in self.heldout]
+
+        def judge_unit(u: slice) -> list[torch.Tensor]:
+            per_image = [questions[i] for i in range(u.start, u.stop) for _ in range(s)]
+            yes, no = judge.answer(tokens[u].reshape(-1, tokens.shape[-1]), per_image, len(per_image))
+            return [(y > n).cpu() for y, n in zip(yes, no)]
+
+        per_unit = max(1, self.cfg.sample.judge_chunk // s)
+        parts = self.map_units(len(questions), per_unit, judge_unit, f"iter {it} eval judge")
+        met = [m for part in parts for m in part]
+        if not self.main:
+            return None
+
+        def stats(images: list[int]) -> dict:
+            full = [bool(met[i].all()) for i in images]
+            frac = [float(met[i].float().mean()) if len(met[i]) else 1.0 for i in images]
+            return {
+                "all_constraints": sum(full) / max(len(full), 1),
+                "constraint_fraction": sum(frac) / max(len(frac), 1),
+                "n_prompts": len(images) // s,
+            }
+
+        by_cat: dict[str, list[int]] = {}
+        for i, p in enumerate(self.heldout):
+            by_cat.setdefault(p.category, []).extend(range(i * s, (i + 1) * s))
+        return {
+            "overall": stats(list(range(len(met)))),
+            "by_category": {c: stats(images) for c, images in by_cat.items()},
+        }
+
+    def evaluator(self) -> str:
+        if self.janus:
+            return "the frozen base model's yes/no answers to rule-based questions (self-judged, not ground truth)"
+        return "the world's ground-truth evaluator"
+
+    def record_eval(self, it: int, model: ModelAdapter) -> None:
         step = f"iter{it}/eval"
         if not self.state.is_done(step):
             t0 = time.perf_counter()
@@ -247,9 +326,9 @@ class Run:
         entry = {"iteration": it, "heldout": heldout, **extra, "wall_s": self.timings(it)}
         self.iterations = [e for e in self.iterations if e["iteration"] != it] + [entry]
         self.iterations.sort(key=lambda e: e["iteration"])
-        summary = report.build_summary(
-            {"mode": self.cfg.mode, "feedback": self.cfg.feedback, "seed": self.cfg.seed}, self.iterations
-        )
+        meta = {"mode": self.cfg.mode, "feedback": self.cfg.feedback, "seed": self.cfg.seed}
+        meta.update(model=self.cfg.model.name, evaluator=self.evaluator())
+        summary = report.build_summary(meta, self.iterations)
         store.write_json(self.dir / "summary.json", summary)
         report.write_report(summary, self.dir)
 
@@ -266,7 +345,7 @@ class Run:
         self.state.mark(key)
         self.dist.barrier()
 
-    def iteration(self, it: int, policy: ShapesLMM) -> ShapesLMM:
+    def iteration(self, it: int, policy: ModelAdapter) -> ModelAdapter:
         cfg, d = self.cfg, self.iter_dir(it)
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
 
@@ -292,7 +371,7 @@ class Run:
                 d / "pairs.jsonl",
                 [{"prompt_id": p, "chosen": w, "rejected": lo, "gap": round(g, 5)} for p, w, lo, g in pairs],
             )
-            self.write_candidate_grid(it, prompts, cands["tokens"], scores, pairs)
+            self.write_candidate_grid(it, policy, prompts, cands["tokens"], scores, pairs)
 
         self.step(it, "pairs", write_pairs)
         pairs = self.shared(lambda: store.read_jsonl(d / "pairs.jsonl"))
@@ -304,7 +383,7 @@ class Run:
                 if weights is None:
                     policy.save(d / "checkpoint")
                 else:  # FSDP2 left the policy sharded: save the gathered weights through an unsharded copy
-                    full = ShapesLMM(policy.config)
+                    full = self.skeleton(None if self.janus else policy.model.config.to_dict())
                     full.load_state_dict(weights)
                     full.save(d / "checkpoint")
 
@@ -313,46 +392,54 @@ class Run:
 
     # --- phases with real work -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def write_prompts(self, it: int, policy: ShapesLMM) -> None:
+    def write_prompts(self, it: int, policy: ModelAdapter) -> None:
         cfg = self.cfg
         cats = [c for c in CATEGORIES for _ in range(cfg.sample.prompts_per_category)]
 
-        def write(u: slice) -> list[str]:
+        def write(u: slice) -> list[tuple[str, str]]:
             noise = torch.stack(
                 [uniforms((1, PROMPT_TOKENS), cfg.seed, it, "prompts", i) for i in range(u.start, u.stop)]
             )
-            return policy.write_prompts(cats[u], 1, top_p=cfg.sample.top_p, max_new_tokens=PROMPT_TOKENS, noise=noise)
+            texts = policy.write_prompts(cats[u], 1, top_p=cfg.sample.top_p, max_new_tokens=PROMPT_TOKENS, noise=noise)
+            sources = getattr(policy, "last_sources", {}).get("prompts") or ["model"] * len(texts)
+            return list(zip(texts, sources))
 
-        texts = [t for part in self.map_units(len(cats), cfg.sample.chunk, write, f"iter {it} prompts") for t in part]
+        written = [t for part in self.map_units(len(cats), cfg.sample.chunk, write, f"iter {it} prompts") for t in part]
         if self.main:
-            rows = [{"id": i, "category": c, "prompt": t} for i, (c, t) in enumerate(zip(cats, texts)) if t.strip()]
+            rows = [
+                {"id": i, "category": c, "prompt": t, "source": src}
+                for i, (c, (t, src)) in enumerate(zip(cats, written))
+                if t.strip()
+            ]
             store.write_jsonl(self.iter_dir(it) / "prompts.jsonl", rows)
 
     @torch.no_grad()
-    def write_questions(self, it: int, policy: ShapesLMM, prompts: list[str]) -> None:
+    def write_questions(self, it: int, policy: ModelAdapter, prompts: list[str]) -> None:
         from silmm_fast.decompose import decompose_prompt
 
-        parts = self.map_units(
-            len(prompts), self.cfg.sample.chunk, lambda u: policy.decompose(prompts[u]), f"iter {it} questions"
-        )
+        def decompose(u: slice) -> list[tuple[list[str], str]]:
+            written = policy.decompose(prompts[u])
+            sources = getattr(policy, "last_sources", {}).get("questions") or ["model"] * len(written)
+            return list(zip(written, sources))
+
+        parts = self.map_units(len(prompts), self.cfg.sample.chunk, decompose, f"iter {it} questions")
         written = [qs for part in parts for qs in part]
         if not self.main:
             return
         rows = []
-        for i, (p, qs) in enumerate(zip(prompts, written)):
-            source = "model"
+        for i, (p, (qs, source)) in enumerate(zip(prompts, written)):
             if not qs:  # the model wrote nothing usable: the rule-based decomposer stands in
                 qs, source = decompose_prompt(p), "rules"
             rows.append({"id": i, "prompt": p, "questions": qs, "source": source})
         store.write_jsonl(self.iter_dir(it) / "questions.jsonl", rows)
 
     @torch.no_grad()
-    def generate(self, it: int, policy: ShapesLMM, prompts: list[str], ids: list[int]) -> None:
+    def generate(self, it: int, policy: ModelAdapter, prompts: list[str], ids: list[int]) -> None:
         cfg = self.cfg
         desc = f"iter {it} generate"
         path = self.iter_dir(it) / "candidates.pt"
         if cfg.mode == "discrete":
-            n, seq = cfg.sample.candidates, self.tokenizer.seq_len
+            n, seq = cfg.sample.candidates, policy.image_seq_len
 
             def sample(u: slice) -> torch.Tensor:
                 noise = torch.stack([uniforms((n, seq), cfg.seed, it, "generate", i) for i in ids[u]])
@@ -386,7 +473,7 @@ class Run:
 
     @torch.no_grad()
     def judge(
-        self, it: int, policy: ShapesLMM, tokens: torch.Tensor, questions: list[list[str]], ids: list[int]
+        self, it: int, policy: ModelAdapter, tokens: torch.Tensor, questions: list[list[str]], ids: list[int]
     ) -> None:
         cfg = self.cfg
         p, n = tokens.shape[:2]
@@ -415,6 +502,7 @@ class Run:
     def write_candidate_grid(
         self,
         it: int,
+        policy: ModelAdapter,
         prompts: list[str],
         tokens: torch.Tensor,
         scores: torch.Tensor,
@@ -423,24 +511,28 @@ class Run:
     ) -> None:
         chosen = {(p, w) for p, w, _, _ in pairs}
         rejected = {(p, lo) for p, _, lo, _ in pairs}
+        from PIL import Image
+
         images, captions = [], []
         rows = min(max_prompts, len(prompts))
+        pixels = policy.decode_images(tokens[:rows])  # uint8 [rows, N, H, W, 3]
         for p in range(rows):
             for j in range(tokens.shape[1]):
                 mark = "CHOSEN " if (p, j) in chosen else "REJECTED " if (p, j) in rejected else ""
-                images.append(render_tokens(tokens[p, j].tolist(), size=96))
+                images.append(Image.fromarray(pixels[p, j].numpy()))
                 head = f"{prompts[p][:40]}\n" if j == 0 else "\n"
                 captions.append(f"{head}{mark}{scores[p, j]:+.2f}")
         grid = render_grid(
             images,
             captions,
             columns=tokens.shape[1],
+            tile_size=96,
             title=f"iteration {it}: candidates per prompt (row), self-judged score, chosen / rejected",
         )
         store.write_png(self.iter_dir(it) / "candidates.png", grid)
 
     def train(
-        self, it: int, policy: ShapesLMM, reference: ShapesLMM, prompts: list[str], cands: dict, pairs: list[dict]
+        self, it: int, policy: ModelAdapter, reference: ModelAdapter, prompts: list[str], cands: dict, pairs: list[dict]
     ) -> tuple[list[dict], dict | None]:
         """DPO / KC-DPO on the iteration's pairs. Returns the per-step metrics and, under FSDP2, the gathered
         weights (None otherwise: ``policy`` itself holds them)."""
@@ -460,7 +552,7 @@ class Run:
             def reference_logps(u: slice) -> torch.Tensor:  # once per iteration, through the same fp32 path
                 both = torch.cat([tokens[pid[u], win[u]], tokens[pid[u], lose[u]]])
                 texts = [prompts[i] for i in pid[u].tolist()] * 2
-                lp = fused_linear_logprobs(*reference.image_logprob_inputs(texts, both))
+                lp = reference.image_logprob_inputs(texts, both).logprobs()
                 return lp.view(2, -1).cpu()
 
             ref = torch.cat(self.map_units(len(pairs), o.batch_size, reference_logps, f"iter {it} reference"), dim=1)
@@ -497,8 +589,8 @@ class Run:
                 texts = [prompts[i] for i in pid[b].tolist()]
                 if cfg.mode == "discrete":
                     both = torch.cat([tokens[pid[b], win[b]], tokens[pid[b], lose[b]]])
-                    h, w, lab = model("image_logprob_inputs", texts * 2, both)
-                    out = loss_fn(h, w, lab, ref_c[b].to(dev), ref_r[b].to(dev))
+                    inp = model("image_logprob_inputs", texts * 2, both)
+                    out = loss_fn(inp.hidden, inp.weight, inp.labels, ref_c[b].to(dev), ref_r[b].to(dev), bias=inp.bias)
                 else:
                     h = model("feature_forward", texts)
                     out = loss_fn(

@@ -2,7 +2,7 @@
 alignment per category per iteration, and ``report.md``.
 
 summary.json schema (version 1):
-    {"schema": 1, "mode": str, "feedback": str, "seed": int,
+    {"schema": 1, "mode": str, "feedback": str, "seed": int, "model": str, "evaluator": str,
      "iterations": [                       # index 0 is the base model, then one entry per SILMM iteration
         {"iteration": int,
          "heldout": {"overall": {"all_constraints": float, "constraint_fraction": float, "n_prompts": int, ...},
@@ -74,11 +74,12 @@ def write_report(summary: dict, run_dir: Path) -> Path:
     plot_alignment(summary, run_dir / "alignment.png")
     its = summary["iterations"]
     categories = sorted(its[0]["heldout"]["by_category"])
+    evaluator = summary.get("evaluator", "the world's ground-truth evaluator")
     lines = [
         f"# SILMM run — {summary['mode']} mode, feedback = {summary['feedback']}, seed {summary['seed']}",
         "",
-        "Held-out prompts (never trained on), scored by the world's ground-truth evaluator. Each cell: fraction of",
-        "prompts with every constraint met (mean fraction of constraints met).",
+        f"Held-out prompts (never trained on), scored by {evaluator}.",
+        "Each cell: fraction of prompts with every constraint met (mean fraction of constraints met).",
         "",
         "| iteration | overall | " + " | ".join(categories) + " |",
         "|---|---|" + "---|" * len(categories),
