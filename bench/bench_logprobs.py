@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,7 +39,6 @@ from bench.common import (  # noqa: E402
     note_skip,
     peer_missing,
     print_table,
-    release_freed_memory_to_os,
     rotation_copies,
     row,
     tensor_bytes,
@@ -253,14 +253,21 @@ def run(
     ``rounds`` > 1 repeats the whole sweep, so on a shared machine every provider sees the same spells of
     interference; each row records its ``round`` and ``print_ratios`` compares the fastest round of each case.
     """
-    from silmm_fast import _backend
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if device.type == "cpu":
-        release_freed_memory_to_os()
     env = environment(device)
     rows = []
+    # The backward mode calls backward on a retained graph, which compiled graphs with donated buffers refuse: the
+    # compiled reference runs without them (they only save memory in backward).
+    with functorch_config.patch(donated_buffer=False):
+        _sweep(rows, shapes, device, dtype, env, providers, modes, ops, heads, warmup, repeats, rounds)
+    return rows
+
+
+def _sweep(rows, shapes, device, dtype, env, providers, modes, ops, heads, warmup, repeats, rounds) -> None:
+    from silmm_fast import _backend
+
     for rnd, shape in [(r, s) for r in range(rounds) for s in shapes]:
         shape = HEAD_SHAPES[shape] if isinstance(shape, str) else shape
         for op in ops or OPS:
@@ -268,6 +275,7 @@ def run(
                 print(f"skip {op} at {shape.name}: needs an even number of sequences (chosen + rejected)")
                 continue
             op_heads = ["-"] if op in ("gather_logprobs", "sequence_logprobs") else (heads or list(HEADS))
+            print(f"[logprobs] {op} at {shape.name} (round {rnd})", flush=True)
             for head in op_heads:
                 for provider in providers or PROVIDERS:
                     for mode in modes or MODES:
@@ -298,7 +306,6 @@ def run(
                         case_cost = cost(op, shape, head, mode, dtype)
                         rows.append(row(op, provider, mode, shape_doc, m, env, cost=case_cost, **extra))
                         del calls, fn
-    return rows
 
 
 def print_ratios(rows: list[dict], baseline: str = "naive", provider: str = "silmm") -> None:

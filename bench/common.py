@@ -14,9 +14,11 @@ Peak memory (``peak_mem_bytes``, how it was taken in ``mem_metric``): what one c
 - ``rss_hwm``: on CPU, the growth of the process's peak resident set during one call: ``/proc/self/clear_refs``
   resets the high-water mark, and the figure is VmHWM after the call minus VmRSS before it. Every page the call
   touches that was not resident counts: tensor storages, allocator scratch, compiled-kernel buffers, C++ extension
-  work space. So that memory freed by earlier calls cannot hide a later allocation, glibc is told to hand every
-  freed block of 128 KiB or more back to the OS (a fixed mmap threshold); blocks below that size, a few hundred KiB
-  in all, may be reused unseen. ``None`` where the kernel does not allow the reset.
+  work space. So that memory freed by earlier calls cannot hide a later allocation, the heap's free pages are
+  handed back to the OS first (``trim_heap``) and glibc maps every block of 128 KiB or more fresh during the call
+  (``MALLOC_FOR_MEMORY``); partly used pages, a few hundred KiB in all, may be reused unseen. Timed calls run with
+  the allocator as a long-running process has it (``MALLOC_FOR_TIMING``). ``None`` where the kernel does not allow
+  the reset.
 
 Cost models (``Cost``): each benchmark script computes, per op, shape and mode, the bytes an ideal implementation must
 move (inputs read once, outputs and gradients written once) and the arithmetic it must do (matrix products; None
@@ -129,22 +131,38 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-_MALLOC_FIXED = False
+# glibc malloc thresholds (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). Timing: the 64-bit maxima of glibc's dynamic
+# thresholds, the state a process that keeps allocating and freeing large blocks settles into (a fixed 128 KiB
+# threshold made the chunked CPU log-prob path ~1.5x slower: every chunk buffer was a fresh mmap, page faults and
+# all). Memory: every block of 128 KiB or more mapped fresh and unmapped on free, so the resident-set peak of a
+# call is not hidden by memory an earlier call freed and the allocator reuses.
+MALLOC_FOR_TIMING = (32 * 2**20, 64 * 2**20)
+MALLOC_FOR_MEMORY = (128 * 2**10, 128 * 2**10)
+
+
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> None:
+    """Set glibc's mmap and trim thresholds (process-wide; nothing where libc is not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def trim_heap() -> None:
+    """Hand the pages of every free heap block back to the OS (glibc ``malloc_trim``): a block freed earlier and
+    reused by the next call then has to be faulted in again, so it shows in that call's resident-set peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def release_freed_memory_to_os() -> None:
-    """Make glibc return every freed block of 128 KiB or more to the OS (a fixed mmap threshold), so the resident-set
-    peak of one call is not hidden by memory an earlier call freed and the allocator reuses. Process-wide; once."""
-    global _MALLOC_FIXED
-    if _MALLOC_FIXED:
-        return
-    _MALLOC_FIXED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
+    """No longer needed: ``peak_memory`` trims the heap and maps large blocks fresh around its own call and
+    ``measure`` times with ``MALLOC_FOR_TIMING``. Kept for scripts that still call it; sets the timing thresholds."""
+    set_malloc_thresholds(*MALLOC_FOR_TIMING)
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -219,13 +237,17 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | N
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base, "cuda_max_allocated"
-    release_freed_memory_to_os()
-    if not _reset_peak_rss():
+    set_malloc_thresholds(*MALLOC_FOR_MEMORY)
+    trim_heap()
+    try:
+        if not _reset_peak_rss():
+            fn()
+            return None, None
+        base = _rss_bytes("VmRSS")
         fn()
-        return None, None
-    base = _rss_bytes("VmRSS")
-    fn()
-    return max(0, _rss_bytes("VmHWM") - base), "rss_hwm"
+        return max(0, _rss_bytes("VmHWM") - base), "rss_hwm"
+    finally:
+        set_malloc_thresholds(*MALLOC_FOR_TIMING)
 
 
 def measure(
@@ -242,6 +264,8 @@ def measure(
     names the case's profiler trace when tracing is on (``trace_into``)."""
     device = torch.device(device)
     fns = [fn] if callable(fn) else list(fn)
+    if device.type == "cpu":
+        set_malloc_thresholds(*MALLOC_FOR_TIMING)
     for i in range(max(warmup, 1 if device.type == "cuda" else warmup)):
         fns[i % len(fns)]()
     out = Measurement(copies=len(fns))
@@ -282,7 +306,9 @@ class Cost:
 def measure_ceilings(device: torch.device, *, copy_bytes: int | None = None, matmul_n: int | None = None) -> dict:
     """The device's own ceilings, measured: a large device-to-device copy (GB/s counting the bytes read and the bytes
     written) and a large square matmul (TFLOP/s; bf16 on CUDA, fp32 on CPU, where bf16 matmuls are emulated).
-    CUDA: 1 GiB copy, n = 8192; CPU: 256 MiB copy, n = 2048 (about a second on 2 cores). Median of the repeats."""
+    CUDA: 1 GiB copy, n = 8192; CPU: 256 MiB copy, n = 2048 (about a second on 2 cores), with torch's current thread
+    count. Each rate from the fastest repeat: a ceiling is the best the device does, and on a shared machine other
+    work only ever slows a repeat down (``best_ceilings`` combines several measurements)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     copy_bytes = copy_bytes or (2**30 if cuda else 2**28)
@@ -294,10 +320,19 @@ def measure_ceilings(device: torch.device, *, copy_bytes: int | None = None, mat
     a, b = (torch.randn(matmul_n, matmul_n, device=device).to(dtype) for _ in range(2))
     mm = measure(lambda: a @ b, device, warmup=1, repeats=5)
     return {
-        "ceiling_gbps": significant(2 * copy_bytes / (copy.median_ms * 1e6)),
-        "ceiling_tflops": significant(2 * matmul_n**3 / (mm.median_ms * 1e9)),
+        "ceiling_gbps": significant(2 * copy_bytes / (copy.min_ms * 1e6)),
+        "ceiling_tflops": significant(2 * matmul_n**3 / (mm.min_ms * 1e9)),
         "ceiling_matmul_dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def best_ceilings(*measured: dict) -> dict:
+    """The highest of several ``measure_ceilings`` results, rate by rate."""
+    out = dict(measured[0])
+    for m in measured[1:]:
+        out["ceiling_gbps"] = max(out["ceiling_gbps"], m["ceiling_gbps"])
+        out["ceiling_tflops"] = max(out["ceiling_tflops"], m["ceiling_tflops"])
+    return out
 
 
 def attach_roofline(rows: list[dict], ceilings: dict) -> None:

@@ -170,6 +170,12 @@ def _case_line(op: str, shape: str, mode: str, head: str | None, op_rows: list[d
     return None
 
 
+def _short(reason: str, limit: int = 110) -> str:
+    """A skip reason's first sentence, at most ``limit`` characters (the rows keep the whole message)."""
+    first = reason.split(". ")[0].rstrip(".")
+    return first if len(first) <= limit else first[: limit - 1].rstrip() + "…"
+
+
 def _not_measured(rows: list[dict]) -> str:
     parts = []
     if not any(_is_cuda(r) for r in _measured(rows)):
@@ -188,8 +194,9 @@ def _not_measured(rows: list[dict]) -> str:
         if latest.get((s.get("device"), s["op"], s["provider"]), "") > s.get("timestamp", ""):
             continue
         why = reasons.setdefault(s["provider"], [])
-        if s["skipped"] not in why:
-            why.append(s["skipped"])
+        short = _short(s["skipped"])
+        if short not in why:
+            why.append(short)
     if reasons:
         listed = "; ".join(f"`{p}` ({' / '.join(why)})" for p, why in sorted(reasons.items()))
         parts.append(f"providers skipped on the measuring machine: {listed}")
