@@ -257,8 +257,8 @@ def run(
     rounds = rounds or (50 if device.type == "cuda" else 5)
     if providers is None:
         providers = list(DEFAULT_PROVIDERS)
-        why = "left out by default: compiling the reference's pick loop takes ~80 s per shape and method on 2 CPU cores"
-        note_skip("diverse_select", "torch_compile", why + " (ask for it: --providers torch_compile)", "not_run")
+        why = "left out by default, compiling the reference's pick loop takes ~80 s per case on 2 CPU cores"
+        note_skip("diverse_select", "torch_compile", why + " (--providers torch_compile runs it)", "not_run")
     modes = list(modes or MODES)
     env = environment(device)
     rows: list[dict] = []

@@ -44,6 +44,11 @@ HEADLINE_SHAPES = {
     "kernel_similarity": ("cpu-kc", "dreamllm-4k-k8", "wide-64k"),
     "diverse_select": ("floor-naive", "floor-gram", "dreamllm"),
 }
+# benchmarked computation -> how the README names it (the public op it measures)
+OP_NAMES = {
+    "kernel_similarity": "`pairwise_distance` (KC-DPO's launch)",
+    "fused_linear_dpo": "`FusedLinearDPOLoss`",
+}
 MODE_NAMES = {"full": "fwd+bwd", "forward": "forward", "backward": "backward", "dpp": "DPP", "fps": "FPS"}
 COMPARISON_MODES = ("gram",)  # floor measurements every mode of their shape is compared with
 HEAD_ORDER = {"trainable": 0, "frozen": 1}
@@ -103,7 +108,7 @@ def _memory(silmm: dict, base: dict) -> str:
     for key, note in (("peak_mem_bytes", ""), ("traced_peak_bytes", ", traced")):
         a, b = silmm.get(key), base.get(key)
         if a and b:
-            return f"{a / b:.2f}× ({a / 2**20:.3g} vs {b / 2**20:.3g} MiB{note})"
+            return f"{a / b:.3g}× ({a / 2**20:.3g} vs {b / 2**20:.3g} MiB{note})"
     return "-"
 
 
@@ -163,14 +168,14 @@ def _case_line(op: str, shape: str, mode: str, head: str | None, op_rows: list[d
         others += [f"{p} ({r['mode']}) {_ratio(t, r['time_ms'])}" for p, r in floors.items()]
         roofline = "-" if silmm.get("roofline") is None else f"{100 * silmm['roofline']:.2g} %"
         return (
-            f"| `{op}` | {_case_name(mode, head)} | {_shape(silmm)} | {_ms(silmm['time_ms'])} "
+            f"| {OP_NAMES.get(op, f'`{op}`')} | {_case_name(mode, head)} | {_shape(silmm)} | {_ms(silmm['time_ms'])} "
             f"| {_ratio(silmm['time_ms'], base['time_ms'])} {baseline} | {_memory(silmm, base)} "
             f"| {', '.join(others) or '-'} | {roofline} |"
         )
     return None
 
 
-def _short(reason: str, limit: int = 110) -> str:
+def _short(reason: str, limit: int = 140) -> str:
     """A skip reason's first sentence, at most ``limit`` characters (the rows keep the whole message)."""
     first = reason.split(". ")[0].rstrip(".")
     return first if len(first) <= limit else first[: limit - 1].rstrip() + "…"
@@ -217,7 +222,7 @@ def section(rows: list[dict]) -> str:
         if not lines:
             continue
         first = max(dev_rows, key=lambda r: r["timestamp"])
-        threads = f", {first['threads']} threads" if first.get("threads") else ""
+        threads = f", {first['threads']} thread{'s' if first['threads'] > 1 else ''}" if first.get("threads") else ""
         model = f" — {first['cpu_model']}" if first.get("cpu_model") else ""
         dates = sorted({(git, stamp[:10]) for git, stamp in runs}, key=lambda x: x[1])
         run_text = ", ".join(f"git {git} ({date})" for git, date in dates)

@@ -242,7 +242,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax_m.text(0.5, 0.5, "no peak above 0 measured", ha="center", transform=ax_m.transAxes, fontsize=8)
         ax_t.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path)
     plt.close(fig)
 
