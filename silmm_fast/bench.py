@@ -73,6 +73,7 @@ SUITE: dict[str, Bench] = {
     ),
     "diverse_select": Bench("bench_diverse_select"),
     "sampler": Bench("bench_sampler"),  # silmm_fast.sample_tokens; the script's own default shapes
+    "janus_generate": Bench("bench_janus_generate"),  # JanusAdapter's batched CFG loop vs generate(), images/s
 }
 
 # public op (silmm_fast.__all__) -> (SUITE entry, the benchmarked computation: a row's ``op``) that measures it
