@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -68,3 +68,41 @@ def check_finite(name: str, x: torch.Tensor) -> None:
     otherwise corrupt a result silently (e.g. a similarity matrix feeding a greedy selection)."""
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains NaN or Inf")
+
+
+# --- arguments of the model adapters (ShapesLMM, JanusAdapter) -----------------------------------------------------
+def check_prompts(prompts: object, name: str = "prompts", *, allow_blank: bool = True) -> list[str]:
+    """A non-empty list of str (a bare str is refused: it would iterate as characters)."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"{name}: expected a list of str, got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}]: expected a str, got {type(p).__name__}")
+        if not allow_blank and not p.strip():
+            raise ValueError(f"{name}[{i}]: empty prompt")
+    if not prompts:
+        raise ValueError(f"{name}: expected at least one prompt")
+    return list(prompts)
+
+
+def check_count(name: str, n: object) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{name}: expected a positive int, got {n!r}")
+    return n
+
+
+def check_sampling(temperature: object, top_p: object) -> None:
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+
+
+def check_noise(noise: object, shape: tuple[int, ...], generator: object = None) -> torch.Tensor:
+    """Per-draw uniform numbers of ``shape``, and not together with a ``generator``."""
+    if generator is not None:
+        raise ValueError("noise, generator: pass one source of randomness, not both")
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape or not noise.is_floating_point():
+        got = f"{tuple(noise.shape)} {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise: expected a float tensor of uniform numbers with shape {list(shape)}, got {got}")
+    return noise

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from silmm_fast._validate import check_count, check_noise, check_prompts, check_sampling
 from silmm_fast.adapters import prompting
 from silmm_fast.adapters.protocol import ImageLogprobInputs
 from silmm_fast.ops.sampling import sample_tokens
@@ -112,41 +113,6 @@ class JanusOptions:
         if unknown:
             raise ValueError(f"options: unknown keys {sorted(unknown)}")
         return cls(**d)
-
-
-def _check_prompts(prompts: object, name: str = "prompts") -> list[str]:
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(f"{name}: expected a list of str, got {type(prompts).__name__}")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"{name}[{i}]: expected a str, got {type(p).__name__}")
-        if not p.strip():
-            raise ValueError(f"{name}[{i}]: empty prompt")
-    if not prompts:
-        raise ValueError(f"{name}: expected at least one prompt")
-    return list(prompts)
-
-
-def _check_count(name: str, n: object) -> int:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"{name}: expected a positive int, got {n!r}")
-    return n
-
-
-def _check_sampling(temperature: object, top_p: object) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-
-
-def _check_noise(noise: object, shape: tuple[int, ...], generator: object) -> torch.Tensor:
-    if generator is not None:
-        raise ValueError("noise, generator: pass one source of randomness, not both")
-    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape or not noise.is_floating_point():
-        got = f"{tuple(noise.shape)} {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__
-        raise ValueError(f"noise: expected a float tensor of uniform numbers with shape {list(shape)}, got {got}")
-    return noise
 
 
 def _uniforms(rows: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -443,12 +409,12 @@ class JanusAdapter(nn.Module):
         not depend on the other prompts of the call), else a draw from ``generator`` on the generator's device.
         ``cfg_scale`` and ``top_k`` default to ``options``; ``temperature=0`` is greedy (no numbers drawn).
         """
-        prompts = _check_prompts(prompts)
-        _check_count("n_samples", n_samples)
-        _check_sampling(temperature, top_p)
+        prompts = check_prompts(prompts, allow_blank=False)
+        check_count("n_samples", n_samples)
+        check_sampling(temperature, top_p)
         t = self.num_image_tokens
         if noise is not None:
-            noise = _check_noise(noise, (len(prompts), n_samples, t), generator).reshape(-1, t)
+            noise = check_noise(noise, (len(prompts), n_samples, t), generator).reshape(-1, t)
         cfg = self.options.cfg_scale if cfg_scale is None else float(cfg_scale)
         k = self.options.top_k if top_k is None else int(top_k)
         seqs = [self.prompt_ids(p) for p in prompts]
@@ -539,7 +505,7 @@ class JanusAdapter(nn.Module):
             / ``bias`` are the generation head's last Linear, so ``fused_linear_logprobs`` equals a log-softmax of
             ``generation_head(h)`` gathered at the labels.
         """
-        prompts = _check_prompts(prompts)
+        prompts = check_prompts(prompts, allow_blank=False)
         tokens = self._check_image_tokens(image_tokens)
         if tokens.dim() == 3:
             if tokens.shape[0] != len(prompts):
@@ -584,7 +550,7 @@ class JanusAdapter(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"image_tokens: expected shape [I, {self.num_image_tokens}], got {tuple(tokens.shape)}")
         self._check_questions(questions, tokens.shape[0])
-        _check_count("images_per_chunk", images_per_chunk)
+        check_count("images_per_chunk", images_per_chunk)
         p_yes: list[torch.Tensor] = []
         p_no: list[torch.Tensor] = []
         for s in range(0, tokens.shape[0], images_per_chunk):
@@ -619,7 +585,7 @@ class JanusAdapter(nn.Module):
         """
         n = len(images)
         self._check_questions(questions, n)
-        _check_count("images_per_chunk", images_per_chunk)
+        check_count("images_per_chunk", images_per_chunk)
         encoded = {q: self._judge_ids(q) for qs in questions for q in qs}
         prefixes = {tuple(pre) for pre, _ in encoded.values()}
         if len(prefixes) > 1:
@@ -771,12 +737,12 @@ class JanusAdapter(nn.Module):
             raise TypeError("categories: expected a non-empty list of category names")
         for c in categories:
             prompting.check_category(c)
-        _check_count("n", n)
-        _check_sampling(temperature, top_p)
-        _check_count("max_new_tokens", max_new_tokens)
+        check_count("n", n)
+        check_sampling(temperature, top_p)
+        check_count("max_new_tokens", max_new_tokens)
         cats = [c for c in categories for _ in range(n)]
         if noise is not None:
-            noise = _check_noise(noise, (len(categories), n, max_new_tokens), generator).reshape(len(cats), -1)
+            noise = check_noise(noise, (len(categories), n, max_new_tokens), generator).reshape(len(cats), -1)
         texts = [self._user_turn(prompting.prompt_instruction(c)) for c in cats]
         written, finished = self._continue(texts, max_new_tokens, temperature, top_p, generator, True, noise)
         if noise is None:
@@ -801,8 +767,8 @@ class JanusAdapter(nn.Module):
         """
         from silmm_fast.decompose import decompose_prompt
 
-        prompts = _check_prompts(prompts)
-        _check_count("max_new_tokens", max_new_tokens)
+        prompts = check_prompts(prompts, allow_blank=False)
+        check_count("max_new_tokens", max_new_tokens)
         texts = [self._user_turn(prompting.decompose_instruction(p)) for p in prompts]
         written = self.generate_text(texts, max_new_tokens)
         result, sources = [], []

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaModel
 
+from silmm_fast._validate import check_count, check_noise, check_prompts, check_sampling
 from silmm_fast.models.vocab import JointVocab
 
 VARIANTS = ("discrete", "continuous")
@@ -123,36 +124,6 @@ def detokenize(words: Sequence[str]) -> str:
     for w in words:
         text += w if (not text or not w[0].isalnum()) else " " + w
     return text
-
-
-def _check_prompts(prompts: object) -> list[str]:
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts: expected a list of str, got {type(prompts).__name__}")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"prompts[{i}]: expected a str, got {type(p).__name__}")
-    if len(prompts) == 0:
-        raise ValueError("prompts: expected at least one prompt")
-    return list(prompts)
-
-
-def _check_count(name: str, n: object) -> int:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"{name}: expected a positive int, got {n!r}")
-    return n
-
-
-def _check_sampling(temperature: float, top_p: float) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-
-
-def _check_noise(noise: object, shape: tuple[int, ...]) -> None:
-    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape or not noise.is_floating_point():
-        got = f"{tuple(noise.shape)} {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__
-        raise ValueError(f"noise: expected a float tensor of uniform numbers with shape {list(shape)}, got {got}")
 
 
 def sample_next(
@@ -296,9 +267,7 @@ class ShapesLMM(nn.Module):
         Returns [B * repeat, T'] new ids, T' <= max_new_tokens; after ``stop_id`` a row holds <pad>.
         """
         if noise is not None:
-            if generator is not None:
-                raise ValueError("noise, generator: pass one source of randomness, not both")
-            _check_noise(noise, (len(prefixes) * repeat, max_new_tokens))
+            check_noise(noise, (len(prefixes) * repeat, max_new_tokens), generator)
         ids, mask, pos = self._left_pad(prefixes)
         cache = DynamicCache(config=self.lm.config)
         hidden = self.lm.model(
@@ -354,11 +323,11 @@ class ShapesLMM(nn.Module):
         for c in categories:
             if c not in self.vocab.categories:
                 raise ValueError(f"categories: unknown category {c!r}, expected one of {self.vocab.categories}")
-        _check_count("n", n)
-        _check_sampling(temperature, top_p)
+        check_count("n", n)
+        check_sampling(temperature, top_p)
         v = self.vocab
         if noise is not None:
-            _check_noise(noise, (len(categories), n, max_new_tokens))
+            check_noise(noise, (len(categories), n, max_new_tokens), generator)
         prefixes = [[v.bos, v.write, v.token_id(v.category_token(c))] for c in categories]
         new = self._decode(
             prefixes,
@@ -398,12 +367,12 @@ class ShapesLMM(nn.Module):
         its noise, not on the other prompts of the call; without it all samples draw from ``generator``.
         """
         self._require("discrete", "generate_images")
-        prompts = _check_prompts(prompts)
-        _check_count("n_samples", n_samples)
-        _check_sampling(temperature, top_p)
+        prompts = check_prompts(prompts)
+        check_count("n_samples", n_samples)
+        check_sampling(temperature, top_p)
         v = self.vocab
         if noise is not None:
-            _check_noise(noise, (len(prompts), n_samples, self.config.image_seq_len))
+            check_noise(noise, (len(prompts), n_samples, self.config.image_seq_len), generator)
         prefixes = [[v.bos, v.gen, *self.prompt_ids(p), v.img] for p in prompts]
         new = self._decode(
             prefixes,
@@ -435,7 +404,7 @@ class ShapesLMM(nn.Module):
             (a softmax over the full vocabulary, equal to log-probs from a plain forward).
         """
         self._require("discrete", "image_logprob_inputs")
-        prompts = _check_prompts(prompts)
+        prompts = check_prompts(prompts)
         tokens = self._check_image_tokens(image_tokens)
         if tokens.dim() == 3:
             if tokens.shape[0] != len(prompts):
@@ -461,7 +430,7 @@ class ShapesLMM(nn.Module):
         """Feature matrices [P, L, D] of the prompts, differentiable: "<bos> <gen> words <img>" then the L query
         slots, feature head on the slot positions."""
         self._require("continuous", "feature_forward")
-        prompts = _check_prompts(prompts)
+        prompts = check_prompts(prompts)
         v = self.vocab
         ids, mask, pos = self._left_pad([[v.bos, v.gen, *self.prompt_ids(p), v.img] for p in prompts])
         n_slots = self.config.feature_slots
@@ -479,8 +448,8 @@ class ShapesLMM(nn.Module):
         The samples differ only when something stochastic is active in the forward pass (``silmm_fast.dropdiv``);
         without it they are identical copies.
         """
-        prompts = _check_prompts(prompts)
-        _check_count("n_samples", n_samples)
+        prompts = check_prompts(prompts)
+        check_count("n_samples", n_samples)
         feats = self.feature_forward([p for p in prompts for _ in range(n_samples)])
         return feats.view(len(prompts), n_samples, *feats.shape[1:])
 
@@ -491,8 +460,8 @@ class ShapesLMM(nn.Module):
 
         Returns one list of question strings per prompt (empty questions dropped).
         """
-        prompts = _check_prompts(prompts)
-        _check_count("max_new_tokens", max_new_tokens)
+        prompts = check_prompts(prompts)
+        check_count("max_new_tokens", max_new_tokens)
         v = self.vocab
         prefixes = [[v.bos, v.dec, *self.prompt_ids(p), v.sep] for p in prompts]
         new = self._decode(prefixes, max_new_tokens, self._dec_allowed, stop_id=v.eos)
@@ -557,7 +526,7 @@ class ShapesLMM(nn.Module):
         for i, qs in enumerate(questions):
             if isinstance(qs, str) or not isinstance(qs, Sequence) or not all(isinstance(q, str) for q in qs):
                 raise TypeError(f"questions[{i}]: expected a list of str")
-        _check_count("images_per_chunk", images_per_chunk)
+        check_count("images_per_chunk", images_per_chunk)
         p_yes: list[torch.Tensor] = []
         p_no: list[torch.Tensor] = []
         for start in range(0, tokens.shape[0], images_per_chunk):
