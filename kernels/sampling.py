@@ -93,6 +93,38 @@ def _key_and_weight(z, m, inv_t):
 
 
 @triton.jit
+def _scan_below(
+    cond_row,
+    uncond_row,
+    V,
+    stride_cv,
+    stride_uv,
+    cfg_scale,
+    m,
+    inv_t,
+    mid,
+    HAS_UNCOND: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One pass over the row for a bisection step: count and mass of the elements with key ≤ mid, the largest key
+    ≤ mid and the smallest key above it."""
+    count = tl.zeros([], tl.int64)
+    mass = tl.zeros([], tl.int64)
+    below = tl.full([], -1, tl.int32)
+    above = tl.full([], _KEY_NONE, tl.int32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z, _ = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale, HAS_UNCOND)
+        key, w = _key_and_weight(z, m, inv_t)
+        inside = key <= mid
+        count += tl.sum(inside.to(tl.int64), 0)
+        mass += tl.sum(tl.where(inside, w, 0), 0)
+        below = tl.maximum(below, tl.max(tl.where(inside, key, -1), 0))
+        above = tl.minimum(above, tl.min(tl.where(inside, _KEY_NONE, key), 0))
+    return count, mass, below, above
+
+
+@triton.jit
 def _sample_tokens_kernel(
     cond_ptr,
     uncond_ptr,
@@ -156,19 +188,9 @@ def _sample_tokens_kernel(
             lo = tl.where(n_pos > top_k, 0, key_cut)  # fewer nonzero weights than k: nothing to cut
             while lo < hi:
                 mid = lo + (hi - lo) // 2
-                count = tl.zeros([], tl.int64)
-                mass = tl.zeros([], tl.int64)
-                below = tl.full([], -1, tl.int32)
-                above = tl.full([], _KEY_NONE, tl.int32)
-                for start in range(0, V, BLOCK_V):
-                    cols = start + tl.arange(0, BLOCK_V)
-                    z, _ = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale, HAS_UNCOND)
-                    key, w = _key_and_weight(z, m, inv_t)
-                    inside = key <= mid
-                    count += tl.sum(inside.to(tl.int64), 0)
-                    mass += tl.sum(tl.where(inside, w, 0), 0)
-                    below = tl.maximum(below, tl.max(tl.where(inside, key, -1), 0))
-                    above = tl.minimum(above, tl.min(tl.where(inside, _KEY_NONE, key), 0))
+                count, mass, below, above = _scan_below(
+                    cond_row, uncond_row, V, stride_cv, stride_uv, cfg_scale, m, inv_t, mid, HAS_UNCOND, BLOCK_V
+                )
                 ok = count >= top_k
                 mass_hi = tl.where(ok, mass, mass_hi)
                 hi_next = tl.where(ok, below, hi)
@@ -179,17 +201,9 @@ def _sample_tokens_kernel(
             lo = tl.zeros([], tl.int32)
             while lo < hi:
                 mid = lo + (hi - lo) // 2
-                mass = tl.zeros([], tl.int64)
-                below = tl.full([], -1, tl.int32)
-                above = tl.full([], _KEY_NONE, tl.int32)
-                for start in range(0, V, BLOCK_V):
-                    cols = start + tl.arange(0, BLOCK_V)
-                    z, _ = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale, HAS_UNCOND)
-                    key, w = _key_and_weight(z, m, inv_t)
-                    inside = key <= mid
-                    mass += tl.sum(tl.where(inside, w, 0), 0)
-                    below = tl.maximum(below, tl.max(tl.where(inside, key, -1), 0))
-                    above = tl.minimum(above, tl.min(tl.where(inside, _KEY_NONE, key), 0))
+                _, mass, below, above = _scan_below(
+                    cond_row, uncond_row, V, stride_cv, stride_uv, cfg_scale, m, inv_t, mid, HAS_UNCOND, BLOCK_V
+                )
                 ok = mass.to(tl.float64) >= target
                 mass_hi = tl.where(ok, mass, mass_hi)
                 hi_next = tl.where(ok, below, hi)
