@@ -36,7 +36,6 @@ from bench.common import (  # noqa: E402
     measure,
     note_skip,
     print_table,
-    release_freed_memory_to_os,
     rotation_copies,
     row,
     tensor_bytes,
@@ -159,8 +158,6 @@ def run(
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if device.type == "cpu":
-        release_freed_memory_to_os()
     env = environment(device)
     rows: list[dict] = []
     failed: set[str] = set()

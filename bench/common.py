@@ -159,12 +159,6 @@ def trim_heap() -> None:
         pass
 
 
-def release_freed_memory_to_os() -> None:
-    """No longer needed: ``peak_memory`` trims the heap and maps large blocks fresh around its own call and
-    ``measure`` times with ``MALLOC_FOR_TIMING``. Kept for scripts that still call it; sets the timing thresholds."""
-    set_malloc_thresholds(*MALLOC_FOR_TIMING)
-
-
 def cache_bytes(device: torch.device) -> int:
     """The cache that inputs are rotated to defeat: the GPU's L2 (0 on CPU, where inputs are not rotated)."""
     if device.type == "cuda":
