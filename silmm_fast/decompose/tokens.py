@@ -79,7 +79,7 @@ def _is_adverb(word: str) -> bool:
 def _tag_word(word: str, previous: Token | None, next_word: str | None) -> Token:
     if word in NUMBER_WORDS:
         return Token(word, NUM, NUMBER_WORDS[word])
-    if word.isdigit():
+    if word.isdecimal():  # not isdigit: it also admits digits that int() refuses (superscripts, Rumi numerals)
         return Token(word, NUM, int(word))
     if word in _DEMONSTRATIVES and (next_word in AUXILIARIES or (next_word or "").endswith(("ed", "ing"))):
         return Token(word, RELPRON)
