@@ -5,6 +5,13 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run ("repeatable"), so a CI result can be reproduced; a bug one of
+# them finds becomes an @example. HYPOTHESIS_PROFILE=explore draws fresh examples each run to hunt for new ones.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
