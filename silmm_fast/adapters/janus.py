@@ -47,6 +47,7 @@ from torch import nn
 from silmm_fast._validate import check_count, check_noise, check_prompts, check_sampling
 from silmm_fast.adapters import prompting
 from silmm_fast.adapters.protocol import ImageLogprobInputs
+from silmm_fast.models.batching import left_pad
 from silmm_fast.ops.sampling import sample_tokens
 
 OPTIONS_FILE = "silmm_janus.json"
@@ -360,15 +361,8 @@ class JanusAdapter(nn.Module):
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids, attention mask and position ids [B, L] of left-padded sequences (positions count real tokens)."""
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        """``batching.left_pad`` with this model's pad id, on its device."""
+        return left_pad(seqs, self.pad_id, self.device)
 
     def _check_image_tokens(self, image_tokens: object, name: str = "image_tokens") -> torch.Tensor:
         if not isinstance(image_tokens, torch.Tensor):

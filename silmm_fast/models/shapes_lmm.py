@@ -32,6 +32,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaModel
 
 from silmm_fast._validate import check_count, check_noise, check_prompts, check_sampling
+from silmm_fast.models.batching import left_pad
 from silmm_fast.models.vocab import JointVocab
 
 VARIANTS = ("discrete", "continuous")
@@ -219,15 +220,8 @@ class ShapesLMM(nn.Module):
         return self.vocab.encode_words(words)
 
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids, attention mask and position ids [B, T] of left-padded sequences."""
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.vocab.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        """``batching.left_pad`` with this model's pad id, on its device."""
+        return left_pad(seqs, self.vocab.pad, self.device)
 
     def _check_image_tokens(self, image_tokens: object, name: str = "image_tokens") -> torch.Tensor:
         if not isinstance(image_tokens, torch.Tensor):
