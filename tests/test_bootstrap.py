@@ -8,9 +8,19 @@ import torch
 
 from silmm_fast.models.bootstrap import BootstrapConfig, bootstrap, bootstrap_stats, cache_path, default_cache_dir
 from silmm_fast.models.data import IGNORE, Example, SyntheticData, collate
+from silmm_fast.models.measure import generate_scenes
 from silmm_fast.models.shapes_lmm import ShapesLMM
 from silmm_fast.models.vocab import JointVocab
-from silmm_fast.world import CATEGORIES, HELDOUT_PAIRS, WORDS, ImageTokenizer, sample_prompt
+from silmm_fast.world import (
+    CATEGORIES,
+    COLORS,
+    HELDOUT_PAIRS,
+    SHAPES,
+    TEXTURES,
+    WORDS,
+    ImageTokenizer,
+    sample_prompt,
+)
 
 # the module, not the `bootstrap` function that silmm_fast.models re-exports under the same name
 bootstrap_mod = importlib.import_module("silmm_fast.models.bootstrap")
@@ -59,12 +69,29 @@ def test_synthetic_data_formats_and_split():
         assert ex.ids[-1] == v.eos and ex.ids[ex.target_start - 1] == v.sep
     for ex in data.batch("write", 20):
         assert ex.ids[-1] == v.eos and v.decode_ids([ex.ids[2]])[0].startswith("<cat:")
+    for ex in data.batch("copy", 20):
+        words = ex.ids[2 : ex.target_start - 1]
+        assert ex.ids[1] == v.copy and ex.ids[ex.target_start - 1] == v.sep and 4 <= len(words) <= 16
+        assert ex.ids[ex.target_start :] == (*words, v.eos)
     answers = [data.vqa_item()[2] for _ in range(400)]
     assert 0.4 < sum(answers) / len(answers) < 0.6
     # Prompts for writing, decomposition and generation come from the train split only.
     prompts = [data.prompt() for _ in range(300)]
     assert all(p.split() == "train" and not (p.pairs() & HELDOUT_PAIRS) for p in prompts)
     assert {p.category for p in prompts} == set(CATEGORIES)
+
+
+def test_copy_task_never_shows_a_heldout_pair():
+    v = JointVocab(WORDS, CATEGORIES, ImageTokenizer().num_tokens)
+    shape_of = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}
+    seen = 0
+    for ex in SyntheticData(v, seed=1).batch("copy", 2000):
+        words = v.decode_ids(ex.ids[2 : ex.target_start - 1])
+        for i, w in enumerate(words):
+            if w in shape_of:
+                assert not any((shape_of[w], a) in HELDOUT_PAIRS for a in words[max(0, i - 2) : i]), words
+                seen += any(a in COLORS + TEXTURES for a in words[max(0, i - 2) : i])
+    assert seen > 100  # attribute-shape neighbours do occur, only the held-out ones are excluded
 
 
 def test_generation_noise_fraction():
@@ -129,6 +156,10 @@ def test_cache_key_depends_on_config(tmp_path, monkeypatch):
     assert cache_path(a, tmp_path) == cache_path(BootstrapConfig.tiny("discrete"), tmp_path)
     assert cache_path(a, tmp_path) != cache_path(BootstrapConfig.tiny("discrete", gen_noise=0.1), tmp_path)
     assert cache_path(a, tmp_path) != cache_path(BootstrapConfig.tiny("continuous"), tmp_path)
+    # feature_weight trains only the continuous variant: it keys that cache alone
+    assert cache_path(a, tmp_path) == cache_path(BootstrapConfig.tiny("discrete", feature_weight=2.0), tmp_path)
+    c = BootstrapConfig.tiny("continuous")
+    assert cache_path(c, tmp_path) != cache_path(BootstrapConfig.tiny("continuous", feature_weight=2.0), tmp_path)
     assert cache_path(a, tmp_path).parent == tmp_path
     monkeypatch.setenv("SILMM_FAST_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "models"
@@ -142,6 +173,10 @@ def test_tiny_continuous_bootstrap(tmp_path):
     stats = bootstrap_stats(cache_path(config, tmp_path))["stats"]
     assert stats["loss_end"]["generate"] < stats["loss_start"]["generate"]
     assert model.generate_features(["a red circle"], 2).shape == (1, 2, 9, 48)
+    # its images are DropDiv samples (the loop's defaults: every layer, p = 0.5), the same for the same seed
+    texts = ["a red circle and a blue star", "two green squares"]
+    first, again = (generate_scenes(model, texts, samples=6, seed=3) for _ in range(2))
+    assert first == again and len(first) == 2 and all(len(row) == 6 for row in first)
     assert sorted(p.name for p in cache_path(config, tmp_path).iterdir()) == [
         "bootstrap.json",
         "config.json",

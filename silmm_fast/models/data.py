@@ -11,6 +11,12 @@ Like web image-text data, the generation targets are imperfect: with probability
 prompt is a near miss from ``corrupt_scene`` (a swapped attribute, a wrong relation, one object too many) instead of
 a scene that meets the prompt. The VQA labels are always exact. This is what leaves the base model better at judging
 compositions than at composing them.
+
+The ``copy`` task stands in for the text pretraining of a real LMM: repeat a random sequence of the world's words.
+Nothing in it can be predicted but by copying, so it trains the heads that copy words from the context (measured: a
+decomposition trained without it writes the train-split noun that usually follows a color instead of the prompt's,
+"is there a purple star?" for "a purple square"). Its sequences never put an attribute before a shape of a held-out
+pair, so no held-out combination is seen.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ import torch
 from silmm_fast.models.vocab import JointVocab
 from silmm_fast.world import (
     CATEGORIES,
+    HELDOUT_PAIRS,
+    SHAPES,
+    WORDS,
     ImageTokenizer,
     Prompt,
     Scene,
@@ -40,7 +49,8 @@ from silmm_fast.world import (
 )
 
 IGNORE = -100
-TASKS = ("write", "decompose", "vqa", "generate")
+_SHAPE_OF = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}  # shape word (singular or plural) -> shape
+TASKS = ("write", "decompose", "vqa", "generate", "copy")
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,22 @@ class SyntheticData:
         scene, question, yes = self.vqa_item()
         head = [v.bos, v.img, *self._image(scene), v.img_close, v.q, *self._text(question), v.a]
         return Example((*head, v.yes if yes else v.no), len(head))
+
+    def copy(self) -> Example:
+        """Example: "<bos> <copy> w1 … wn <sep>" → w1 … wn <eos>, 4 to 16 random words of the world, never an
+        attribute one or two words before a shape (or plural) of a held-out pair."""
+        v, rng = self.vocab, self.rng
+        words: list[str] = []
+        for _ in range(rng.randint(4, 16)):
+            while True:
+                w = rng.choice(WORDS)
+                shape = _SHAPE_OF.get(w)
+                if shape is None or not any((shape, a) in HELDOUT_PAIRS for a in words[-2:]):
+                    break
+            words.append(w)
+        ids = v.encode_words(words)
+        head = [v.bos, v.copy, *ids, v.sep]
+        return Example((*head, *ids, v.eos), len(head))
 
     def batch(self, task: str, n: int) -> list[Example]:
         """``n`` examples of ``task`` (one of ``TASKS``)."""

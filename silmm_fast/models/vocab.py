@@ -14,6 +14,7 @@ Sequence formats the model is trained on (``→`` marks where the loss starts)::
     gen      <bos> <gen> w1 … wn <img>           → t1 … t9 </img>
     gen-feat <bos> <gen> w1 … wn <img> [slot1 … slotL]   (feature head on the slot positions)
     dec      <bos> <dec> w1 … wn <sep>           → q1 words <sep> q2 words <sep> … <eos>
+    copy     <bos> <copy> w1 … wn <sep>          → w1 … wn <eos>       (bootstrap only: random words, see data.py)
     vqa      <bos> <img> t1 … t9 </img> <q> w1 … wn <a>   → yes|no
 """
 
@@ -36,6 +37,7 @@ SPECIALS: tuple[str, ...] = (
     "<write>",
     "yes",
     "no",
+    "<copy>",
 )
 
 
@@ -74,7 +76,7 @@ class JointVocab:
         self.q, self.a, self.dec, self.sep, self.write = (
             self._id[t] for t in ("<q>", "<a>", "<dec>", "<sep>", "<write>")
         )
-        self.yes, self.no = self._id["yes"], self._id["no"]
+        self.yes, self.no, self.copy = self._id["yes"], self._id["no"], self._id["<copy>"]
         self.word_ids: tuple[int, ...] = tuple(self._id[w] for w in dict.fromkeys(self.words) if w not in SPECIALS)
 
     @staticmethod
