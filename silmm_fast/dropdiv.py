@@ -103,7 +103,7 @@ class DropDiv:
     def __init__(
         self,
         model: nn.Module,
-        last_layers: int = DEFAULT_LAST_LAYERS,
+        last_layers: int | None = DEFAULT_LAST_LAYERS,
         p: float = DEFAULT_P,
         *,
         seed: int | None = None,
@@ -113,8 +113,10 @@ class DropDiv:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         all_mlps, where = find_mlps(model)
+        if last_layers is None:
+            last_layers = len(all_mlps)
         if isinstance(last_layers, bool) or not isinstance(last_layers, int):
-            raise TypeError(f"last_layers: expected an int, got {type(last_layers).__name__}")
+            raise TypeError(f"last_layers: expected an int or None, got {type(last_layers).__name__}")
         if not 1 <= last_layers <= len(all_mlps):
             raise ValueError(
                 f"last_layers: expected 1 <= last_layers <= {len(all_mlps)} (decoder layers found at {where}), "
@@ -229,7 +231,7 @@ class DropDiv:
 
 def dropdiv(
     model: nn.Module,
-    last_layers: int = DEFAULT_LAST_LAYERS,
+    last_layers: int | None = DEFAULT_LAST_LAYERS,
     p: float = DEFAULT_P,
     *,
     seed: int | None = None,
@@ -252,7 +254,8 @@ def dropdiv(
     Args:
         model: a ``transformers`` decoder model (Llama-style ``model.model.layers[i].mlp``, Janus, GPT-2, ...) or any
             ``nn.Module`` with ``dropdiv_mlps()``; the lookup rule is in this module's docstring.
-        last_layers: how many of the last decoder layers get dropout (default 2; the paper leaves it open).
+        last_layers: how many of the last decoder layers get dropout (default 2; the paper leaves it open); None for
+            every decoder layer.
         p: dropout probability in [0, 1) (default 0.1).
         seed: seeds the dedicated mask generator (one per device); the same seed and the same calls give the same
             masks. None draws a fresh seed from the OS (read it back from ``.seed``). The global RNG is never used.

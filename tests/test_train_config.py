@@ -32,7 +32,11 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"sample": {"candidates": -3}}, "sample.candidates"),
         ({"pairs": {"k": 5}}, "pairs.k"),  # 2k > N = 8
         ({"mode": "both"}, "mode"),
-        ({"feedback": "oracle"}, "feedback"),
+        ({"feedback": "telepathy"}, "feedback"),
+        (
+            {"model": {"name": "janus", "path": "/ckpt"}, "feedback": "oracle"},
+            "feedback: expected 'self' or 'random' with model.name 'janus'",
+        ),
         ({"optim": {"loss_type": "kto"}}, "optim.loss_type"),
         ({"optim": {"kernel": "manhattan"}}, "optim.kernel"),
         ({"sample": {"top_p": 1.5}}, "sample.top_p"),

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from silmm_fast.train import config, store
 from silmm_fast.train.loop import Run
+from silmm_fast.world import ImageTokenizer, parse_prompt
 
 
 def tiny_config(out, mode="discrete", cache=None, **overrides) -> config.TrainConfig:
@@ -159,6 +160,28 @@ def test_resume_after_a_crash_inside_a_step(tmp_path, model_cache, straight_run,
     monkeypatch.setattr(store, "_atomic_bytes", original)
     Run(tiny_config(crash_dir, cache=model_cache)).run()
     assert_same(comparable(crash_dir), expected)
+
+
+def test_oracle_feedback_scores_candidates_by_ground_truth(tmp_path, model_cache):
+    summary = Run(tiny_config(tmp_path / "oracle", cache=model_cache, feedback="oracle")).run()
+    assert summary["feedback"] == "oracle"
+    it1 = tmp_path / "oracle" / "iter1"
+    prompts = [r["prompt"] for r in store.read_jsonl(it1 / "prompts.jsonl")]
+    scores = [r["scores"] for r in store.read_jsonl(it1 / "scores.jsonl")]
+    tokens = store.read_tensors(it1 / "candidates.pt")["tokens"]
+    tok = ImageTokenizer()
+    checked = 0
+    for text, row, cands in zip(prompts, scores, tokens):
+        try:
+            prompt = parse_prompt(text)
+        except ValueError:  # outside the grammar: no information, no pair
+            assert row == [0.0] * len(row)
+            continue
+        for score, t in zip(row, cands.tolist()):
+            met = prompt.check(tok.decode(t, strict=False))
+            assert score == pytest.approx(2 * sum(met) / len(met) - 1, abs=1e-6)
+            checked += 1
+    assert checked > 0
 
 
 def test_random_feedback_control_and_config_mismatch(tmp_path, model_cache):

@@ -7,7 +7,7 @@
   the model generated for the prompt;
 - ``decompose``: fraction of held-out prompts whose greedy decomposition is exactly the ground-truth question set
   (compared as token sequences, order-free);
-- ``generate``: for images sampled from the model (discrete: nucleus sampling; continuous: the deterministic
+- ``generate``: for images sampled from the model (discrete: nucleus sampling; continuous: DropDiv samples of the
   feature matrix, decoded by the FeatureCodec), the fraction of images meeting every constraint
   (``all_constraints``) and the mean fraction of constraints met (``constraint_fraction``), per category and for
   single- vs multi-object prompts.
@@ -56,11 +56,16 @@ def generate_scenes(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    dropdiv_layers: int | None = None,
+    dropdiv_p: float = 0.5,
 ) -> list[list[Scene]]:
     """``samples`` generated scenes per prompt text (leniently decoded: a blank or crowded image is still a scene).
 
-    The continuous variant's output is deterministic without DropDiv; it gives one scene repeated ``samples`` times.
+    The continuous variant samples the way the SILMM loop does: DropDiv (``dropdiv_layers``, None for all layers,
+    and ``dropdiv_p``: the loop's defaults) gives each sample its own dropout masks, seeded by ``seed``.
     """
+    from silmm_fast.dropdiv import dropdiv
+
     gen = torch.Generator(device=model.device).manual_seed(seed)
     out: list[list[Scene]] = []
     for start in range(0, len(texts), batch_size):
@@ -71,8 +76,12 @@ def generate_scenes(
             out.extend([tok.decode(t, strict=False) for t in row] for row in tokens.cpu())
         else:
             codec = FeatureCodec(model.config.feature_dim)
-            feats = model.feature_forward(chunk).float().cpu()
-            out.extend([codec.decode(f, strict=False)] * samples for f in feats)
+            row_seeds = [
+                seed * 1_000_003 + (start + i) * samples + j for i in range(len(chunk)) for j in range(samples)
+            ]
+            with dropdiv(model, last_layers=dropdiv_layers, p=dropdiv_p, row_seeds=row_seeds):
+                feats = model.generate_features(chunk, samples).float().cpu()
+            out.extend([codec.decode(f, strict=False) for f in row] for row in feats)
     return out
 
 

@@ -46,7 +46,7 @@ from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
 from silmm_fast.train import distributed, report, store
 from silmm_fast.train.config import TrainConfig
 from silmm_fast.train.pairs import aggregate_scores, make_pairs
-from silmm_fast.world import CATEGORIES, FeatureCodec, ImageTokenizer, prompt_split, render_grid
+from silmm_fast.world import CATEGORIES, FeatureCodec, ImageTokenizer, parse_prompt, prompt_split, render_grid
 from silmm_fast.world.evaluate import evaluate_features, evaluate_tokens
 
 PHASES = ("prompts", "questions", "generate", "judge", "pairs", "train", "eval")
@@ -238,6 +238,13 @@ class Run:
         path = self.iter_dir(it) / "checkpoint"
         return self.shared_model(lambda: self.load_janus(path) if self.janus else ShapesAdapter.load(path))
 
+    def dropdiv(self, model: ModelAdapter, row_seeds: list[int]):
+        """DropDiv as configured (``sample.dropdiv_layers``, 0 for all; ``sample.dropdiv_p``), one seed per row."""
+        from silmm_fast import dropdiv
+
+        s = self.cfg.sample
+        return dropdiv(model, last_layers=s.dropdiv_layers or None, p=s.dropdiv_p, row_seeds=row_seeds)
+
     # --- evaluation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: ModelAdapter, it: int) -> dict | None:
@@ -262,10 +269,20 @@ class Run:
                 return None
             prompts = [p for p in self.heldout for _ in range(s)]
             return evaluate_tokens(prompts, tokens.reshape(-1, tokens.shape[-1]), self.tokenizer)
-        feats = torch.cat(
-            self.map_units(len(texts), cfg.sample.chunk, lambda u: model.feature_forward(texts[u]).float().cpu(), desc)
-        )
-        return evaluate_features(self.heldout, feats, self.codec) if self.main else None
+        s = cfg.eval.samples
+
+        def sample_features(u: slice) -> torch.Tensor:
+            # the model's images are its DropDiv samples, drawn like the candidates; the same masks at every
+            # iteration (common random numbers, as the discrete mode's noise)
+            row_seeds = [stream_seed(cfg.seed, "eval", j, r) for j in range(u.start, u.stop) for r in range(s)]
+            with self.dropdiv(model, row_seeds):
+                return model.generate_features(texts[u], s).float().cpu()
+
+        feats = torch.cat(self.map_units(len(texts), cfg.sample.chunk, sample_features, desc))
+        if not self.main:
+            return None
+        prompts = [p for p in self.heldout for _ in range(s)]
+        return evaluate_features(prompts, feats.reshape(-1, *feats.shape[2:]), self.codec)
 
     @torch.no_grad()
     def evaluate_by_base_judge(self, tokens: torch.Tensor, it: int) -> dict | None:
@@ -360,7 +377,7 @@ class Run:
         self.step(it, "generate", lambda: self.generate(it, policy, prompts, ids))
         cands = self.shared(lambda: store.read_tensors(d / "candidates.pt"))
 
-        self.step(it, "judge", lambda: self.judge(it, policy, cands["tokens"], questions, ids))
+        self.step(it, "judge", lambda: self.judge(it, policy, prompts, cands["tokens"], questions, ids))
         scores = torch.tensor([r["scores"] for r in self.shared(lambda: store.read_jsonl(d / "scores.jsonl"))])
 
         def write_pairs() -> None:
@@ -451,14 +468,14 @@ class Run:
             if self.main:
                 store.write_tensors(path, {"tokens": tokens})
             return
-        from silmm_fast import diverse_select, dropdiv
+        from silmm_fast import diverse_select
 
         k, n = cfg.sample.oversample, cfg.sample.candidates
 
         def sample_features(u: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             # one DropDiv stream per (prompt, sample): a prompt's K feature matrices are its own
             row_seeds = [stream_seed(cfg.seed, it, "generate", i, j) for i in ids[u] for j in range(k)]
-            with dropdiv(policy, last_layers=cfg.sample.dropdiv_layers, p=cfg.sample.dropdiv_p, row_seeds=row_seeds):
+            with self.dropdiv(policy, row_seeds):
                 feats = policy.generate_features(prompts[u], k)  # [u, K, L, D]
             picked = diverse_select(feats, n, method=cfg.sample.select_method)  # [u, n]
             chosen = torch.gather(feats, 1, picked[:, :, None, None].expand(-1, -1, *feats.shape[2:])).cpu()
@@ -473,12 +490,21 @@ class Run:
 
     @torch.no_grad()
     def judge(
-        self, it: int, policy: ModelAdapter, tokens: torch.Tensor, questions: list[list[str]], ids: list[int]
+        self,
+        it: int,
+        policy: ModelAdapter,
+        prompts: list[str],
+        tokens: torch.Tensor,
+        questions: list[list[str]],
+        ids: list[int],
     ) -> None:
         cfg = self.cfg
         p, n = tokens.shape[:2]
         if cfg.feedback == "random":  # control: the same pipeline, but scores that carry no information
             scores = torch.stack([torch.rand(n, generator=seeded(cfg.seed, it, "judge", i)) * 2 - 1 for i in ids])
+            n_questions = 0
+        elif cfg.feedback == "oracle":  # control: the ground truth judges (on the same scale as p(yes) - p(no))
+            scores = torch.stack([self.oracle_scores(text, cands) for text, cands in zip(prompts, tokens)])
             n_questions = 0
         else:
 
@@ -498,6 +524,16 @@ class Run:
         rows = [{"prompt_id": i, "scores": [round(float(s), 6) for s in scores[i]]} for i in range(p)]
         store.write_jsonl(self.iter_dir(it) / "scores.jsonl", rows)
         store.write_json(self.iter_dir(it) / "judge.json", {"questions_judged": n_questions, "images": p * n})
+
+    def oracle_scores(self, text: str, tokens: torch.Tensor) -> torch.Tensor:
+        """Ground-truth scores of one prompt's candidates [N, seq]: the mean over the prompt's constraints of +1 (met)
+        or -1 (not met); all 0 (no pair) when the model's prompt is outside the world's grammar."""
+        try:
+            prompt = parse_prompt(text)
+        except ValueError:
+            return torch.zeros(len(tokens))
+        scenes = [self.tokenizer.decode(t, strict=False) for t in tokens.tolist()]
+        return torch.tensor([2 * sum(prompt.check(sc)) / len(prompt.constraints) - 1 for sc in scenes])
 
     def write_candidate_grid(
         self,
