@@ -223,9 +223,14 @@ def section(rows: list[dict]) -> str:
             continue
         first = max(dev_rows, key=lambda r: r["timestamp"])
         threads = f", {first['threads']} thread{'s' if first['threads'] > 1 else ''}" if first.get("threads") else ""
-        model = f" — {first['cpu_model']}" if first.get("cpu_model") else ""
-        dates = sorted({(git, stamp[:10]) for git, stamp in runs}, key=lambda x: x[1])
-        run_text = ", ".join(f"git {git} ({date})" for git, date in dates)
+        # the rows shown may come from runs on different machines of one device type: name each run's CPU
+        cpu_of = {r["timestamp"]: r.get("cpu_model") for r in dev_rows}
+        models = list(dict.fromkeys(cpu_of.get(stamp) for _, stamp in runs if cpu_of.get(stamp)))
+        model = f" — {' / '.join(models)}" if models else ""
+        dates = sorted({(git, stamp[:10], cpu_of.get(stamp)) for git, stamp in runs}, key=lambda x: x[1])
+        run_text = ", ".join(
+            f"git {git} ({date}{', ' + cpu if cpu and len(models) > 1 else ''})" for git, date, cpu in dates
+        )
         loads = [r.get("load_average_1min") for r in dev_rows if r["timestamp"] in {s for _, s in runs}]
         loads = [x for x in loads if x is not None]
         if loads:
