@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"look at: {out / 'report.md'} (table + {out / 'alignment.png'}), {out / 'summary.json'}, "
-        f"and {out}/iterN/candidates.png for the self-judged candidates"
+        f"and {out}/iterN/candidates.png for the judged candidates"
     )
     return 0
 

@@ -563,7 +563,7 @@ class Run:
             captions,
             columns=tokens.shape[1],
             tile_size=96,
-            title=f"iteration {it}: candidates per prompt (row), self-judged score, chosen / rejected",
+            title=f"iteration {it}: candidates per prompt (row), {self.cfg.feedback}-feedback score, chosen / rejected",
         )
         store.write_png(self.iter_dir(it) / "candidates.png", grid)
 
