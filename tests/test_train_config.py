@@ -12,6 +12,12 @@ def test_defaults_are_valid_and_documented():
         assert f.metadata["help"], f"{dotted} has no help text"
 
 
+def test_learning_rate_defaults_per_mode_and_explicit_value_wins():
+    assert config.load().optim.lr == pytest.approx(2e-4)
+    assert config.load(overrides={"mode": "continuous"}).optim.lr == pytest.approx(2e-5)
+    assert config.parse_args(["--mode", "continuous", "--optim.lr", "3e-4"]).optim.lr == pytest.approx(3e-4)
+
+
 def test_yaml_then_cli_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("mode: continuous\nsample:\n  candidates: 6\n  oversample: 12\noptim:\n  lr: 0.001\n")
@@ -38,6 +44,7 @@ def test_yaml_then_cli_overrides(tmp_path):
             "feedback: expected 'self' or 'random' with model.name 'janus'",
         ),
         ({"optim": {"loss_type": "kto"}}, "optim.loss_type"),
+        ({"optim": {"lr": -1e-4}}, "optim.lr: expected a number > 0"),
         ({"optim": {"kernel": "manhattan"}}, "optim.kernel"),
         ({"sample": {"top_p": 1.5}}, "sample.top_p"),
         ({"iterations": "many"}, "iterations: expected int"),

@@ -69,7 +69,11 @@ class OptimConfig:
     gamma: float = _f(1.0, "KC-DPO gamma")
     kernel: str = _f("cosine", "KC-DPO distance: cosine, euclidean, sqeuclidean or rbf")
     pool: str = _f("none", "KC-DPO pooling over tokens: mean, max or none")
-    lr: float = _f(2e-4, "AdamW learning rate")
+    lr: float | None = _f(
+        None,
+        "AdamW learning rate; none: 2e-4 in discrete mode, 2e-5 in continuous mode (at 2e-4 two KC-DPO steps took "
+        "the built-in continuous model's held-out accuracy from 0.292 to 0.234)",
+    )
     epochs: int = _f(2, "passes over the iteration's pairs")
     batch_size: int = _f(16, "pairs per optimizer step")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -98,6 +102,7 @@ EXECUTION_SECTIONS = ("dist",)
 
 
 FEEDBACKS = ("self", "random", "oracle")
+DEFAULT_LR = {"discrete": 2e-4, "continuous": 2e-5}
 
 
 @dataclass
@@ -125,6 +130,10 @@ class TrainConfig:
 
         if self.mode not in ("discrete", "continuous"):
             bad("mode", "'discrete' or 'continuous'", self.mode)
+        if self.optim.lr is None:
+            self.optim.lr = DEFAULT_LR[self.mode]
+        if isinstance(self.optim.lr, bool) or not isinstance(self.optim.lr, (int, float)) or not self.optim.lr > 0:
+            bad("optim.lr", "a number > 0 (or none for the mode's default)", self.optim.lr)
         if self.feedback not in FEEDBACKS:
             bad("feedback", "'self', 'random' or 'oracle'", self.feedback)
         for name in ("iterations",):
