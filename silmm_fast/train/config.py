@@ -114,7 +114,7 @@ class TrainConfig:
     feedback: str = _f(
         "self",
         "'self' (the model judges its own images), 'random' (control: random scores) or 'oracle' (control, built-in "
-        "world only: the ground-truth evaluator scores the candidates, an upper bound for a perfect judge)",
+        "world only: the ground-truth evaluator scores the candidates, the feedback a perfect judge would give)",
     )
     threads: int = _f(0, "torch CPU threads (0: leave torch's default)")
     model: ModelConfig = field(default_factory=ModelConfig)
