@@ -39,8 +39,7 @@ FORMAT_VERSION = 3
 
 @dataclass(frozen=True)
 class BootstrapConfig:
-    """Model size and training recipe of a bootstrap. Every field the variant's training reads enters the cache key
-    (``feature_weight`` only for the continuous variant)."""
+    """Model size and training recipe of a bootstrap. Every field enters the cache key."""
 
     variant: str = "discrete"
     hidden_size: int = 128
@@ -111,10 +110,7 @@ class BootstrapConfig:
 
     def cache_key(self) -> str:
         """16 hex digits of a hash of this config, the model config and the data format."""
-        recipe = asdict(self)
-        if self.variant != "continuous":
-            del recipe["feature_weight"]
-        payload = {"bootstrap": recipe, "model": self.model_config().to_dict(), "format": FORMAT_VERSION}
+        payload = {"bootstrap": asdict(self), "model": self.model_config().to_dict(), "format": FORMAT_VERSION}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -249,10 +249,10 @@ class Run:
     @torch.no_grad()
     def evaluate(self, model: ModelAdapter, it: int) -> dict | None:
         """Held-out alignment (ground-truth evaluator), the prompts sharded over the ranks; the result on rank 0."""
-        cfg, texts = self.cfg, [p.text for p in self.heldout]
+        cfg, texts, s = self.cfg, [p.text for p in self.heldout], self.cfg.eval.samples
         desc = f"iter {it} eval"
         if cfg.mode == "discrete":
-            s, seq = cfg.eval.samples, model.image_seq_len
+            seq = model.image_seq_len
 
             def sample(u: slice) -> torch.Tensor:
                 # the same noise at every iteration (common random numbers make iterations comparable)
@@ -262,27 +262,25 @@ class Run:
                 )
                 return tokens.cpu()
 
-            tokens = torch.cat(self.map_units(len(texts), cfg.sample.chunk, sample, desc))
-            if self.janus:
-                return self.evaluate_by_base_judge(tokens, it)
-            if not self.main:
-                return None
-            prompts = [p for p in self.heldout for _ in range(s)]
-            return evaluate_tokens(prompts, tokens.reshape(-1, tokens.shape[-1]), self.tokenizer)
-        s = cfg.eval.samples
+        else:
 
-        def sample_features(u: slice) -> torch.Tensor:
-            # the model's images are its DropDiv samples, drawn like the candidates; the same masks at every
-            # iteration (common random numbers, as the discrete mode's noise)
-            row_seeds = [stream_seed(cfg.seed, "eval", j, r) for j in range(u.start, u.stop) for r in range(s)]
-            with self.dropdiv(model, row_seeds):
-                return model.generate_features(texts[u], s).float().cpu()
+            def sample(u: slice) -> torch.Tensor:
+                # the model's images are its DropDiv samples, drawn like the candidates, with the same masks at every
+                # iteration (common random numbers, as above)
+                row_seeds = [stream_seed(cfg.seed, "eval", j, r) for j in range(u.start, u.stop) for r in range(s)]
+                with self.dropdiv(model, row_seeds):
+                    return model.generate_features(texts[u], s).float().cpu()
 
-        feats = torch.cat(self.map_units(len(texts), cfg.sample.chunk, sample_features, desc))
+        images = torch.cat(self.map_units(len(texts), cfg.sample.chunk, sample, desc))
+        if self.janus:
+            return self.evaluate_by_base_judge(images, it)
         if not self.main:
             return None
-        prompts = [p for p in self.heldout for _ in range(s)]
-        return evaluate_features(prompts, feats.reshape(-1, *feats.shape[2:]), self.codec)
+        prompts = [p for p in self.heldout for _ in range(s)]  # [P * s] prompt of each sampled image
+        images = images.flatten(0, 1)
+        if cfg.mode == "discrete":
+            return evaluate_tokens(prompts, images, self.tokenizer)
+        return evaluate_features(prompts, images, self.codec)
 
     @torch.no_grad()
     def evaluate_by_base_judge(self, tokens: torch.Tensor, it: int) -> dict | None:
