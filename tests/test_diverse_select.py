@@ -451,6 +451,15 @@ def test_fps_op_registration_and_non_finite(cpp_fps):
     for backend in ("cpp", "reference"):
         with use_backend(backend), pytest.raises(ValueError, match="features: contains NaN or Inf"):
             diverse_select(bad, 2, method="fps")
+    # a non-finite row in the short last 4-row group, or an overflowing norm, stops only its own prompt: the prompts
+    # after it (same thread, same workspace) still match the reference
+    x = torch.randn(6, 5, 7, generator=g)
+    x[1, 4, 0] = float("inf")
+    x[3, 0, :] = 3e38  # finite values whose squared norm overflows float32
+    out = cpp_fps(x, None, 3)
+    assert out[1].tolist() == [-1] * 3 and out[3].tolist() == [-1] * 3
+    good = [0, 2, 4, 5]
+    assert torch.equal(out[good], ref.fps_from_features(x[good], None, 3))
     with pytest.raises(RuntimeError, match="shape \\[B, K, D\\]"):
         cpp_fps(torch.randn(2, 5), None, 1)
     with pytest.raises(RuntimeError, match="n must be in"):
