@@ -83,18 +83,32 @@ class SyntheticData:
         vocab: the model's joint vocabulary.
         gen_noise: fraction of generation targets replaced by a near miss (``corrupt_scene``), in [0, 1).
         distractor_prob: probability that a generation target carries one extra object the prompt does not mention.
+        canonical_prob: probability that a generation target is laid out like ``canonical_scene`` (the prompt's
+            objects in its first cells, in the order it names them) instead of at random cells.
         seed: seed of the stream.
     """
 
-    def __init__(self, vocab: JointVocab, gen_noise: float = 0.3, distractor_prob: float = 0.2, seed: int = 0) -> None:
+    def __init__(
+        self,
+        vocab: JointVocab,
+        gen_noise: float = 0.3,
+        distractor_prob: float = 0.2,
+        seed: int = 0,
+        canonical_prob: float = 0.0,
+    ) -> None:
         if not isinstance(vocab, JointVocab):
             raise TypeError(f"vocab: expected a JointVocab, got {type(vocab).__name__}")
-        for name, value in (("gen_noise", gen_noise), ("distractor_prob", distractor_prob)):
+        for name, value in (
+            ("gen_noise", gen_noise),
+            ("distractor_prob", distractor_prob),
+            ("canonical_prob", canonical_prob),
+        ):
             if not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
         self.vocab = vocab
         self.gen_noise = float(gen_noise)
         self.distractor_prob = float(distractor_prob)
+        self.canonical_prob = float(canonical_prob)
         self.rng = random.Random(seed)
         self.tokenizer = ImageTokenizer()
 
@@ -126,10 +140,13 @@ class SyntheticData:
         return Example((*head, *body, v.eos), len(head))
 
     def target_scene(self, prompt: Prompt) -> Scene:
-        """The (imperfect) generation target of ``prompt``: a matching scene, or a near miss with probability
-        ``gen_noise``."""
-        distractors = 1 if self.rng.random() < self.distractor_prob else 0
-        scene = scene_for_prompt(prompt, self.rng, distractors=distractors)
+        """The (imperfect) generation target of ``prompt``: a matching scene (canonically laid out with probability
+        ``canonical_prob``), or a near miss of it with probability ``gen_noise``."""
+        if self.rng.random() < self.canonical_prob:
+            scene = canonical_scene(prompt)
+        else:
+            distractors = 1 if self.rng.random() < self.distractor_prob else 0
+            scene = scene_for_prompt(prompt, self.rng, distractors=distractors)
         if self.rng.random() < self.gen_noise:
             scene = corrupt_scene(prompt, scene, self.rng)
         return scene
