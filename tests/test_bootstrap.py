@@ -115,7 +115,7 @@ def test_canonical_layout_fraction():
     rng = random.Random(2)
     prompts = [sample_prompt(c, rng, "train") for c in CATEGORIES for _ in range(40)]
     never = SyntheticData(v, gen_noise=0.0, distractor_prob=0.0, seed=3)
-    always = SyntheticData(v, gen_noise=0.0, canonical_prob=0.99999, seed=3)
+    always = SyntheticData(v, gen_noise=0.0, canonical_prob=1.0, seed=3)
     half = SyntheticData(v, gen_noise=0.0, distractor_prob=0.0, canonical_prob=0.5, seed=3)
     assert all(always.target_scene(p) == canonical_scene(p) for p in prompts)
     # Random layouts rarely coincide with the canonical one (a 1-object prompt still can, 1 cell in 9).
@@ -132,6 +132,8 @@ def test_synthetic_data_bad_input():
         SyntheticData(v, gen_noise=1.0)
     with pytest.raises(ValueError, match="canonical_prob"):
         SyntheticData(v, canonical_prob=-0.1)
+    with pytest.raises(ValueError, match=r"canonical_prob: expected a number in \[0, 1\]"):
+        SyntheticData(v, canonical_prob=1.5)
     with pytest.raises(TypeError, match="vocab"):
         SyntheticData(None)
     with pytest.raises(ValueError, match="task"):
@@ -151,6 +153,8 @@ def test_tiny_bootstrap_learns(trained):
 
 
 def test_tiny_bootstrap_vqa_above_chance(trained):
+    # Above chance (0.5), which the question text alone already allows (about 0.65 for the default models); whether
+    # the model reads the image is the strict xfail below.
     _, _, model = trained
     assert _vqa_accuracy(model) > 0.55
 

@@ -98,13 +98,14 @@ class SyntheticData:
     ) -> None:
         if not isinstance(vocab, JointVocab):
             raise TypeError(f"vocab: expected a JointVocab, got {type(vocab).__name__}")
-        for name, value in (
-            ("gen_noise", gen_noise),
-            ("distractor_prob", distractor_prob),
-            ("canonical_prob", canonical_prob),
+        for name, value, closed in (
+            ("gen_noise", gen_noise, False),
+            ("distractor_prob", distractor_prob, False),
+            ("canonical_prob", canonical_prob, True),
         ):
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not (0 <= value <= 1 if closed else 0 <= value < 1):
+                raise ValueError(f"{name}: expected a number in [0, {'1]' if closed else '1)'}, got {value!r}")
         self.vocab = vocab
         self.gen_noise = float(gen_noise)
         self.distractor_prob = float(distractor_prob)

@@ -474,7 +474,8 @@ def canonical_scene(prompt: Prompt) -> Scene:
     row-major order, where every constraint holds (cell tuples tried in lexicographic order), with unnamed attributes
     set to the first color and texture (``COLORS[0]``, ``TEXTURES[0]``). A deterministic target for a model that
     regresses one image per prompt (the continuous variant): a random layout would leave it the average of all
-    layouts, in which no cell is clearly occupied.
+    layouts, in which no cell is clearly occupied. The discrete bootstrap also uses it for most of its generation
+    targets (``SyntheticData(canonical_prob=...)``).
 
     Raises:
         ValueError: the prompt's constraints cannot all be met by such a scene.
