@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should check, in one call (run from the repository root):
+#
+#     OUT=/some/folder BUDGET=540 bash bench/gpu_check.sh
+#
+# 1. the C++ / CUDA extension is built with the machine's nvcc;
+# 2. the kernel tests run on CUDA (compiled Triton, not the interpreter), `gpu`-marked tests included;
+# 3. the benchmark suite runs per (op, shapes) at GPU shapes, most wanted first.
+#
+# Every step has its own time limit and the whole run keeps to BUDGET seconds; a step that would start with too little
+# time left is skipped and says so. After each step the logs and result folders are packed into $OUT/results.tgz, so
+# a call that is cut off still brings back everything finished before. `python bench/gpu_collect.py results.tgz`
+# turns the packed rows into one bench/results/suite-cuda-*.jsonl with its table and plots.
+#
+# The device image has its own torch / triton / transformers and nothing can be installed there, so the package runs
+# from the checkout: silmm_fast.kernels and silmm_fast.csrc are linked to the top-level folders setup.py maps them
+# from (the links are made here, on that machine's copy).
+set -u
+OUT=${OUT:-/tmp/gpu_check_out}
+BUDGET=${BUDGET:-540}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}  # cpu only to try the script's own plumbing on a machine without a GPU
+RES=$(mktemp -d)
+START=$(date +%s)
+mkdir -p "$OUT"
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+pack() { tar czf "$OUT/results.tgz.part" -C "$RES" . && mv "$OUT/results.tgz.part" "$OUT/results.tgz"; }
+
+# step NAME LIMIT_SECONDS COMMAND...: run with a limit cut to the time left; output in $RES/NAME.log
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local remaining
+    remaining=$(left)
+    if ((remaining < 30)); then
+        echo "[gpu_check] $name: skipped, ${remaining} s of the budget left" | tee -a "$RES/steps.txt"
+        return
+    fi
+    ((limit > remaining - 10)) && limit=$((remaining - 10))
+    local t0=$(date +%s)
+    timeout "$limit" "$@" >"$RES/$name.log" 2>&1
+    local rc=$?
+    echo "[gpu_check] $name: rc=$rc after $(($(date +%s) - t0)) s (limit $limit s)" | tee -a "$RES/steps.txt"
+    tail -n 4 "$RES/$name.log"
+    pack
+}
+
+# bench NAME LIMIT ARGS...: one suite run into its own folder (the runner writes its rows when the run ends)
+bench() {
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" "$PY" -m silmm_fast.bench --device "$DEVICE" --out "$RES/$name" "$@"
+}
+
+ln -sfn ../kernels silmm_fast/kernels
+ln -sfn ../csrc silmm_fast/csrc
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export MAX_JOBS=${MAX_JOBS:-16}
+export SILMM_FAST_CACHE=$RES/cache
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
+        --format=csv
+    "$PY" -c "import sys, torch, triton, transformers; print(sys.version.split()[0], torch.__version__, \
+torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
+    nproc
+    git rev-parse HEAD 2>/dev/null
+} >"$RES/env.txt" 2>&1
+cat "$RES/env.txt"
+
+step build_ext 150 "$PY" -m silmm_fast.build_ext --verbose
+# xdist and pytest-timeout are in the device image; without them the tests run in one process, unbounded per test
+PYTEST_OPTS=()
+"$PY" -c "import xdist" 2>/dev/null && PYTEST_OPTS+=(-n 16)
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS+=(--timeout 150)
+step tests 180 "$PY" -m pytest -q -rs "${PYTEST_OPTS[@]}" \
+    tests/test_gather_logprobs.py tests/test_fused_linear_logprobs.py tests/test_fused_linear_dpo.py \
+    tests/test_pairwise_distance.py tests/test_sample_tokens.py tests/test_diverse_select.py
+# the GPU floors of the op issues first: the DPO head at Janus shapes, KC-DPO at DreamLLM shapes, the sampler
+bench logprobs_janus 120 --ops logprobs --shapes janus --providers naive reference silmm trl liger_kernel \
+    cut_cross_entropy
+bench kernel_similarity 70 --ops kernel_similarity --providers reference silmm
+bench sampler 50 --ops sampler --providers naive reference silmm
+bench diverse_select 60 --ops diverse_select --providers silmm reference torch.bmm
+bench janus_generate 90 --ops janus_generate
+bench logprobs_more 100 --ops logprobs --shapes seed-llama lumina --providers naive reference silmm
+bench compile_kc 60 --ops kernel_similarity --shapes dreamllm-1k --providers torch_compile
+bench compile_logprobs 90 --ops logprobs --shapes janus --providers torch_compile
+cat "$RES/steps.txt"

@@ -1,0 +1,91 @@
+"""Collect what ``bench/gpu_check.sh`` brought back from a GPU machine into ``bench/results/``:
+
+    python bench/gpu_collect.py results.tgz --git REVISION
+
+The per-step suite runs (one folder each in the archive) become one ``suite-<device>-<stamp>.jsonl`` with its markdown
+table and one plot per op, as a single ``python -m silmm_fast.bench --device cuda`` run would have written them; the
+machine facts, the step times and the end of the test log go to ``suite-<device>-<stamp>-checks.txt`` beside them.
+``--git`` fills the revision into rows that lack it (the device machine gets the working tree without its history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def read_rows(folder: Path) -> list[dict]:
+    """Every row of every step's suite file, in step order (the order the files were written)."""
+    files = sorted(folder.glob("*/suite-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+
+
+def checks_text(folder: Path, test_lines: int = 40) -> str:
+    parts = []
+    for name, title in (("env.txt", "machine"), ("steps.txt", "steps")):
+        path = folder / name
+        if path.is_file():
+            parts.append(f"## {title}\n{path.read_text().rstrip()}\n")
+    tests = folder / "tests.log"
+    if tests.is_file():
+        tail = tests.read_text().rstrip().splitlines()[-test_lines:]
+        parts.append("## tests (end of the log)\n" + "\n".join(tail) + "\n")
+    return "\n".join(parts)
+
+
+def collect(archive: Path, results: Path, git: str | None) -> Path:
+    from silmm_fast.bench import markdown_table, measured, notes, plot
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        with tarfile.open(archive) as tar:
+            tar.extractall(folder, filter="data")
+        rows = read_rows(folder)
+        if not measured(rows):
+            raise SystemExit(f"gpu_collect: no measured rows in {archive}")
+        for r in rows:
+            if git and not r.get("git"):
+                r["git"] = git
+        first = min(r["timestamp"] for r in rows if r.get("timestamp"))
+        stamp = first[:19].replace("-", "").replace(":", "").replace("T", "-")
+        kind = measured(rows)[0]["device_type"]
+        results.mkdir(parents=True, exist_ok=True)
+        path = results / f"suite-{kind}-{stamp}.jsonl"
+        path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        ceilings = [r for r in measured(rows) if r.get("ceiling_gbps")]
+        best = None
+        if ceilings:
+            best = {
+                "ceiling_gbps": max(r["ceiling_gbps"] for r in ceilings),
+                "ceiling_tflops": max(r["ceiling_tflops"] for r in ceilings),
+                "ceiling_matmul_dtype": ceilings[0]["ceiling_matmul_dtype"],
+            }
+        (results / f"suite-{kind}-{stamp}.md").write_text(markdown_table(rows) + "\n" + notes(rows, best))
+        for op in dict.fromkeys(r["op"] for r in measured(rows)):
+            op_rows = [r for r in measured(rows) if r["op"] == op]
+            plot(op_rows, results / f"suite-{kind}-{op}.png", f"{op} on {op_rows[0]['device']}")
+        (results / f"suite-{kind}-{stamp}-checks.txt").write_text(checks_text(folder))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("archive", type=Path, help="results.tgz from bench/gpu_check.sh")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--git", default=None, help="revision the device ran (rows without one get it)")
+    args = parser.parse_args(argv)
+    path = collect(args.archive, args.results, args.git)
+    print(f"gpu_collect: rows -> {path} (+ .md table, -checks.txt, per-op plots)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
