@@ -126,6 +126,10 @@ def _flp_fwd_kernel(
     if INPUT_GRAD:
         # d logp / dh = W_y − softmax(z) @ W = W_y − u / s; ignored tokens get 0.
         inv_s = 1.0 / s
+        # labels and valid are loaded again rather than reused from the top: reusing them here made Triton 3.6's
+        # layout pass fail on GPU (a select between two layouts at the Janus bf16 tiles); 3.7 compiles either form
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+        valid = row_ok & (labels != ignore_index)
         safe_labels = tl.where(valid, labels, 0)
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
