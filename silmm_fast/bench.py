@@ -205,7 +205,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         if sweep:
             ticks: dict[float, list[str]] = {}
             for prov in providers:
-                pts = sorted((size_bytes(r), r) for (p, _, rc), r in best.items() if p == prov and rc == c)
+                pts = sorted(
+                    ((size_bytes(r), r) for (p, _, rc), r in best.items() if p == prov and rc == c), key=lambda t: t[0]
+                )
                 if not pts:
                     continue
                 xs = [x / 2**20 for x, _ in pts]
@@ -347,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     # measured again at the end, the higher kept: other work on a shared machine only ever lowers a measurement
     ceilings = common.best_ceilings(first_ceilings, common.measure_ceilings(device))
     common.attach_roofline(measured(all_rows), ceilings)
+    # the rows first: they are the result, the plots only show them
+    path = common.write_rows(all_rows, f"suite-{device.type}-{stamp}", out)
     for row_op in dict.fromkeys(r["op"] for r in measured(all_rows)):
         op_rows = [r for r in measured(all_rows) if r["op"] == row_op]
         plot(op_rows, out / f"suite-{device.type}-{row_op}.png", f"{row_op} on {op_rows[0]['device']}")
-    path = common.write_rows(all_rows, f"suite-{device.type}-{stamp}", out)
     table = markdown_table(all_rows) + "\n" + notes(all_rows, ceilings)
     (out / f"suite-{device.type}-{stamp}.md").write_text(table)
     print(table)

@@ -96,6 +96,15 @@ def test_sweep_plot_draws_lines_over_sizes(tmp_path):
     assert (tmp_path / "x.png").read_bytes()[:8] == PNG
 
 
+def test_sweep_plot_with_shapes_of_equal_size(tmp_path):
+    """Two shapes that move the same bytes (kernel_similarity's dreamllm-1k and wide-64k, 64 × 1,024 = 65,536) are two
+    points at one x; ordering them must not compare the rows themselves (a TypeError lost a whole GPU run's rows)."""
+    rows = [dict(op="x", provider="silmm", mode="full", shape={"name": name, "N": 1}, time_ms=t, peak_mem_bytes=1,
+                 min_bytes=1 << 20) for name, t in (("a", 1.0), ("b", 2.0), ("c", 3.0))]  # fmt: skip
+    bench.plot(rows, tmp_path / "x.png", "x")
+    assert (tmp_path / "x.png").read_bytes()[:8] == PNG
+
+
 def test_a_new_op_is_one_suite_line(tmp_path, monkeypatch):
     from bench.common import Cost, Measurement, environment, row
 
