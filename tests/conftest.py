@@ -31,7 +31,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def backend_device(backend: str) -> torch.device:
+    """Where a test puts the tensors it hands to ``backend``: CUDA for "triton" when present (there Triton cannot read
+    CPU tensors), else the CPU (the Triton interpreter here; every other backend everywhere). Tests build inputs and
+    float64 references on the CPU, move what the op reads with ``.to(backend_device(backend))`` (a no-op on the CPU)
+    and bring results back with ``.cpu()`` to compare. Import it with ``from conftest import backend_device``."""
+    return torch.device("cuda" if backend == "triton" and HAS_CUDA else "cpu")
+
+
 @pytest.fixture
 def device():
     """The device kernel tests run on: CUDA when present, else CPU under the Triton interpreter."""
-    return torch.device("cuda" if HAS_CUDA else "cpu")
+    return backend_device("triton")

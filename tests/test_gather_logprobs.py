@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import backend_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
@@ -25,7 +26,8 @@ def small_blocks(monkeypatch):
 
 
 def ref64(logits, labels, ignore_index=IGNORE):
-    return reference.gather_logprobs(logits.detach().double(), labels, ignore_index=ignore_index)
+    """The float64 reference, computed on (and returned on) the CPU whatever device the inputs are on."""
+    return reference.gather_logprobs(logits.detach().cpu().double(), labels.cpu(), ignore_index=ignore_index)
 
 
 def make(shape, V, dtype, seed=0, scale=3.0, ignore_frac=0.25):
@@ -37,12 +39,14 @@ def make(shape, V, dtype, seed=0, scale=3.0, ignore_frac=0.25):
 
 
 def grads_vs_ref(logits, labels, upstream, ignore_index=IGNORE):
-    """(our gradient, float64 reference gradient) for sum(upstream * logp)."""
+    """(our gradient, float64 reference gradient) for sum(upstream * logp), both on the CPU. Ours is computed on the
+    device of ``logits`` (where the test put them for its backend), the reference on the CPU."""
+    dev = logits.device
     x = logits.detach().clone().requires_grad_()
-    (gather_logprobs(x, labels, ignore_index=ignore_index) * upstream).sum().backward()
-    x64 = logits.detach().double().requires_grad_()
-    (reference.gather_logprobs(x64, labels, ignore_index=ignore_index) * upstream.double()).sum().backward()
-    return x.grad, x64.grad
+    (gather_logprobs(x, labels.to(dev), ignore_index=ignore_index) * upstream.to(dev)).sum().backward()
+    x64 = logits.detach().cpu().double().requires_grad_()
+    (reference.gather_logprobs(x64, labels.cpu(), ignore_index=ignore_index) * upstream.cpu().double()).sum().backward()
+    return x.grad.cpu(), x64.grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -50,9 +54,10 @@ def grads_vs_ref(logits, labels, upstream, ignore_index=IGNORE):
 def test_forward_and_grad_match_float64(backend, dtype):
     logits, labels = make((2, 5), 37, dtype)
     upstream = torch.randn(2, 5, generator=torch.Generator().manual_seed(1))
+    dev = backend_device(backend)
     with use_backend(backend):
-        out = gather_logprobs(logits, labels)
-        grad, expected_grad = grads_vs_ref(logits, labels, upstream)
+        out = gather_logprobs(logits.to(dev), labels.to(dev)).cpu()
+        grad, expected_grad = grads_vs_ref(logits.to(dev), labels, upstream)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert out.shape == labels.shape
     # math is fp32 whatever the storage dtype: the forward meets the fp32 (fp64) tolerance on the stored values
@@ -70,9 +75,10 @@ def test_sequence_logprobs_with_fully_masked_sequence(backend, reduction):
     labels[1] = IGNORE  # no image token at all in sequence 1
     labels[2, 0] = 5  # at least one kept token in sequence 2
     x = logits.clone().requires_grad_()
+    dev = backend_device(backend)
     with use_backend(backend):
-        out = sequence_logprobs(x, labels, reduction=reduction)
-        out.sum().backward()
+        out = sequence_logprobs(x.to(dev), labels.to(dev), reduction=reduction).cpu()
+        out.sum().backward()  # x.grad lands on the CPU leaf x
     per_token = ref64(logits, labels)
     expected = per_token.sum(-1)
     if reduction == "mean":
@@ -87,9 +93,10 @@ def test_sequence_logprobs_with_fully_masked_sequence(backend, reduction):
 def test_mean_counts_only_kept_tokens(backend):
     logits, labels = make((1, 4), 11, torch.float64, seed=3, ignore_frac=0.0)
     labels[0, 1] = IGNORE
+    logits, labels = logits.to(backend_device(backend)), labels.to(backend_device(backend))
     with use_backend(backend):
-        mean = sequence_logprobs(logits, labels, reduction="mean")
-        total = sequence_logprobs(logits, labels, reduction="sum")
+        mean = sequence_logprobs(logits, labels, reduction="mean").cpu()
+        total = sequence_logprobs(logits, labels, reduction="sum").cpu()
     assert_close(mean, total / 3, torch.float64)
 
 
@@ -105,7 +112,9 @@ def test_mean_counts_only_kept_tokens(backend):
     ids=["shifted", "transposed", "strided-vocab", "4d-expanded"],
 )
 def test_non_contiguous_logits(backend, view):
-    base = torch.randn(2, 3, 74, generator=torch.Generator().manual_seed(4))
+    # the view is made where the backend runs: moving a strided view there would give a contiguous copy
+    dev = backend_device(backend)
+    base = torch.randn(2, 3, 74, generator=torch.Generator().manual_seed(4)).to(dev)
     logits = view(base)
     assert not logits.is_contiguous()
     g = torch.Generator().manual_seed(5)
@@ -113,7 +122,7 @@ def test_non_contiguous_logits(backend, view):
     labels.view(-1)[0] = IGNORE
     upstream = torch.randn(labels.shape, generator=g)
     with use_backend(backend):
-        out = gather_logprobs(logits, labels)
+        out = gather_logprobs(logits, labels.to(dev)).cpu()
         grad, expected_grad = grads_vs_ref(logits, labels, upstream)
     assert_close(out, ref64(logits, labels), torch.float32)
     assert_close(grad, expected_grad, torch.float32)
@@ -124,8 +133,9 @@ def test_non_contiguous_labels_and_expanded_upstream(backend):
     logits, _ = make((3, 4), 37, torch.float32, seed=6)
     labels = torch.randint(0, 37, (4, 3), generator=torch.Generator().manual_seed(7)).t()
     x = logits.clone().requires_grad_()
+    dev = backend_device(backend)
     with use_backend(backend):
-        sequence_logprobs(x, labels).sum().backward()  # upstream gradient arrives expanded (stride 0)
+        sequence_logprobs(x.to(dev), labels.to(dev)).sum().backward()  # upstream gradient arrives expanded (stride 0)
     x64 = logits.double().requires_grad_()
     reference.sequence_logprobs(x64, labels).sum().backward()
     assert_close(x.grad, x64.grad, torch.float32)
@@ -143,9 +153,10 @@ def test_extreme_logits_stay_finite_and_correct(backend):
     logits[4] = 1e4  # ignored row: exp(z) would overflow if the row were not skipped
     labels = torch.tensor([3, 5, 9, 0, IGNORE])
     x = logits.clone().requires_grad_()
+    dev = backend_device(backend)
     with use_backend(backend):
-        out = gather_logprobs(x, labels)
-        out.sum().backward()
+        out = gather_logprobs(x.to(dev), labels.to(dev)).cpu()
+        out.sum().backward()  # x.grad lands on the CPU leaf x
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
     assert out[0].item() == 0.0
     assert out[1].item() == pytest.approx(-2e4, rel=1e-6)
@@ -165,10 +176,11 @@ def test_in_place_safety_with_producer_that_saved_its_output(backend):
     x = torch.randn(2, 3, 37, generator=g, requires_grad=True)
     labels = torch.randint(0, 37, (2, 3), generator=g)
     upstream = torch.randn(2, 3, generator=g)
+    dev = backend_device(backend)
     with use_backend(backend):
-        probs = torch.sigmoid(x)
+        probs = torch.sigmoid(x.to(dev))  # the saved output lives where the op reads it
         before = probs.detach().clone()
-        (gather_logprobs(probs, labels) * upstream).sum().backward()
+        (gather_logprobs(probs, labels.to(dev)) * upstream.to(dev)).sum().backward()
     assert torch.equal(probs.detach(), before)
     x64 = x.detach().double().requires_grad_()
     (reference.gather_logprobs(torch.sigmoid(x64), labels) * upstream.double()).sum().backward()
@@ -180,7 +192,8 @@ def test_gradcheck_float64(backend, monkeypatch):
     monkeypatch.setattr(ops, "_TRITON_BLOCK_V", 4)  # V = 9: three blocks
     logits, labels = make((2, 3), 9, torch.float64, seed=9, ignore_frac=0.0)
     labels[0, 0] = IGNORE
-    x = logits.requires_grad_()
+    x = logits.to(backend_device(backend)).requires_grad_()
+    labels = labels.to(backend_device(backend))
     with use_backend(backend):
         assert torch.autograd.gradcheck(lambda t: gather_logprobs(t, labels), (x,), fast_mode=True)
         assert torch.autograd.gradcheck(lambda t: sequence_logprobs(t, labels, reduction="mean"), (x,), fast_mode=True)
@@ -190,27 +203,33 @@ def test_gradcheck_float64(backend, monkeypatch):
 def test_custom_ignore_index_inside_vocabulary(backend):
     logits, _ = make((2, 4), 9, torch.float64, seed=10)
     labels = torch.tensor([[0, 3, 3, 8], [3, 3, 3, 3]])
+    dev = backend_device(backend)
     with use_backend(backend):
-        out = gather_logprobs(logits, labels, ignore_index=3)
-        seq = sequence_logprobs(logits, labels, ignore_index=3, reduction="mean")
+        out = gather_logprobs(logits.to(dev), labels.to(dev), ignore_index=3).cpu()
+        seq = sequence_logprobs(logits.to(dev), labels.to(dev), ignore_index=3, reduction="mean").cpu()
     assert_close(out, ref64(logits, labels, ignore_index=3), torch.float64)
     assert (out[labels == 3] == 0).all() and seq[1].item() == 0.0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vocabulary_of_one_and_leading_shapes(backend):
+    dev = backend_device(backend)
     with use_backend(backend):
-        assert gather_logprobs(torch.randn(3, 1), torch.zeros(3, dtype=torch.long)).abs().max().item() == 0.0
-        assert gather_logprobs(torch.randn(37), torch.tensor(4)).shape == ()  # one row: 0-d labels
-        empty = gather_logprobs(torch.randn(0, 5, 37, requires_grad=True), torch.zeros(0, 5, dtype=torch.long))
+        ones = gather_logprobs(torch.randn(3, 1).to(dev), torch.zeros(3, dtype=torch.long, device=dev))
+        assert ones.abs().max().item() == 0.0
+        assert gather_logprobs(torch.randn(37).to(dev), torch.tensor(4, device=dev)).shape == ()  # one row: 0-d labels
+        empty = torch.randn(0, 5, 37, device=dev, requires_grad=True)
+        empty = gather_logprobs(empty, torch.zeros(0, 5, dtype=torch.long, device=dev))
         assert empty.shape == (0, 5)
         one_row = torch.randn(37, dtype=torch.float64)
-        assert_close(gather_logprobs(one_row, torch.tensor(4)), ref64(one_row, torch.tensor(4)), torch.float64)
+        got = gather_logprobs(one_row.to(dev), torch.tensor(4, device=dev)).cpu()
+        assert_close(got, ref64(one_row, torch.tensor(4)), torch.float64)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_int32_labels_match_int64(backend):
     logits, labels = make((2, 4), 37, torch.float64, seed=11)
+    logits, labels = logits.to(backend_device(backend)), labels.to(backend_device(backend))
     with use_backend(backend):
         a = gather_logprobs(logits, labels)
         b = gather_logprobs(logits, labels.int())
@@ -223,11 +242,12 @@ def test_triton_kernel_default_blocks_and_out_of_range_label_gives_nan(monkeypat
 
     monkeypatch.setattr(ops, "_TRITON_BLOCK_V", None)
     logits, labels = make((3,), 300, torch.float32, seed=12, ignore_frac=0.0)
-    logp, row_max, row_logsum = kernels.logprobs_forward(logits, labels, IGNORE)
+    dev = backend_device("triton")  # the launcher reads its tensors where Triton runs; results compared on the CPU
+    logp, row_max, row_logsum = (t.cpu() for t in kernels.logprobs_forward(logits.to(dev), labels.to(dev), IGNORE))
     assert_close(logp, ref64(logits, labels), torch.float32)
     assert_close(row_max + row_logsum, torch.logsumexp(logits.double(), -1), torch.float32)
     bad = torch.tensor([300, -7, 2])
-    logp, _, _ = kernels.logprobs_forward(logits, bad, IGNORE, block_v=64)
+    logp = kernels.logprobs_forward(logits.to(dev), bad.to(dev), IGNORE, block_v=64)[0].cpu()
     assert torch.isnan(logp[:2]).all() and torch.isfinite(logp[2])
 
 
@@ -271,11 +291,12 @@ def test_bad_inputs_raise_errors_naming_the_argument(backend):
 )
 def test_property_random_shapes_and_masks(B, T, V, mask_p, seed, backend):
     logits, labels = make((B, T), V, torch.float32, seed=seed, ignore_frac=mask_p)
+    dev = backend_device(backend)
     ops._TRITON_BLOCK_V = 16
     try:
         with use_backend(backend):
-            per_token = gather_logprobs(logits, labels)
-            seq = sequence_logprobs(logits, labels, reduction="mean")
+            per_token = gather_logprobs(logits.to(dev), labels.to(dev)).cpu()
+            seq = sequence_logprobs(logits.to(dev), labels.to(dev), reduction="mean").cpu()
     finally:
         ops._TRITON_BLOCK_V = None
     expected = ref64(logits, labels)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import backend_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close
@@ -24,10 +25,14 @@ def _inputs(B, M, N, L, D, dtype=torch.float64, seed=0, device="cpu"):
 
 
 def _run(backend, x, y, go, **kw):
+    """Output and gradients of the op under ``backend``, back on x's device. CPU inputs run where the backend does
+    (backend_device: CUDA for Triton on a GPU machine), differentiated with respect to the caller's leaves x, y;
+    inputs a test put on a device stay there."""
+    dev = backend_device(backend) if x.device.type == "cpu" else x.device
     with use_backend(backend):
-        out = pairwise_distance(x, y, **kw)
-    gx, gy = torch.autograd.grad(out, (x, y), go.to(out.dtype))
-    return out, gx, gy
+        out = pairwise_distance(x.to(dev), y.to(dev), **kw)
+    gx, gy = torch.autograd.grad(out, (x, y), go.to(out.device, out.dtype))
+    return out.to(x.device), gx, gy
 
 
 def _expected(x, y, go, **kw):
@@ -55,7 +60,7 @@ def test_matches_reference_float64(kernel, pool, backend):
 @pytest.mark.parametrize("pool", POOLS)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_gradcheck(kernel, pool, backend):
-    x, y, _ = _inputs(1, 2, 2, 2, 3, seed=1)
+    x, y, _ = _inputs(1, 2, 2, 2, 3, seed=1, device=backend_device(backend))
     with use_backend(backend):
         assert torch.autograd.gradcheck(
             lambda a, b: pairwise_distance(a, b, kernel=kernel, pool=pool, sigma=1.5), (x, y), eps=1e-6, atol=1e-7
@@ -83,9 +88,11 @@ def test_split_d_partial_statistics(pool):
     from silmm_fast.kernels import pairwise_distance as kern
 
     x, y, _ = _inputs(2, 3, 17, 2, 100, seed=3)
+    xd, yd = (t.detach().to(backend_device("triton")) for t in (x, y))  # the launcher reads them where Triton runs
     for kernel in KERNELS:
-        out, g, na, nc = kern.pairwise_distance_fwd(x.detach(), y.detach(), kernel, pool, SIGMA, block_d=16, splits=3)
-        whole = kern.pairwise_distance_fwd(x.detach(), y.detach(), kernel, pool, SIGMA, block_d=16, splits=1)
+        out, g, na, nc = kern.pairwise_distance_fwd(xd, yd, kernel, pool, SIGMA, block_d=16, splits=3)
+        whole = kern.pairwise_distance_fwd(xd, yd, kernel, pool, SIGMA, block_d=16, splits=1)
+        out, g, na, nc, *whole = (t.cpu() for t in (out, g, na, nc, *whole))  # compared on the CPU
         assert_close(out, reference(x.detach(), y.detach(), kernel=kernel, pool=pool, sigma=SIGMA), torch.float64, 1e3)
         for part, full in zip((out, g, na, nc), whole):
             assert part.shape == full.shape
@@ -110,11 +117,13 @@ def test_half_precision_inputs(pool, backend):
 @pytest.mark.parametrize("backend", FAST)
 def test_non_contiguous_inputs(backend):
     x, y, go = _inputs(2, 3, 2, 2, 20, seed=5)
-    xt = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # strides of a [B, L, M, D] buffer
-    yt = y.detach().repeat_interleave(2, dim=-1)[..., ::2].requires_grad_()  # stride 2 along D
+    # the views are made where the backend runs: moving a strided view there would give a contiguous copy
+    x, y = (t.detach().to(backend_device(backend)) for t in (x, y))
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # strides of a [B, L, M, D] buffer
+    yt = y.repeat_interleave(2, dim=-1)[..., ::2].requires_grad_()  # stride 2 along D
     kw = dict(kernel="euclidean", pool="max")
-    out, gx, gy = _run(backend, xt, yt, go, **kw)
-    ref, rgx, rgy = _expected(xt, yt, go, **kw)
+    out, gx, gy = (t.cpu() for t in _run(backend, xt, yt, go, **kw))
+    ref, rgx, rgy = _expected(xt.cpu(), yt.cpu(), go, **kw)
     assert not xt.is_contiguous() and not yt.is_contiguous()
     assert_close(out, ref, torch.float64, 100.0)
     assert_close(gx, rgx, torch.float64, 100.0)
@@ -174,6 +183,8 @@ def test_hand_computed_values(backend):
         "sqeuclidean": 9.0,
         "rbf": 2 - 2 * torch.exp(torch.tensor(-9.0 / 8.0, dtype=torch.float64)).item(),  # σ = 2
     }
+    dev = backend_device(backend)
+    x, y = x.to(dev), y.to(dev)
     with use_backend(backend):
         for kernel, value in expected.items():
             out = pairwise_distance(x, y, kernel=kernel, pool="max", sigma=2.0)
@@ -182,6 +193,7 @@ def test_hand_computed_values(backend):
     # pool "none" averages per-token distances; "mean" pools first: tokens (1, 0), (−1, 0) against (0, 0), (0, 0)
     x2 = torch.tensor([[[[1.0, 0.0], [-1.0, 0.0]]]], dtype=torch.float64)
     y2 = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    x2, y2 = x2.to(dev), y2.to(dev)
     with use_backend(backend):
         assert pairwise_distance(x2, y2, kernel="sqeuclidean", pool="none").item() == pytest.approx(1.0, abs=1e-14)
         assert pairwise_distance(x2, y2, kernel="sqeuclidean", pool="mean").item() == pytest.approx(0.0, abs=1e-14)
@@ -192,8 +204,10 @@ def test_max_pool_routes_gradient_to_argmax():
     x = torch.tensor([[[[1.0, 5.0], [2.0, -1.0], [0.0, 3.0]]]], dtype=torch.float64, requires_grad=True)
     y = torch.zeros(1, 1, 3, 2, dtype=torch.float64)
     for backend in FAST:
+        dev = backend_device(backend)
         with use_backend(backend):
-            (gx,) = torch.autograd.grad(pairwise_distance(x, y, kernel="sqeuclidean", pool="max").sum(), (x,))
+            out = pairwise_distance(x.to(dev), y.to(dev), kernel="sqeuclidean", pool="max")
+            (gx,) = torch.autograd.grad(out.sum(), (x,))  # back on the CPU leaf x
         # pooled a = (2, 5): d‖a‖²/da = (4, 10), routed to token 1 for feature 0 and token 0 for feature 1
         expected = torch.tensor([[[[0.0, 10.0], [4.0, 0.0], [0.0, 0.0]]]], dtype=torch.float64)
         torch.testing.assert_close(gx, expected)
@@ -223,16 +237,17 @@ def test_nan_propagates(backend):
     x, y, _ = _inputs(1, 2, 2, 3, 20, seed=8)
     x = x.detach().clone()
     x[0, 0, 1, 5] = float("nan")
+    dev = backend_device(backend)
     with use_backend(backend):
         for pool in POOLS:
-            out = pairwise_distance(x, y.detach(), kernel="euclidean", pool=pool)
+            out = pairwise_distance(x.to(dev), y.detach().to(dev), kernel="euclidean", pool=pool).cpu()
             assert out[0, 0].isnan().all() and not out[0, 1].isnan().any(), pool
 
 
 @pytest.mark.parametrize("backend", FAST)
 def test_empty_batch(backend):
-    x = torch.randn(0, 2, 3, 4)
-    y = torch.randn(0, 5, 3, 4)
+    x = torch.randn(0, 2, 3, 4).to(backend_device(backend))
+    y = torch.randn(0, 5, 3, 4).to(backend_device(backend))
     with use_backend(backend):
         out = pairwise_distance(x, y)
     assert out.shape == (0, 2, 5)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import backend_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,8 +64,12 @@ def rows(B, V, seed=0, scale=2.0, dtype=torch.float32):
 
 
 def run(backend, *args, **kwargs):
+    """The tokens ``backend`` samples, on the CPU. CPU tensor arguments (logits, noise) go where the backend runs
+    (backend_device: CUDA for Triton on a GPU machine); tensors a test put on a device stay there."""
+    dev = backend_device(backend)
+    move = lambda v: v.to(dev) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v  # noqa: E731
     with use_backend(backend):
-        return sample_tokens(*args, **kwargs)
+        return sample_tokens(*map(move, args), **{k: move(v) for k, v in kwargs.items()}).cpu()
 
 
 # --- exact agreement ------------------------------------------------------------------------------------------------
@@ -103,17 +108,22 @@ def test_low_and_high_precision_inputs(dtype, backend):
 
 @pytest.mark.parametrize("backend", FAST)
 def test_non_contiguous_inputs(backend):
+    # the views are made where the backend runs (moving a strided view there would give a contiguous copy); the
+    # reference reads CPU copies
+    dev = backend_device(backend)
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
     g = torch.Generator().manual_seed(4)
-    base = torch.randn(150, 2, 4, generator=g)  # rows strided, vocabulary strided: read in place
+    base = torch.randn(150, 2, 4, generator=g).to(dev)  # rows strided, vocabulary strided: read in place
     cond, uncond = base[:, 0].t(), base[:, 1].t()
-    wide = torch.randn(4, 300, generator=g)[:, ::2]  # vocabulary stride 2
-    noise = torch.rand(4, 2, generator=g, dtype=torch.float64)[:, 1]
+    wide = torch.randn(4, 300, generator=g).to(dev)[:, ::2]  # vocabulary stride 2
+    noise = torch.rand(4, 2, generator=g, dtype=torch.float64).to(dev)[:, 1]
     assert not (cond.is_contiguous() or wide.is_contiguous() or noise.is_contiguous())
     for c, u in ((cond, uncond), (wide, cond), (cond, None)):
         kwargs = dict(cfg_scale=1.25, noise=noise, top_p=0.8, temperature=0.9)
-        assert torch.equal(run(backend, c, u, **kwargs), reference.sample_tokens(c.contiguous(), u, **kwargs))
+        expected = reference.sample_tokens(cpu(c).contiguous(), cpu(u), **{**kwargs, "noise": cpu(noise)})
+        assert torch.equal(run(backend, c, u, **kwargs), expected)
     greedy = run(backend, wide, cond, temperature=0.0, cfg_scale=1.25)
-    assert torch.equal(greedy, reference.sample_tokens(wide, cond, temperature=0.0, cfg_scale=1.25))
+    assert torch.equal(greedy, reference.sample_tokens(cpu(wide), cpu(cond), temperature=0.0, cfg_scale=1.25))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
@@ -187,7 +197,10 @@ def test_kernel_guards_noise_outside_the_unit_interval():
 
     z = torch.randn(4, 150, generator=torch.Generator().manual_seed(6))
     noise = torch.tensor([float("nan"), -0.1, 1.0, 0.3], dtype=torch.float64)
-    out = kernels.sample_tokens(z, None, noise, cfg_scale=1.0, inv_temperature=1.0, top_k=0, top_p=1.0, block_v=64)
+    dev = backend_device("triton")  # the launcher reads its tensors where Triton runs
+    out = kernels.sample_tokens(
+        z.to(dev), None, noise.to(dev), cfg_scale=1.0, inv_temperature=1.0, top_k=0, top_p=1.0, block_v=64
+    ).cpu()
     assert out[:3].tolist() == [-1, -1, -1] and 0 <= out[3] < 150
     assert reference.sample_tokens(z, noise=noise)[:3].tolist() == [-1, -1, -1]
 
@@ -206,6 +219,7 @@ def test_kernel_numbers_equal_the_reference_bit_for_bit():
 
     assert kernels.LOG2E == reference.LOG2E and kernels.EXP2_COEFFS == reference.EXP2_COEFFS
     assert kernels.WEIGHT_BITS == reference.WEIGHT_BITS
+    dev = backend_device("triton")  # the launcher reads its tensors where Triton runs; results compared on the CPU
     cond, uncond, _ = rows(8, 150, seed=7, scale=4.0)
     for s, temperature in ((1.0, 1.0), (5.0, 0.7), (-0.5, 13.0), (1e3, 1e-30)):
         s32, inv_t = reference.fp32(s), reference.inverse_temperature(temperature)
@@ -213,12 +227,21 @@ def test_kernel_numbers_equal_the_reference_bit_for_bit():
             z, _ = reference.mix(cond, unc, s32)
             a = reference.gaps(z, inv_t)
             key, w = reference.weights(a)
-            kz, kkey, kw = kernels.sampling_weights(cond, unc, z.max(-1).values, cfg_scale=s32, inv_temperature=inv_t)
-            assert torch.equal(kz, z) and torch.equal(kkey, key) and torch.equal(kw, w)
+            kz, kkey, kw = kernels.sampling_weights(
+                cond.to(dev),
+                None if unc is None else unc.to(dev),
+                z.max(-1).values.to(dev),
+                cfg_scale=s32,
+                inv_temperature=inv_t,
+            )
+            assert torch.equal(kz.cpu(), z) and torch.equal(kkey.cpu(), key) and torch.equal(kw.cpu(), w)
     # gaps on consecutive floats around the weight cut-off (a·log2 e = 40): logits −a below a max of 0 give gap a
     edge = EDGE_GAPS.view(2, -1)
     cond = torch.cat([torch.zeros(2, 1), -edge], dim=1)
-    _, key, w = kernels.sampling_weights(cond, None, torch.zeros(2), cfg_scale=1.0, inv_temperature=1.0)
+    _, key, w = kernels.sampling_weights(
+        cond.to(dev), None, torch.zeros(2, device=dev), cfg_scale=1.0, inv_temperature=1.0
+    )
+    key, w = key.cpu(), w.cpu()
     ref_key, ref_w = reference.weights(cond.neg().add(0.0))
     assert torch.equal(key, ref_key) and torch.equal(w, ref_w) and (w[:, 1:] == 0).any() and (w[:, 1:] > 0).any()
 
@@ -313,14 +336,16 @@ def test_random_draws_pass_a_chi_square_test(kw, monkeypatch):
 def test_seeded_generator_reproduces_on_every_backend():
     cond, uncond, _ = rows(8, 150, seed=10, scale=1.0)
     kwargs = dict(cfg_scale=2.0, top_p=0.9)
-    draws = {
-        b: run(b, cond, uncond, generator=torch.Generator().manual_seed(11), **kwargs)
-        for b in ("triton", "torch", "reference")
-    }
+    # every backend draws from a generator on the same device, the one Triton runs on: a CUDA generator's stream
+    # differs from a CPU one's, and a CPU generator cannot drive sampling from CUDA logits
+    dev = backend_device("triton")
+    dcond, duncond = cond.to(dev), uncond.to(dev)
+    seeded = lambda seed: torch.Generator(device=dev).manual_seed(seed)  # noqa: E731
+    draws = {b: run(b, dcond, duncond, generator=seeded(11), **kwargs) for b in ("triton", "torch", "reference")}
     assert torch.equal(draws["triton"], draws["torch"]) and torch.equal(draws["torch"], draws["reference"])
-    again = run("torch", cond, uncond, generator=torch.Generator().manual_seed(11), **kwargs)
+    again = run("torch", dcond, duncond, generator=seeded(11), **kwargs)
     assert torch.equal(again, draws["torch"])
-    other = run("torch", cond, uncond, generator=torch.Generator().manual_seed(12), **kwargs)
+    other = run("torch", dcond, duncond, generator=seeded(12), **kwargs)
     assert not torch.equal(other, draws["torch"])
     # the default generator follows torch.manual_seed; greedy draws nothing
     torch.manual_seed(13)
@@ -343,10 +368,11 @@ def test_auto_backend_on_cpu_is_torch_and_inputs_are_left_alone():
     cond = torch.randn(3, 40, requires_grad=True)
     before = cond.detach().clone()
     for backend in ("torch", "reference", "triton"):
-        for uncond in (cond * 0.5, None):
-            out = run(backend, cond, uncond, cfg_scale=2.0, top_k=4, top_p=0.9, temperature=0.7)
+        x = cond.to(backend_device(backend))  # the very tensor the op reads (cond itself on the CPU)
+        for uncond in (x * 0.5, None):
+            out = run(backend, x, uncond, cfg_scale=2.0, top_k=4, top_p=0.9, temperature=0.7)
             assert not out.requires_grad and out.dtype == torch.int64
-            assert torch.equal(cond.detach(), before), backend
+            assert torch.equal(x.detach().cpu(), before), backend
 
 
 def test_bad_inputs_raise_errors_naming_the_argument():
