@@ -27,10 +27,14 @@ mkdir -p "$OUT"
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 pack() { tar czf "$OUT/results.tgz.part" -C "$RES" . && mv "$OUT/results.tgz.part" "$OUT/results.tgz"; }
 
-# step NAME LIMIT_SECONDS COMMAND...: run with a limit cut to the time left; output in $RES/NAME.log
+# step NAME LIMIT_SECONDS COMMAND...: run with a limit cut to the time left; output in $RES/NAME.log. ONLY="a b"
+# runs just the steps named (a second call that redoes what failed in the first).
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     local remaining
     remaining=$(left)
     if ((remaining < 30)); then
@@ -74,10 +78,14 @@ step build_ext 150 "$PY" -m silmm_fast.build_ext --verbose
 PYTEST_OPTS=()
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_OPTS+=(-n 16)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS+=(--timeout 150)
-step tests 180 "$PY" -m pytest -q -rs "${PYTEST_OPTS[@]}" \
-    tests/test_gather_logprobs.py tests/test_fused_linear_logprobs.py tests/test_fused_linear_dpo.py \
-    tests/test_pairwise_distance.py tests/test_sample_tokens.py tests/test_diverse_select.py
-# the GPU floors of the op issues first: the DPO head at Janus shapes, KC-DPO at DreamLLM shapes, the sampler
+TESTS=${TESTS:-tests/test_gather_logprobs.py tests/test_fused_linear_logprobs.py tests/test_fused_linear_dpo.py \
+tests/test_pairwise_distance.py tests/test_sample_tokens.py tests/test_diverse_select.py}
+# shellcheck disable=SC2086
+step tests 180 "$PY" -m pytest -q -rfEs "${PYTEST_OPTS[@]}" $TESTS
+# the GPU floors of the op issues first: the DPO head at Janus shapes (the one op and its baseline, as a script run,
+# then the whole logprobs sweep), KC-DPO at DreamLLM shapes, the sampler
+step dpo_janus 90 "$PY" bench/bench_logprobs.py --device "$DEVICE" --shapes janus --ops fused_linear_dpo \
+    --providers naive silmm --out "$RES/dpo_janus"
 bench logprobs_janus 120 --ops logprobs --shapes janus --providers naive reference silmm trl liger_kernel \
     cut_cross_entropy
 bench kernel_similarity 70 --ops kernel_similarity --providers reference silmm

@@ -2,9 +2,10 @@
 
     python bench/gpu_collect.py results.tgz --git REVISION
 
-The per-step suite runs (one folder each in the archive) become one ``suite-<device>-<stamp>.jsonl`` with its markdown
-table and one plot per op, as a single ``python -m silmm_fast.bench --device cuda`` run would have written them; the
-machine facts, the step times and the end of the test log go to ``suite-<device>-<stamp>-checks.txt`` beside them.
+The per-step runs (one folder each in the archive: suite runs, or one script run alone) become one
+``suite-<device>-<stamp>.jsonl`` with its markdown table and one plot per op, as a single ``python -m silmm_fast.bench
+--device cuda`` run would have written them; the machine facts, the step times and the end of the test log go to
+``suite-<device>-<stamp>-checks.txt`` beside them.
 ``--git`` fills the revision into rows that lack it (the device machine gets the working tree without its history).
 """
 
@@ -23,12 +24,12 @@ if str(ROOT) not in sys.path:
 
 
 def read_rows(folder: Path) -> list[dict]:
-    """Every row of every step's suite file, in step order (the order the files were written)."""
-    files = sorted(folder.glob("*/suite-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    """Every row of every step's result file (suite runs and single scripts alike), in the order they were written."""
+    files = sorted(folder.glob("*/*.jsonl"), key=lambda p: p.stat().st_mtime)
     return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
 
 
-def checks_text(folder: Path, test_lines: int = 40) -> str:
+def checks_text(folder: Path, test_lines: int = 60) -> str:
     parts = []
     for name, title in (("env.txt", "machine"), ("steps.txt", "steps")):
         path = folder / name
@@ -36,12 +37,17 @@ def checks_text(folder: Path, test_lines: int = 40) -> str:
             parts.append(f"## {title}\n{path.read_text().rstrip()}\n")
     tests = folder / "tests.log"
     if tests.is_file():
-        tail = tests.read_text().rstrip().splitlines()[-test_lines:]
-        parts.append("## tests (end of the log)\n" + "\n".join(tail) + "\n")
+        lines = tests.read_text().rstrip().splitlines()
+        marks = [i for i, line in enumerate(lines) if "short test summary info" in line]
+        tail = lines[marks[-1] :] if marks else lines[-1:]  # pytest: a line per failure or skip, then counts
+        if len(tail) > test_lines:
+            tail = tail[: test_lines - 1] + [f"... ({len(tail) - test_lines} more lines)", tail[-1]]
+        parts.append("## tests (pytest's summary)\n" + "\n".join(tail) + "\n")
     return "\n".join(parts)
 
 
 def collect(archive: Path, results: Path, git: str | None) -> Path:
+    from bench.common import attach_roofline
     from silmm_fast.bench import markdown_table, measured, notes, plot
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,6 +74,8 @@ def collect(archive: Path, results: Path, git: str | None) -> Path:
                 "ceiling_tflops": max(r["ceiling_tflops"] for r in ceilings),
                 "ceiling_matmul_dtype": ceilings[0]["ceiling_matmul_dtype"],
             }
+            # a script run alone measures no ceilings: its rows get the ones the suite steps measured on that machine
+            attach_roofline([r for r in measured(rows) if not r.get("ceiling_gbps")], best)
         (results / f"suite-{kind}-{stamp}.md").write_text(markdown_table(rows) + "\n" + notes(rows, best))
         for op in dict.fromkeys(r["op"] for r in measured(rows)):
             op_rows = [r for r in measured(rows) if r["op"] == op]
