@@ -74,6 +74,7 @@ torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get
 cat "$RES/env.txt"
 
 step build_ext 150 "$PY" -m silmm_fast.build_ext --verbose
+step cpp_errors 40 "$PY" bench/cpp_error_probe.py
 # xdist and pytest-timeout are in the device image; without them the tests run in one process, unbounded per test
 PYTEST_OPTS=()
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_OPTS+=(-n 16)
@@ -86,13 +87,14 @@ step tests 180 "$PY" -m pytest -q -rfEs "${PYTEST_OPTS[@]}" $TESTS
 # then the whole logprobs sweep), KC-DPO at DreamLLM shapes, the sampler
 step dpo_janus 90 "$PY" bench/bench_logprobs.py --device "$DEVICE" --shapes janus --ops fused_linear_dpo \
     --providers naive silmm --out "$RES/dpo_janus"
-bench logprobs_janus 120 --ops logprobs --shapes janus --providers naive reference silmm trl liger_kernel \
-    cut_cross_entropy
 bench kernel_similarity 70 --ops kernel_similarity --providers reference silmm
+# the suite writes its rows when a run ends: our op and its baseline first, the other providers in their own step
+bench logprobs_janus 150 --ops logprobs --shapes janus --providers naive silmm
 bench sampler 50 --ops sampler --providers naive reference silmm
 bench diverse_select 60 --ops diverse_select --providers silmm reference torch.bmm
 bench janus_generate 90 --ops janus_generate
-bench logprobs_more 100 --ops logprobs --shapes seed-llama lumina --providers naive reference silmm
+bench logprobs_more 120 --ops logprobs --shapes janus-7b seed-llama lumina --providers naive silmm
+bench logprobs_peers 100 --ops logprobs --shapes janus --providers reference trl liger_kernel cut_cross_entropy
 bench compile_kc 60 --ops kernel_similarity --shapes dreamllm-1k --providers torch_compile
 bench compile_logprobs 90 --ops logprobs --shapes janus --providers torch_compile
 cat "$RES/steps.txt"
