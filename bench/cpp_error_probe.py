@@ -46,7 +46,9 @@ def compiler_libstdcxx() -> str | None:
 
 
 def run_child(extra_env: dict[str, str]) -> int:
-    proc = subprocess.run([sys.executable, "-c", CHILD], env={**os.environ, **extra_env}, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD], env={**os.environ, **extra_env}, capture_output=True, text=True
+    )
     print(f"  exit status {proc.returncode}")
     for line in (proc.stdout + proc.stderr).strip().splitlines()[-4:]:
         print("  " + line)
