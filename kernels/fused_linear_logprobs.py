@@ -1,23 +1,30 @@
-"""Linear head + per-token log-probability in one pass: the [N, V] logits exist only as tiles in registers.
+"""Linear head + per-token log-probability without the [N, V] logits in memory: logit tiles live in registers, and
+only a bounded slab of rows (at most ``SLAB_BYTES``) is ever written, whatever N.
 
-Forward, per token n with hidden row h (length H), head W [V, H], bias b, target y:
-    z_v = h · W_v + b_v    m = max_v z_v    r = log Σ_v exp(z_v − m)  (online over vocabulary tiles)
-    logp = (z_y − m) − r   (m and r are kept apart: at |z| ~ 1e4 their fp32 sum would round off the log-prob)
-Backward, upstream gradient g per token, p = exp((z − m) − r):
-    dz = g · (onehot(y) − p)    dh = dz @ W    dW = dzᵀ @ h    db = Σ_n dz
-Frozen head (only dh wanted): u = W_y − p @ W is accumulated during the forward the way attention accumulates its
-output (running Σ exp(z − m)·W_v, rescaled when the running max m grows), so the backward is dh = g · u.
+Per token n with hidden row h (length H), head W [V, H], bias b, target y, upstream gradient g:
+    z_v = h · W_v + b_v    m = max_v z_v    r = log Σ_v exp(z_v − m)    logp = (z_y − m) − r
+    p = exp((z − m) − r)   dz = g · (onehot(y) − p)   dh = dz @ W    dW = dzᵀ @ h    db = Σ_n dz
+(m and r are kept apart: at |z| ~ 1e4 their fp32 sum would round off the log-prob.)
 
-Memory traffic and work: the forward reads W once per token tile (BLOCK_N rows share it) and writes two numbers per
-token (logp, plus m and r for the backward): 2·N·H·V FLOPs, O(N) extra memory. The backward recomputes the logit
-tiles twice, once in a token-tile grid that owns rows of dh and once in a vocabulary-tile grid that owns rows of dW
-and db, so no atomics are needed and the result is deterministic: 8·N·H·V FLOPs (4 without a weight gradient).
-The frozen-head forward costs 4·N·H·V and its backward is one elementwise rescale. Ignored tokens
-(label == ignore_index) get logp 0 and gradient 0.
+One Triton kernel, on a grid of (token tile × vocabulary tile) programs, each computing its logit tile with the full
+hidden reduction in registers (a plain tiled matrix product, pipelined over the hidden dimension), then one of two
+epilogues:
+- statistics: the tile's row maximum, its Σ exp(z − tile max) and, in the tile that holds the label, z_y. A few
+  hundred bytes per token; the torch combine of these partials gives m, r and logp. This is the whole forward
+  (2·N·H·V FLOPs, O(N·V/BLOCK_V) floats of partials).
+- gradient: dz for its tile, written in the product dtype into a slab of at most ``chunk_rows`` tokens; dh = dz @ W
+  and dW += dzᵀ @ h are then two cuBLAS products per slab. The backward recomputes the logits once: 6·N·H·V FLOPs
+  (4 without a weight gradient), deterministic (no atomics), extra memory one slab (plus dW when the head trains).
+Every tile is independent, so the grid fills the GPU whatever N (a 16 × 576-token Janus batch is 9,216 programs).
+
+Frozen head (only dh wanted): the forward also writes the fp32 logit tiles of each slab, then the gradient epilogue
+reads them back instead of recomputing, with g = 1, and one product gives u = d logp / d hidden = (onehot − p) @ W;
+the backward is g · u. 4·N·H·V FLOPs in all, like autograd over materialized logits, in O(slab) memory.
 
 Matrix products accumulate in fp32 (fp64 for fp64 inputs); fp32 inputs use IEEE products (no TF32 rounding).
-Half-precision inputs feed the tensor cores directly, with p / dz rounded to the input dtype for the second product;
-under the Triton interpreter every tile is upcast first (its bf16 products are wrong).
+Half-precision inputs feed the tensor cores directly, with dz rounded to the input dtype for the second products;
+under the Triton interpreter every tile is upcast first (its bf16 products are wrong). Ignored tokens
+(label == ignore_index) get logp 0 and gradient 0.
 """
 
 import os
@@ -61,23 +68,30 @@ def _logit_tile(
 
 
 @triton.jit
-def _flp_fwd_kernel(
+def _flp_tile_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
     labels_ptr,
-    logp_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    target_ptr,
     max_ptr,
     logsum_ptr,
-    u_ptr,
-    N,
+    grad_ptr,
+    dz_ptr,
+    z_ptr,
+    row0,
+    row1,
     V,
     H,
     stride_hn,
     stride_wv,
+    n_vtiles,
     ignore_index,
     HAS_BIAS: tl.constexpr,
-    INPUT_GRAD: tl.constexpr,
+    GRAD: tl.constexpr,
+    Z_SLAB: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -85,211 +99,55 @@ def _flp_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    # One program per (token tile, vocabulary tile) of the rows [row0, row1). Slabs (dz, z) hold those rows only,
+    # row-major with V columns; partials are [N, n_vtiles] and per-token vectors [N], indexed by global row.
+    rows = row0 + tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < row1
+    tile = tl.program_id(1)
+    cols = tile.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = row_ok & (labels != ignore_index)
-
-    m = tl.full([BLOCK_N], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_N], ACC)
-    target = tl.zeros([BLOCK_N], ACC)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_ok = cols < V
+    slab = (rows - row0)[:, None] * V + cols[None, :]
+    slab_ok = row_ok[:, None] & col_ok[None, :]
+    if GRAD and Z_SLAB:
+        z = tl.load(z_ptr + slab, mask=slab_ok, other=float("-inf"))
+    else:
         z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hn, stride_wv,
                         HAS_BIAS, ACC, DOT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-        target += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
-        # Every tile holds at least one column < V, so m_new is finite: no -inf - -inf below (alpha = 0 at tile 0).
-        m_new = tl.maximum(m, tl.max(z, 1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(e, 1)
-        if INPUT_GRAD:
-            # u holds Σ_v exp(z_v − m)·W_v for the running max m; it starts as zeros, so tile 0's alpha = 0 is exact.
-            for k0 in range(0, H, BLOCK_H):
-                ks = k0 + tl.arange(0, BLOCK_H)
-                k_ok = ks < H
-                u_ptrs = u_ptr + rows[:, None] * H + ks[None, :]
-                u_mask = row_ok[:, None] & k_ok[None, :]
-                w = tl.load(
-                    w_ptr + cols[:, None] * stride_wv + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
-                )
-                u = tl.load(u_ptrs, mask=u_mask, other=0.0) * alpha[:, None]
-                u = tl.dot(e.to(DOT), w.to(DOT), u, input_precision=PRECISION, out_dtype=ACC)
-                tl.store(u_ptrs, u, mask=u_mask)
-        m = m_new
-
-    r = tl.log(s)
-    tl.store(logp_ptr + rows, tl.where(valid, (target - m) - r, 0.0), mask=row_ok)
-    tl.store(max_ptr + rows, m, mask=row_ok)
-    tl.store(logsum_ptr + rows, r, mask=row_ok)
-    if INPUT_GRAD:
-        # d logp / dh = W_y − softmax(z) @ W = W_y − u / s; ignored tokens get 0.
-        inv_s = 1.0 / s
-        # labels and valid are loaded again rather than reused from the top: reusing them here made Triton 3.6's
-        # layout pass fail on GPU (a select between two layouts at the Janus bf16 tiles); 3.7 compiles either form
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-        valid = row_ok & (labels != ignore_index)
-        safe_labels = tl.where(valid, labels, 0)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            k_ok = ks < H
-            u_ptrs = u_ptr + rows[:, None] * H + ks[None, :]
-            u_mask = row_ok[:, None] & k_ok[None, :]
-            w_y = tl.load(
-                w_ptr + safe_labels[:, None] * stride_wv + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0
-            ).to(ACC)
-            u = tl.load(u_ptrs, mask=u_mask, other=0.0)
-            tl.store(u_ptrs, tl.where(valid[:, None], w_y - u * inv_s[:, None], 0.0), mask=u_mask)
-
-
-@triton.jit
-def _dlogit_tile(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    labels,
-    m,
-    r,
-    g,
-    rows,
-    row_ok,
-    cols,
-    col_ok,
-    H,
-    stride_hn,
-    stride_wv,
-    HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr,
-    DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """dz = g · (onehot(label) − exp((z − m) − r)) for one recomputed logit tile (0 past V and for g = 0)."""
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hn, stride_wv,
-                    HAS_BIAS, ACC, DOT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-    p = tl.exp((z - m[:, None]) - r[:, None])
-    onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
-    return g[:, None] * (onehot - p)
-
-
-@triton.jit
-def _flp_bwd_dh_kernel(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    labels_ptr,
-    max_ptr,
-    logsum_ptr,
-    grad_ptr,
-    dh_ptr,
-    N,
-    V,
-    H,
-    stride_hn,
-    stride_wv,
-    ignore_index,
-    HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr,
-    DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    # One program per token tile: it owns dh[rows] and sums dz @ W over the vocabulary tiles.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-    valid = row_ok & (labels != ignore_index)
-    m = tl.load(max_ptr + rows, mask=row_ok, other=float("inf")).to(ACC)  # rows past N: p = 0
-    r = tl.load(logsum_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    g = tl.where(valid, tl.load(grad_ptr + rows, mask=row_ok, other=0.0).to(ACC), 0.0)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_ok = cols < V
-        dz = _dlogit_tile(h_ptr, w_ptr, b_ptr, labels, m, r, g, rows, row_ok, cols, col_ok, H, stride_hn, stride_wv,
-                          HAS_BIAS, ACC, DOT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            k_ok = ks < H
-            dh_ptrs = dh_ptr + rows[:, None] * H + ks[None, :]
-            dh_mask = row_ok[:, None] & k_ok[None, :]
-            w = tl.load(
-                w_ptr + cols[:, None] * stride_wv + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
-            dh = tl.dot(dz.to(DOT), w.to(DOT), dh, input_precision=PRECISION, out_dtype=ACC)
-            tl.store(dh_ptrs, dh, mask=dh_mask)
-
-
-@triton.jit
-def _flp_bwd_dw_kernel(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    labels_ptr,
-    max_ptr,
-    logsum_ptr,
-    grad_ptr,
-    dw_ptr,
-    db_ptr,
-    N,
-    V,
-    H,
-    stride_hn,
-    stride_wv,
-    ignore_index,
-    HAS_BIAS: tl.constexpr,
-    NEED_DW: tl.constexpr,
-    NEED_DB: tl.constexpr,
-    ACC: tl.constexpr,
-    DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    # One program per vocabulary tile: it owns dW[cols] and db[cols] and sums over the token tiles in order.
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    db = tl.zeros([BLOCK_V], ACC)
-    for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_ok = rows < N
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-        valid = row_ok & (labels != ignore_index)
-        m = tl.load(max_ptr + rows, mask=row_ok, other=float("inf")).to(ACC)  # rows past N: p = 0
-        r = tl.load(logsum_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-        g = tl.where(valid, tl.load(grad_ptr + rows, mask=row_ok, other=0.0).to(ACC), 0.0)
-        dz = _dlogit_tile(h_ptr, w_ptr, b_ptr, labels, m, r, g, rows, row_ok, cols, col_ok, H, stride_hn, stride_wv,
-                          HAS_BIAS, ACC, DOT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-        if NEED_DB:
-            db += tl.sum(dz, 0)
-        if NEED_DW:
-            dzt = tl.trans(dz).to(DOT)
-            for k0 in range(0, H, BLOCK_H):
-                ks = k0 + tl.arange(0, BLOCK_H)
-                k_ok = ks < H
-                dw_ptrs = dw_ptr + cols[:, None] * H + ks[None, :]
-                dw_mask = col_ok[:, None] & k_ok[None, :]
-                a = tl.load(
-                    h_ptr + rows[:, None] * stride_hn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-                )
-                dw = tl.load(dw_ptrs, mask=dw_mask, other=0.0)
-                dw = tl.dot(dzt, a.to(DOT), dw, input_precision=PRECISION, out_dtype=ACC)
-                tl.store(dw_ptrs, dw, mask=dw_mask)
-    if NEED_DB:
-        tl.store(db_ptr + cols, db, mask=col_ok)
+    if GRAD:
+        m = tl.load(max_ptr + rows, mask=row_ok, other=float("inf"))  # rows past the end: p = 0
+        r = tl.load(logsum_ptr + rows, mask=row_ok, other=0.0)
+        g = tl.where(valid, tl.load(grad_ptr + rows, mask=row_ok, other=0.0), 0.0)
+        p = tl.exp((z - m[:, None]) - r[:, None])
+        onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+        tl.store(dz_ptr + slab, (g[:, None] * (onehot - p)).to(DOT), mask=slab_ok)
+    else:
+        if Z_SLAB:
+            tl.store(z_ptr + slab, z, mask=slab_ok)
+        # every tile holds at least one column < V, so its maximum is finite
+        tile_max = tl.max(z, 1)
+        tile_sum = tl.sum(tl.exp(z - tile_max[:, None]), 1)
+        tl.store(part_max_ptr + rows * n_vtiles + tile, tile_max, mask=row_ok)
+        tl.store(part_sum_ptr + rows * n_vtiles + tile, tile_sum, mask=row_ok)
+        target = tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
+        tl.store(target_ptr + rows, target, mask=valid & (labels // BLOCK_V == tile))
 
 
 # --- launchers ------------------------------------------------------------------------------------------------------
-# GPU tiles: 64 tokens × 128 vocabulary columns × 64 hidden per product, the flash-attention-like shape that keeps a
-# logit tile plus two operand tiles in registers / shared memory with 8 warps. The interpreter's cost is per tile
+# GPU tiles per input dtype: (token rows, vocabulary columns, hidden per product step, warps, pipeline stages).
+# Half precision: 128 × 128 tensor-core tiles with a 3-stage pipeline over the hidden dimension (96 KiB of shared
+# memory); fp32 (IEEE) and fp64 products run on the CUDA cores with smaller tiles. The interpreter's cost is per tile
 # step, not per value, so it gets the same tiles (tests pass small overrides to cover several tiles).
-BLOCK_N, BLOCK_V, BLOCK_H = 64, 128, 64
+GPU_TILES = {
+    torch.float16: (128, 128, 64, 8, 3),
+    torch.bfloat16: (128, 128, 64, 8, 3),
+    torch.float32: (64, 64, 32, 4, 2),
+    torch.float64: (64, 64, 32, 4, 2),
+}
+# Tokens per slab: SLAB_BYTES / (4 · V), a multiple of the token tile. 256 MiB is 4,096 tokens at V = 16,384: the
+# products over a slab are large enough for full cuBLAS throughput, and the slab is a fixed cost, not O(N·V).
+SLAB_BYTES = 256 * 2**20
 
 
 def _interpreted() -> bool:
@@ -305,13 +163,64 @@ def _types(dtype: torch.dtype):
     return tl.float32, (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"
 
 
-def _blocks(block_n: int | None, block_v: int | None, block_h: int | None) -> tuple[int, int, int]:
-    pick = lambda given, default: default if given is None else max(16, triton.next_power_of_2(given))
-    return pick(block_n, BLOCK_N), pick(block_v, BLOCK_V), pick(block_h, BLOCK_H)
+def _slab_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of dz slabs (the product operand dtype)."""
+    return {tl.float64: torch.float64, tl.float32: torch.float32, tl.bfloat16: torch.bfloat16}.get(
+        _types(dtype)[1], torch.float16
+    )
+
+
+class _Plan:
+    """Tiles, launch options and slab size for one call."""
+
+    def __init__(self, hidden, weight, block_n, block_v, block_h, chunk_rows):
+        n_default, v_default, h_default, self.warps, self.stages = GPU_TILES[hidden.dtype]
+        pick = lambda given, default: default if given is None else max(16, triton.next_power_of_2(given))
+        self.bn, self.bv, self.bh = pick(block_n, n_default), pick(block_v, v_default), pick(block_h, h_default)
+        self.N, self.H = hidden.shape
+        self.V = weight.shape[0]
+        self.n_vtiles = triton.cdiv(self.V, self.bv)
+        self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        self.slab_dtype = _slab_dtype(hidden.dtype)
+        self.ACC, self.DOT, self.PRECISION = _types(hidden.dtype)
+        if chunk_rows is None:
+            chunk_rows = max(self.bn, SLAB_BYTES // (4 * self.V) // self.bn * self.bn)
+        self.chunk = max(1, chunk_rows)
+
+    def chunks(self):
+        """(first row, end row) of each slab."""
+        return [(r0, min(r0 + self.chunk, self.N)) for r0 in range(0, self.N, self.chunk)]
+
+    def launch(self, hidden, weight, bias, labels, ignore_index, row0, row1, *, stats=None, grad=None, z=None):
+        """One (token tile × vocabulary tile) grid over rows [row0, row1): the statistics epilogue with ``stats`` =
+        (part_max, part_sum, target), the gradient one with ``grad`` = (m, r, g, dz slab); ``z`` a logit slab the
+        statistics pass writes and the gradient pass reads."""
+        dummy = labels  # never read: the constexpr flags compile the pointer's uses away
+        part_max, part_sum, target = stats if stats is not None else (dummy, dummy, dummy)
+        m, r, g, dz = grad if grad is not None else (dummy, dummy, dummy, dummy)
+        grid = (triton.cdiv(row1 - row0, self.bn), self.n_vtiles)
+        with torch.device(hidden.device):
+            _flp_tile_kernel[grid](
+                hidden, weight, bias if bias is not None else weight, labels, part_max, part_sum, target,
+                m, r, g, dz, z if z is not None else dummy,
+                row0, row1, self.V, self.H, hidden.stride(0), weight.stride(0), self.n_vtiles, ignore_index,
+                HAS_BIAS=bias is not None, GRAD=grad is not None, Z_SLAB=z is not None, ACC=self.ACC, DOT=self.DOT,
+                PRECISION=self.PRECISION, BLOCK_N=self.bn, BLOCK_V=self.bv, BLOCK_H=self.bh,
+                num_warps=self.warps, num_stages=self.stages,
+            )  # fmt: skip
 
 
 def _as_rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+
+
+def _combine(part_max, part_sum, target, labels, ignore_index, rows=slice(None)):
+    """(logp, m, r) of ``rows`` from the per-tile partials."""
+    tile_max, tile_sum = part_max[rows], part_sum[rows]
+    m = tile_max.amax(1)
+    r = torch.log((tile_sum * torch.exp(tile_max - m[:, None])).sum(1))
+    logp = torch.where(labels[rows] != ignore_index, (target[rows] - m) - r, 0.0)
+    return logp, m, r
 
 
 def forward(
@@ -324,37 +233,47 @@ def forward(
     block_n: int | None = None,
     block_v: int | None = None,
     block_h: int | None = None,
+    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per token ``(logp, row_max, row_logsum, u)`` for ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]``.
 
     ``logp``, ``row_max`` (m) and ``row_logsum`` (r) are [N]; ``u = d logp / d hidden`` [N, H] (the frozen-head input
     gradient before scaling by the upstream gradient) is computed when ``input_grad``, else None. Outputs are float32
     (float64 for float64 inputs). Inputs are validated by the caller; ``hidden`` and ``weight`` need a contiguous last
-    dimension (else one copy is made).
+    dimension (else one copy is made). ``block_*`` / ``chunk_rows`` override the tiles and the slab height.
     """
-    N, H = hidden.shape
-    V = weight.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    dev = hidden.device
-    logp = torch.empty(N, dtype=acc, device=dev)
-    row_max = torch.empty(N, dtype=acc, device=dev)
-    row_logsum = torch.empty(N, dtype=acc, device=dev)
-    u = torch.zeros(N, H, dtype=acc, device=dev) if input_grad else None
+    plan = _Plan(hidden, weight, block_n, block_v, block_h, chunk_rows)
+    N, dev, acc = plan.N, hidden.device, plan.acc
     if N == 0:
-        return logp, row_max, row_logsum, u
+        empty = torch.empty(0, dtype=acc, device=dev)
+        return empty, empty.clone(), empty.clone(), torch.zeros(0, plan.H, dtype=acc, device=dev) if input_grad else None
     hidden, weight = _as_rows(hidden), _as_rows(weight)
     labels = labels.reshape(-1).contiguous()
-    bn, bv, bh = _blocks(block_n, block_v, block_h)
-    ACC, DOT, PRECISION = _types(hidden.dtype)
-    with torch.device(dev):
-        _flp_fwd_kernel[(triton.cdiv(N, bn),)](
-            hidden, weight, bias if bias is not None else weight, labels, logp, row_max, row_logsum,
-            u if input_grad else logp,
-            N, V, H, hidden.stride(0), weight.stride(0), ignore_index,
-            HAS_BIAS=bias is not None, INPUT_GRAD=input_grad, ACC=ACC, DOT=DOT, PRECISION=PRECISION,
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=8,
-        )  # fmt: skip
-    return logp, row_max, row_logsum, u
+    part_max = torch.empty(N, plan.n_vtiles, dtype=acc, device=dev)
+    part_sum = torch.empty(N, plan.n_vtiles, dtype=acc, device=dev)
+    target = torch.zeros(N, dtype=acc, device=dev)
+    stats = (part_max, part_sum, target)
+    if not input_grad:
+        plan.launch(hidden, weight, bias, labels, ignore_index, 0, N, stats=stats)
+        return (*_combine(part_max, part_sum, target, labels, ignore_index), None)
+    # frozen head: per slab, the logits are written once, reduced, and read back for u = (onehot − p) @ W
+    logp = torch.empty(N, dtype=acc, device=dev)
+    m = torch.empty(N, dtype=acc, device=dev)
+    r = torch.empty(N, dtype=acc, device=dev)
+    u = torch.empty(N, plan.H, dtype=acc, device=dev)
+    ones = (labels != ignore_index).to(acc)
+    rows_max = min(plan.chunk, N)
+    z = torch.empty(rows_max, plan.V, dtype=acc, device=dev)
+    dz = torch.empty(rows_max, plan.V, dtype=plan.slab_dtype, device=dev)
+    w = weight.to(plan.slab_dtype)
+    for row0, row1 in plan.chunks():
+        plan.launch(hidden, weight, bias, labels, ignore_index, row0, row1, stats=stats, z=z)
+        logp[row0:row1], m[row0:row1], r[row0:row1] = _combine(
+            part_max, part_sum, target, labels, ignore_index, slice(row0, row1)
+        )
+        plan.launch(hidden, weight, bias, labels, ignore_index, row0, row1, grad=(m, r, ones, dz), z=z)
+        u[row0:row1] = torch.mm(dz[: row1 - row0], w)
+    return logp, m, r, u
 
 
 def backward(
@@ -372,17 +291,16 @@ def backward(
     block_n: int | None = None,
     block_v: int | None = None,
     block_h: int | None = None,
+    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(d hidden [N, H], d weight [V, H], d bias [V])`` of Σ_n grad_logp[n]·logp[n], each only if asked.
 
     ``row_max`` / ``row_logsum`` come from ``forward``. Returned in the accumulator dtype (float32, float64 for
     float64 inputs); the caller casts to the input dtype.
     """
-    N, H = hidden.shape
-    V = weight.shape[0]
-    acc = row_max.dtype
-    dev = hidden.device
-    dh = torch.zeros(N, H, dtype=acc, device=dev) if need_hidden else None
+    plan = _Plan(hidden, weight, block_n, block_v, block_h, chunk_rows)
+    N, H, V, dev, acc = plan.N, plan.H, plan.V, hidden.device, plan.acc
+    dh = torch.empty(N, H, dtype=acc, device=dev) if need_hidden else None
     dw = torch.zeros(V, H, dtype=acc, device=dev) if need_weight else None
     db = torch.zeros(V, dtype=acc, device=dev) if need_bias else None
     if N == 0:
@@ -390,23 +308,15 @@ def backward(
     hidden, weight = _as_rows(hidden), _as_rows(weight)
     labels = labels.reshape(-1).contiguous()
     grad_logp = grad_logp.reshape(-1).to(acc).contiguous()
-    bn, bv, bh = _blocks(block_n, block_v, block_h)
-    ACC, DOT, PRECISION = _types(hidden.dtype)
-    b_arg = bias if bias is not None else weight
-    with torch.device(dev):
+    dz = torch.empty(min(plan.chunk, N), V, dtype=plan.slab_dtype, device=dev)
+    w = weight.to(plan.slab_dtype) if need_hidden else None
+    for row0, row1 in plan.chunks():
+        plan.launch(hidden, weight, bias, labels, ignore_index, row0, row1, grad=(row_max, row_logsum, grad_logp, dz))
+        slab = dz[: row1 - row0]
         if need_hidden:
-            _flp_bwd_dh_kernel[(triton.cdiv(N, bn),)](
-                hidden, weight, b_arg, labels, row_max, row_logsum, grad_logp, dh,
-                N, V, H, hidden.stride(0), weight.stride(0), ignore_index,
-                HAS_BIAS=bias is not None, ACC=ACC, DOT=DOT, PRECISION=PRECISION,
-                BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=8,
-            )  # fmt: skip
-        if need_weight or need_bias:
-            _flp_bwd_dw_kernel[(triton.cdiv(V, bv),)](
-                hidden, weight, b_arg, labels, row_max, row_logsum, grad_logp,
-                dw if need_weight else row_max, db if need_bias else row_max,
-                N, V, H, hidden.stride(0), weight.stride(0), ignore_index,
-                HAS_BIAS=bias is not None, NEED_DW=need_weight, NEED_DB=need_bias, ACC=ACC, DOT=DOT,
-                PRECISION=PRECISION, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=8,
-            )  # fmt: skip
+            dh[row0:row1] = torch.mm(slab, w)
+        if need_weight:
+            dw += torch.mm(slab.t(), hidden[row0:row1].to(plan.slab_dtype))
+        if need_bias:
+            db += slab.sum(0, dtype=acc)
     return dh, dw, db

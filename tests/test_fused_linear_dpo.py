@@ -18,6 +18,7 @@ BACKENDS = ("torch", "triton", "reference")
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     monkeypatch.setattr(op_module, "_TRITON_BLOCKS", (16, 32, 16))
+    monkeypatch.setattr(op_module, "_TRITON_CHUNK_ROWS", 16)
     monkeypatch.setattr(op_module, "_TORCH_CHUNK_ROWS", 3)
 
 

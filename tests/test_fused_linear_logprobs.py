@@ -14,13 +14,14 @@ from silmm_fast.reference.fused_linear_logprobs import fused_linear_logprobs as 
 
 BACKENDS = ("torch", "triton", "reference")
 # 3·7 = 21 tokens over token tiles of 16 (two tiles), V = 100 over vocabulary tiles of 32 (four, the last partial),
-# H = 40 over hidden tiles of 16 (three, the last partial); the torch path runs 4-row chunks (six chunks).
+# H = 40 over hidden tiles of 16 (three, the last partial); triton slabs of 16 rows (two), torch chunks of 4 rows (six).
 B, T, H, V = 3, 7, 40, 100
 
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     monkeypatch.setattr(op_module, "_TRITON_BLOCKS", (16, 32, 16))
+    monkeypatch.setattr(op_module, "_TRITON_CHUNK_ROWS", 16)
     monkeypatch.setattr(op_module, "_TORCH_CHUNK_ROWS", 4)
 
 
@@ -139,7 +140,7 @@ def test_frozen_head_takes_fast_path(device, backend, monkeypatch):
 
     monkeypatch.setattr(op_module, "_torch_backward", fail)
     monkeypatch.setattr(kernels, "backward", fail)
-    monkeypatch.setattr(kernels, "_flp_bwd_dh_kernel", None)
+    monkeypatch.setattr(kernels, "_flp_tile_kernel", None)
     upstream = torch.randn(out.shape, dtype=out.dtype, device=out.device)
     (out * upstream).sum().backward()
     assert w.grad is None and b.grad is None
@@ -394,7 +395,7 @@ def test_bad_input(change, error, match):
 def test_gpu_bf16_janus_like(head_grad):
     """bf16 tensor-core products at a Janus-like shape (two sequences of 576 tokens, H=2048, V=16384). The frozen head
     takes the forward kernel's input-gradient path, whose first form Triton 3.6 failed to compile at these tiles."""
-    op_module._TRITON_BLOCKS = None
+    op_module._TRITON_BLOCKS = op_module._TRITON_CHUNK_ROWS = None
     hidden, weight, bias, labels = make_inputs("cuda", torch.bfloat16, b=2, t=576, h=2048, v=16384, bias=False)
     h, w, _ = leaves(hidden, weight, None, head_grad=head_grad)
     out, grads = run("triton", h, w, labels, reduction="mean")
@@ -409,7 +410,7 @@ def test_gpu_bf16_janus_like(head_grad):
 
 @pytest.mark.gpu
 def test_gpu_fp32_default_tiles():
-    op_module._TRITON_BLOCKS = None
+    op_module._TRITON_BLOCKS = op_module._TRITON_CHUNK_ROWS = None
     hidden, weight, bias, labels = make_inputs("cuda", torch.float32, b=4, t=300, h=520, v=3000)
     h, w, b = leaves(hidden, weight, bias)
     out, grads = run("triton", h, w, labels, b)

@@ -1,8 +1,9 @@
 """``fused_linear_logprobs``: a linear head fused with the per-token log-prob gather, logits never materialized.
 
 Backends (``silmm_fast._backend.choose("fused_linear_logprobs", device)``):
-- ``triton``: ``silmm_fast.kernels.fused_linear_logprobs`` (token tiles × vocabulary tiles with the matrix product
-  inside the kernel, online log-sum-exp; deterministic backward without atomics).
+- ``triton``: ``silmm_fast.kernels.fused_linear_logprobs`` (one kernel over token tiles × vocabulary tiles with the
+  matrix product inside: per-tile log-sum-exp partials in the forward; in the backward dz written per bounded slab of
+  tokens and multiplied out by cuBLAS; deterministic, no atomics).
 - ``torch``: the CPU path. Tokens in chunks of ``torch_chunk_rows(V)`` rows; each chunk's [rows, V] logit slab is
   computed by one matmul into a reused buffer, reduced to two numbers per token, and recomputed in backward. Peak
   extra memory is one slab (plus the [V, H] weight gradient when the head trains) instead of the [N, V] logits, their
@@ -11,7 +12,8 @@ Backends (``silmm_fast._backend.choose("fused_linear_logprobs", device)``):
 
 Frozen head (``hidden`` needs a gradient, ``weight`` and ``bias`` do not: LoRA without a head adapter, a frozen image
 head): the forward also computes u = d logp / d hidden = W[y] − softmax(z) @ W while the logits are at hand, so the
-backward is one rescale, dh = g·u: 4·N·H·V FLOPs in total instead of 6 (naive autograd) or 8 (recompute).
+backward is one rescale, dh = g·u: 4·N·H·V FLOPs in total (as autograd over materialized logits) instead of 6
+(recomputing the logits in backward).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ REDUCTIONS = ("sum", "mean", "none")
 # products lose their efficiency, whence the floor (a 94 MiB slab at V = 184,622, still O(chunk·V)).
 TORCH_SLAB_BYTES = 32 * 2**20
 TORCH_MIN_ROWS, TORCH_MAX_ROWS = 128, 4096
-# Overrides for tests: a fixed chunk (torch) and fixed (block_n, block_v, block_h) tiles (triton); None = the rules.
+# Overrides for tests: a fixed chunk (torch), fixed (block_n, block_v, block_h) tiles and slab height (triton);
+# None = the rules.
 _TORCH_CHUNK_ROWS: int | None = None
 _TRITON_BLOCKS: tuple[int, int, int] | None = None
+_TRITON_CHUNK_ROWS: int | None = None
 
 
 def torch_chunk_rows(vocab: int) -> int:
@@ -157,7 +161,9 @@ def _forward(hidden, weight, bias, labels, ignore_index, backend, input_grad):
         from silmm_fast.kernels import fused_linear_logprobs as kernels
 
         blocks = _TRITON_BLOCKS or (None, None, None)
-        logp, m, r, u = kernels.forward(hidden, weight, bias, labels, ignore_index, input_grad, *blocks)
+        logp, m, r, u = kernels.forward(
+            hidden, weight, bias, labels, ignore_index, input_grad, *blocks, _TRITON_CHUNK_ROWS
+        )
         return logp, None, m, r, u
     return _torch_forward(hidden, weight, bias, labels, ignore_index, input_grad)
 
@@ -182,7 +188,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
             blocks = _TRITON_BLOCKS or (None, None, None)
             dh, dw, db = kernels.backward(
-                hidden, weight, bias, labels, m, r, grad_logp, ctx.ignore_index, need_h, need_w, need_b, *blocks
+                hidden, weight, bias, labels, m, r, grad_logp, ctx.ignore_index, need_h, need_w, need_b, *blocks,
+                _TRITON_CHUNK_ROWS,
             )
         else:
             dh, dw, db = _torch_backward(hidden, weight, bias, labels, rows, m, r, grad_logp, need_h, need_w, need_b)
