@@ -245,8 +245,8 @@ def forward(
     plan = _Plan(hidden, weight, block_n, block_v, block_h, chunk_rows)
     N, dev, acc = plan.N, hidden.device, plan.acc
     if N == 0:
-        empty = torch.empty(0, dtype=acc, device=dev)
-        return empty, empty.clone(), empty.clone(), torch.zeros(0, plan.H, dtype=acc, device=dev) if input_grad else None
+        u = torch.zeros(0, plan.H, dtype=acc, device=dev) if input_grad else None
+        return *(torch.empty(0, dtype=acc, device=dev) for _ in range(3)), u
     hidden, weight = _as_rows(hidden), _as_rows(weight)
     labels = labels.reshape(-1).contiguous()
     part_max = torch.empty(N, plan.n_vtiles, dtype=acc, device=dev)

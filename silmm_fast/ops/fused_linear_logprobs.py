@@ -187,9 +187,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             from silmm_fast.kernels import fused_linear_logprobs as kernels
 
             blocks = _TRITON_BLOCKS or (None, None, None)
+            needs = (need_h, need_w, need_b)
             dh, dw, db = kernels.backward(
-                hidden, weight, bias, labels, m, r, grad_logp, ctx.ignore_index, need_h, need_w, need_b, *blocks,
-                _TRITON_CHUNK_ROWS,
+                hidden, weight, bias, labels, m, r, grad_logp, ctx.ignore_index, *needs, *blocks, _TRITON_CHUNK_ROWS
             )
         else:
             dh, dw, db = _torch_backward(hidden, weight, bias, labels, rows, m, r, grad_logp, need_h, need_w, need_b)
