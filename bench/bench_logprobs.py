@@ -219,7 +219,9 @@ def cost(op: str, shape: HeadShape, head: str, mode: str, dtype: torch.dtype) ->
       full also write the hidden gradient (N·H·e) and, for a trainable head, the weight gradient (V·H·e). The logits
       never need to reach memory. FLOPs: the head's matrix products, 2·N·H·V each: one forward; backward two for a
       trainable head (input and weight gradients), one for a frozen head. An implementation that recomputes the
-      logits in backward (not storing them) does one more product that this model does not credit.
+      logits in backward (not storing them) does one more product that this model does not credit. A frozen head's
+      silmm forward already does its input-gradient product (the backward only rescales), so against this model its
+      forward reads low and its backward above 1: compare frozen heads on the full case.
     """
     e = torch.finfo(dtype).bits // 8
     n, labels = shape.n, shape.n * 8

@@ -6,7 +6,8 @@ The per-step runs (one folder each in the archive: suite runs, or one script run
 ``suite-<device>-<stamp>.jsonl`` with its markdown table and one plot per op, as a single ``python -m silmm_fast.bench
 --device cuda`` run would have written them; the machine facts, the step times and the end of the test log go to
 ``suite-<device>-<stamp>-checks.txt`` beside them.
-``--git`` fills the revision into rows that lack it (the device machine gets the working tree without its history).
+``--git`` sets the revision of every row: the device machine gets the working tree, and whatever history it reports
+there may be stale.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def collect(archive: Path, results: Path, git: str | None) -> Path:
         if not measured(rows):
             raise SystemExit(f"gpu_collect: no measured rows in {archive}")
         for r in rows:
-            if git and not r.get("git"):
+            if git:
                 r["git"] = git
         first = min(r["timestamp"] for r in rows if r.get("timestamp"))
         stamp = first[:19].replace("-", "").replace(":", "").replace("T", "-")
@@ -80,7 +81,8 @@ def collect(archive: Path, results: Path, git: str | None) -> Path:
         for op in dict.fromkeys(r["op"] for r in measured(rows)):
             op_rows = [r for r in measured(rows) if r["op"] == op]
             plot(op_rows, results / f"suite-{kind}-{op}.png", f"{op} on {op_rows[0]['device']}")
-        (results / f"suite-{kind}-{stamp}-checks.txt").write_text(checks_text(folder))
+        revision = f"## revision\n{git} (the machine's own history, below, may be stale)\n\n" if git else ""
+        (results / f"suite-{kind}-{stamp}-checks.txt").write_text(revision + checks_text(folder))
     return path
 
 
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("archive", type=Path, help="results.tgz from bench/gpu_check.sh")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--git", default=None, help="revision the device ran (rows without one get it)")
+    parser.add_argument("--git", default=None, help="revision the device ran (set on every row)")
     args = parser.parse_args(argv)
     path = collect(args.archive, args.results, args.git)
     print(f"gpu_collect: rows -> {path} (+ .md table, -checks.txt, per-op plots)")
