@@ -213,3 +213,39 @@ def test_micro_benchmarks_run_under_pytest_benchmark():
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "7 passed" in done.stdout
+
+
+# --- folding a GPU machine's archive into the results ---------------------------------------------------------------
+def test_gpu_collect_folds_every_step_and_sets_the_revision(tmp_path):
+    """An archive as bench/gpu_check.sh packs it: a suite step with ceilings, a script step without (its rows get the
+    suite's ceilings), the machine facts and a test log. Rows carry a stale revision the collect must replace."""
+    import tarfile
+
+    sys.path.insert(0, str(Path(bench.__file__).resolve().parents[1]))
+    from bench.gpu_collect import collect
+
+    packed = tmp_path / "packed"
+    rows = [dict(r, git="stale00") for r in _synthetic_rows()]
+    script_rows = [{k: v for k, v in r.items() if not k.startswith("ceiling")} for r in rows if "time_ms" in r]
+    for r in script_rows:
+        r.pop("roofline")
+        r["flops"], r["min_bytes"] = 1e6, 1e6
+    for step, step_rows in (("suite_step", rows), ("script_step", script_rows)):
+        (packed / step).mkdir(parents=True)
+        (packed / step / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in step_rows))
+    (packed / "env.txt").write_text("GPU name line\n")
+    (packed / "steps.txt").write_text("[gpu_check] suite_step: rc=0 after 3 s (limit 9 s)\n")
+    (packed / "tests.log").write_text("1 passed in 0.1s\n")
+    archive = tmp_path / "results.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(packed, arcname=".")
+    out = collect(archive, tmp_path / "results", "abc1234")
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(written) == len(rows) + len(script_rows)
+    assert {r["git"] for r in written} == {"abc1234"}
+    from_script = [r for r in written if r.get("flops") == 1e6]
+    assert len(from_script) == len(script_rows)
+    assert all(r["ceiling_gbps"] == 10.0 and r["roofline"] is not None for r in from_script)
+    checks = out.with_name(out.stem + "-checks.txt").read_text()
+    assert checks.startswith("## revision\nabc1234") and "GPU name line" in checks and "1 passed" in checks
+    assert out.with_suffix(".md").is_file() and (tmp_path / "results" / "suite-cpu-fused_linear_logprobs.png").is_file()
