@@ -65,8 +65,6 @@ def collect(archive: Path, results: Path, git: str | None) -> Path:
         stamp = first[:19].replace("-", "").replace(":", "").replace("T", "-")
         kind = measured(rows)[0]["device_type"]
         results.mkdir(parents=True, exist_ok=True)
-        path = results / f"suite-{kind}-{stamp}.jsonl"
-        path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         ceilings = [r for r in measured(rows) if r.get("ceiling_gbps")]
         best = None
         if ceilings:
@@ -77,6 +75,8 @@ def collect(archive: Path, results: Path, git: str | None) -> Path:
             }
             # a script run alone measures no ceilings: its rows get the ones the suite steps measured on that machine
             attach_roofline([r for r in measured(rows) if not r.get("ceiling_gbps")], best)
+        path = results / f"suite-{kind}-{stamp}.jsonl"
+        path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         (results / f"suite-{kind}-{stamp}.md").write_text(markdown_table(rows) + "\n" + notes(rows, best))
         for op in dict.fromkeys(r["op"] for r in measured(rows)):
             op_rows = [r for r in measured(rows) if r["op"] == op]
