@@ -225,9 +225,10 @@ def section(rows: list[dict]) -> str:
         threads = f", {first['threads']} thread{'s' if first['threads'] > 1 else ''}" if first.get("threads") else ""
         # the rows shown may come from runs on different machines of one device type: name each run's CPU
         cpu_of = {r["timestamp"]: r.get("cpu_model") for r in dev_rows}
-        models = list(dict.fromkeys(cpu_of.get(stamp) for _, stamp in runs if cpu_of.get(stamp)))
+        in_order = sorted(runs, key=lambda run: run[1])  # by time, so regenerating writes the same text
+        models = list(dict.fromkeys(cpu_of.get(stamp) for _, stamp in in_order if cpu_of.get(stamp)))
         model = f" — {' / '.join(models)}" if models else ""
-        dates = sorted({(git, stamp[:10], cpu_of.get(stamp)) for git, stamp in runs}, key=lambda x: x[1])
+        dates = list(dict.fromkeys((git, stamp[:10], cpu_of.get(stamp)) for git, stamp in in_order))
         run_text = ", ".join(
             f"git {git} ({date}{', ' + cpu if cpu and len(models) > 1 else ''})" for git, date, cpu in dates
         )
