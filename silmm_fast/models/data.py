@@ -12,6 +12,12 @@ prompt is a near miss from ``corrupt_scene`` (a swapped attribute, a wrong relat
 a scene that meets the prompt. The VQA labels are always exact. This is what leaves the base model better at judging
 compositions than at composing them.
 
+VQA can come in balanced pairs (``vqa_pairs``, ``BootstrapConfig.vqa_pairs``): each question is asked of its scene
+and of a second scene, one edit away where possible (an attribute changed, an object moved, removed or added), on
+which the answer flips. A question then predicts nothing by itself, as in balanced VQA datasets. Measured: with
+unpaired questions the base model answers as well with the images shuffled as with the right ones (it learned the
+questions' priors); paired, it reads the image (``BootstrapConfig`` says why that is not yet the default).
+
 The ``copy`` task stands in for the text pretraining of a real LMM: repeat a random sequence of the world's words.
 Nothing in it can be predicted but by copying, so it trains the heads that copy words from the context (measured: a
 decomposition trained without it writes the train-split noun that usually follows a color instead of the prompt's,
@@ -30,11 +36,16 @@ import torch
 from silmm_fast.models.vocab import JointVocab
 from silmm_fast.world import (
     CATEGORIES,
+    COLORS,
     HELDOUT_PAIRS,
+    MAX_OBJECTS,
     SHAPES,
+    TEXTURES,
     WORDS,
     ImageTokenizer,
+    Obj,
     Prompt,
+    Question,
     Scene,
     answer,
     canonical_scene,
@@ -86,6 +97,8 @@ class SyntheticData:
         canonical_prob: probability that a generation target is laid out like ``canonical_scene`` (the prompt's
             objects in its first cells, in the order it names them) instead of at random cells.
         seed: seed of the stream.
+        vqa_pairs: VQA items come in balanced pairs (the same question, a scene answering yes and one answering no,
+            one edit apart where possible), consecutive in the stream.
     """
 
     def __init__(
@@ -95,6 +108,7 @@ class SyntheticData:
         distractor_prob: float = 0.2,
         seed: int = 0,
         canonical_prob: float = 0.0,
+        vqa_pairs: bool = False,
     ) -> None:
         if not isinstance(vocab, JointVocab):
             raise TypeError(f"vocab: expected a JointVocab, got {type(vocab).__name__}")
@@ -110,6 +124,10 @@ class SyntheticData:
         self.gen_noise = float(gen_noise)
         self.distractor_prob = float(distractor_prob)
         self.canonical_prob = float(canonical_prob)
+        if not isinstance(vqa_pairs, bool):
+            raise TypeError(f"vqa_pairs: expected a bool, got {vqa_pairs!r}")
+        self.vqa_pairs = vqa_pairs
+        self._paired_item: tuple[Scene, str, bool] | None = None
         self.rng = random.Random(seed)
         self.tokenizer = ImageTokenizer()
 
@@ -173,7 +191,21 @@ class SyntheticData:
         return Example((*head, *self._image(scene)), len(head))
 
     def vqa_item(self) -> tuple[Scene, str, bool]:
-        """(scene, question, answer), yes and no equally likely."""
+        """(scene, question, answer), yes and no equally likely. With ``vqa_pairs`` every other item asks the
+        previous item's question of a scene on which its answer flips."""
+        if self._paired_item is not None:
+            item, self._paired_item = self._paired_item, None
+            return item
+        while True:
+            scene, question, yes = self._vqa_question()
+            if not self.vqa_pairs:
+                return scene, question.text, yes
+            other = self._flipped_scene(scene, question, yes)
+            if other is not None:
+                self._paired_item = (other, question.text, not yes)
+                return scene, question.text, yes
+
+    def _vqa_question(self) -> tuple[Scene, Question, bool]:
         rng = self.rng
         want = rng.random() < 0.5
         if rng.random() < 0.5:
@@ -183,15 +215,52 @@ class SyntheticData:
                 scene = corrupt_scene(p, scene, rng)
             matching = [q for q in questions_for(p) if answer(q, scene) == want]
             if matching and scene.objects:
-                return scene, rng.choice(matching).text, want
+                return scene, rng.choice(matching), want
         else:
             scene = random_scene(rng)
         while True:
             make = positive_questions if want else negative_questions
             qs = make(scene, rng, 1)
             if qs:
-                return scene, qs[0].text, want
+                return scene, qs[0], want
             scene = random_scene(rng)
+
+    def _flipped_scene(self, scene: Scene, question: Question, yes: bool, tries: int = 64) -> Scene | None:
+        """A scene on which ``question`` is answered ``not yes``: mostly one random edit of ``scene``, else a random
+        scene (None if ``tries`` draws find none)."""
+        for _ in range(tries):
+            other = self._random_edit(scene) if self.rng.random() < 0.8 else random_scene(self.rng)
+            if other is not None and answer(question, other) != yes:
+                return other
+        return None
+
+    def _random_edit(self, scene: Scene) -> Scene | None:
+        """One random edit of ``scene``: change an attribute of an object, move it to a free cell, remove it (None
+        when it is the only one) or add a random object."""
+        rng, objs = self.rng, list(scene.objects)
+        kind = rng.choice(("attribute", "move", "remove", "add")) if objs else "add"
+        free = scene.free_cells()
+        if kind == "add" and len(objs) >= MAX_OBJECTS or kind == "move" and not free:
+            kind = "attribute"
+        if kind == "add":
+            row, col = rng.choice(free)
+            return Scene([*objs, Obj(rng.choice(SHAPES), rng.choice(COLORS), rng.choice(TEXTURES), row, col)])
+        i = rng.randrange(len(objs))
+        o, rest = objs[i], objs[:i] + objs[i + 1 :]
+        if kind == "remove":
+            return Scene(rest) if rest else None
+        if kind == "move":
+            row, col = rng.choice(free)
+            return Scene([*rest, Obj(o.shape, o.color, o.texture, row, col)])
+        shape, color, texture = o.shape, o.color, o.texture
+        attr = rng.choice(("shape", "color", "texture"))
+        if attr == "shape":
+            shape = rng.choice([x for x in SHAPES if x != shape])
+        elif attr == "color":
+            color = rng.choice([x for x in COLORS if x != color])
+        else:
+            texture = rng.choice([x for x in TEXTURES if x != texture])
+        return Scene([*rest, Obj(shape, color, texture, o.row, o.col)])
 
     def vqa(self) -> Example:
         """Example: "<bos> <img> tokens </img> <q> question <a>" → yes / no."""

@@ -5,6 +5,9 @@
 - ``vqa``: accuracy of the model's yes/no answers (yes when p(yes) > p(no)) to the ground-truth questions of each
   held-out prompt, asked about a scene that meets the prompt, a near miss of it (``corrupt_scene``) and one image
   the model generated for the prompt;
+- ``vqa_shuffled``: the same questions asked about another prompt's image (a fixed derangement of the images) and
+  scored against the right image's answers, so it measures what the question text alone predicts; a model that
+  reads the image scores well below ``vqa`` here;
 - ``decompose``: fraction of held-out prompts whose greedy decomposition is exactly the ground-truth question set
   (compared as token sequences, order-free);
 - ``generate``: for images sampled from the model (discrete: nucleus sampling; continuous: DropDiv samples of the
@@ -107,8 +110,8 @@ def measure_base(
         seed: seed of the sampling and of the near-miss scenes.
 
     Returns:
-        ``{"vqa": {cat: acc}, "decompose": {cat: frac}, "generate": {cat | "single" | "multi":
-        {"all_constraints": ..., "constraint_fraction": ...}}}``, each with an ``"all"`` entry.
+        ``{"vqa": {cat: acc}, "vqa_shuffled": {cat: acc}, "decompose": {cat: frac}, "generate": {cat | "single" |
+        "multi": {"all_constraints": ..., "constraint_fraction": ...}}}``, each with an ``"all"`` entry.
     """
     if not isinstance(model, ShapesLMM):
         raise TypeError(f"model: expected a ShapesLMM, got {type(model).__name__}")
@@ -151,26 +154,31 @@ def measure_base(
             truths.append([q.answer(scene) for q in qs])
             owners.append(i)
     image_tokens = torch.tensor([tok.encode(s) for s in scenes])
-    p_yes, p_no = model.answer(image_tokens, questions)
-    per_prompt: dict[int, list[float]] = defaultdict(list)
-    for i, yes, no, truth in zip(owners, p_yes, p_no, truths):
-        per_prompt[i].extend(float((y > n).item() == t) for y, n, t in zip(yes, no, truth))
-    vqa = _by_category(prompts, [per_prompt[i] for i in range(len(prompts))])
-    return {"vqa": vqa, "decompose": _by_category(prompts, dec_ok), "generate": generate}
+    # each question is asked about the image in the same slot of the next prompt: never one of its own prompt's
+    k = len(scenes)
+    shift = torch.tensor([(j + 3) % k for j in range(k)]) if len(prompts) > 1 else torch.arange(k)
+    vqa = {}
+    for name, images in (("vqa", image_tokens), ("vqa_shuffled", image_tokens[shift])):
+        p_yes, p_no = model.answer(images, questions)
+        per_prompt: dict[int, list[float]] = defaultdict(list)
+        for i, yes, no, truth in zip(owners, p_yes, p_no, truths):
+            per_prompt[i].extend(float((y > n).item() == t) for y, n, t in zip(yes, no, truth))
+        vqa[name] = _by_category(prompts, [per_prompt[i] for i in range(len(prompts))])
+    return {**vqa, "decompose": _by_category(prompts, dec_ok), "generate": generate}
 
 
 def format_report(result: dict[str, dict]) -> str:
     """A small text table of a ``measure_base`` result, one row per category."""
     gen = result["generate"]
     keys = [k for k in result["vqa"] if k != "all"] + ["all"]
-    lines = [f"{'category':<10} {'vqa':>6} {'decomp':>7} {'gen_all':>8} {'gen_frac':>9}"]
+    lines = [f"{'category':<10} {'vqa':>6} {'vqa_shuf':>8} {'decomp':>7} {'gen_all':>8} {'gen_frac':>9}"]
     for k in keys:
         lines.append(
-            f"{k:<10} {result['vqa'][k]:>6.3f} {result['decompose'][k]:>7.3f} "
+            f"{k:<10} {result['vqa'][k]:>6.3f} {result['vqa_shuffled'][k]:>8.3f} {result['decompose'][k]:>7.3f} "
             f"{gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
         )
     for k in ("single", "multi"):
         lines.append(
-            f"{k + '-object':<19} {'':>7} {gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
+            f"{k + '-object':<26} {'':>7} {gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
         )
     return "\n".join(lines)
