@@ -18,6 +18,16 @@ def test_learning_rate_defaults_per_mode_and_explicit_value_wins():
     assert config.parse_args(["--mode", "continuous", "--optim.lr", "3e-4"]).optim.lr == pytest.approx(3e-4)
 
 
+def test_base_model_with_vqa_pairs_keys_its_own_cache():
+    from silmm_fast.models.bootstrap import BootstrapConfig, cache_path
+
+    assert config.parse_args([]).model.vqa_pairs is False
+    cfg = config.parse_args(["--model.vqa_pairs", "true", "--model.tiny", "true"])
+    assert cfg.model.vqa_pairs is True
+    paired = BootstrapConfig.tiny("discrete", vqa_pairs=cfg.model.vqa_pairs)
+    assert cache_path(paired, "/c") != cache_path(BootstrapConfig.tiny("discrete"), "/c")
+
+
 def test_yaml_then_cli_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("mode: continuous\nsample:\n  candidates: 6\n  oversample: 12\noptim:\n  lr: 0.001\n")

@@ -192,3 +192,12 @@ def test_random_feedback_control_and_config_mismatch(tmp_path, model_cache):
     other = tiny_config(tmp_path / "rand", cache=model_cache, feedback="self")
     with pytest.raises(ValueError, match="another configuration"):
         Run(other).run()
+
+
+def test_vqa_pairs_base_model_is_bootstrapped_on_paired_data(tmp_path):
+    from silmm_fast.models.bootstrap import BootstrapConfig, cache_path
+
+    cfg = tiny_config(tmp_path / "paired", cache=tmp_path / "models", model={"vqa_pairs": True})
+    Run(cfg).base_model()
+    paired = cache_path(BootstrapConfig.tiny("discrete", vqa_pairs=True), tmp_path / "models")
+    assert paired.is_dir() and not cache_path(BootstrapConfig.tiny("discrete"), tmp_path / "models").exists()

@@ -31,6 +31,11 @@ class ModelConfig:
     cfg_scale: float = _f(5.0, "janus: classifier-free guidance scale of image generation")
     cache_dir: str | None = _f(None, "where bootstrapped base models are cached (default ~/.cache/silmm_fast)")
     tiny: bool = _f(False, "use a tiny model and a short bootstrap (tests, smoke runs)")
+    vqa_pairs: bool = _f(
+        False,
+        "shapes: bootstrap the base model on balanced VQA pairs (its judge then reads the images; see "
+        "BootstrapConfig.vqa_pairs for what that does to the loop)",
+    )
 
 
 @dataclass

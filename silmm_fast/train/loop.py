@@ -226,7 +226,8 @@ class Run:
         if self.janus:
             return self.shared_model(lambda: self.load_janus(self.cfg.model.path))
         variant = self.cfg.mode
-        config = BootstrapConfig.tiny(variant) if self.cfg.model.tiny else BootstrapConfig(variant=variant)
+        pairs = self.cfg.model.vqa_pairs
+        config = (BootstrapConfig.tiny if self.cfg.model.tiny else BootstrapConfig)(variant=variant, vqa_pairs=pairs)
         return self.shared_model(
             lambda: ShapesAdapter(bootstrap(variant, cache_dir=self.cfg.model.cache_dir, config=config))
         )
