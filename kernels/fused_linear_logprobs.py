@@ -165,9 +165,8 @@ def _types(dtype: torch.dtype):
 
 def _slab_dtype(dtype: torch.dtype) -> torch.dtype:
     """The torch dtype of dz slabs (the product operand dtype)."""
-    return {tl.float64: torch.float64, tl.float32: torch.float32, tl.bfloat16: torch.bfloat16}.get(
-        _types(dtype)[1], torch.float16
-    )
+    torch_of = {tl.float64: torch.float64, tl.float32: torch.float32, tl.bfloat16: torch.bfloat16}
+    return torch_of.get(_types(dtype)[1], torch.float16)
 
 
 class _Plan:
