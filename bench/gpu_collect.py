@@ -48,8 +48,8 @@ def checks_text(folder: Path, test_lines: int = 60) -> str:
 
 
 def collect(archive: Path, results: Path, git: str | None) -> Path:
-    from bench.common import attach_roofline
-    from silmm_fast.bench import markdown_table, measured, notes, plot
+    from bench.common import attach_roofline, best_ceilings
+    from silmm_fast.bench import measured, write_outputs
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -65,22 +65,14 @@ def collect(archive: Path, results: Path, git: str | None) -> Path:
         stamp = first[:19].replace("-", "").replace(":", "").replace("T", "-")
         kind = measured(rows)[0]["device_type"]
         results.mkdir(parents=True, exist_ok=True)
-        ceilings = [r for r in measured(rows) if r.get("ceiling_gbps")]
-        best = None
-        if ceilings:
-            best = {
-                "ceiling_gbps": max(r["ceiling_gbps"] for r in ceilings),
-                "ceiling_tflops": max(r["ceiling_tflops"] for r in ceilings),
-                "ceiling_matmul_dtype": ceilings[0]["ceiling_matmul_dtype"],
-            }
+        keys = ("ceiling_gbps", "ceiling_tflops", "ceiling_matmul_dtype")
+        suite_ceilings = [{k: r[k] for k in keys} for r in measured(rows) if r.get("ceiling_gbps")]
+        best = best_ceilings(*suite_ceilings) if suite_ceilings else None
+        if best:
             # a script run alone measures no ceilings: its rows get the ones the suite steps measured on that machine
             attach_roofline([r for r in measured(rows) if not r.get("ceiling_gbps")], best)
-        path = results / f"suite-{kind}-{stamp}.jsonl"
-        path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        (results / f"suite-{kind}-{stamp}.md").write_text(markdown_table(rows) + "\n" + notes(rows, best))
-        for op in dict.fromkeys(r["op"] for r in measured(rows)):
-            op_rows = [r for r in measured(rows) if r["op"] == op]
-            plot(op_rows, results / f"suite-{kind}-{op}.png", f"{op} on {op_rows[0]['device']}")
+        (results / f"suite-{kind}-{stamp}.jsonl").unlink(missing_ok=True)  # collecting again replaces, not appends
+        path, _ = write_outputs(rows, best, results, kind, stamp)
         revision = f"## revision\n{git} (the machine's own history, below, may be stale)\n\n" if git else ""
         (results / f"suite-{kind}-{stamp}-checks.txt").write_text(revision + checks_text(folder))
     return path

@@ -271,6 +271,21 @@ def _providers_for(module, requested: list[str] | None) -> list[str] | None:
     return [p for p in requested if p in getattr(module, "PROVIDERS", requested)]
 
 
+def write_outputs(rows: list[dict], ceilings: dict | None, out: Path, kind: str, stamp: str) -> tuple[Path, str]:
+    """A suite run's files in ``out``: the rows as ``suite-<kind>-<stamp>.jsonl`` (first: they are the result, the
+    rest only shows them), its markdown table beside it, and one ``suite-<kind>-<op>.png`` plot per op.
+    Returns (rows file, table text)."""
+    from bench import common
+
+    path = common.write_rows(rows, f"suite-{kind}-{stamp}", out)
+    for row_op in dict.fromkeys(r["op"] for r in measured(rows)):
+        op_rows = [r for r in measured(rows) if r["op"] == row_op]
+        plot(op_rows, out / f"suite-{kind}-{row_op}.png", f"{row_op} on {op_rows[0]['device']}")
+    table = markdown_table(rows) + "\n" + notes(rows, ceilings)
+    (out / f"suite-{kind}-{stamp}.md").write_text(table)
+    return path, table
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -349,13 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     # measured again at the end, the higher kept: other work on a shared machine only ever lowers a measurement
     ceilings = common.best_ceilings(first_ceilings, common.measure_ceilings(device))
     common.attach_roofline(measured(all_rows), ceilings)
-    # the rows first: they are the result, the plots only show them
-    path = common.write_rows(all_rows, f"suite-{device.type}-{stamp}", out)
-    for row_op in dict.fromkeys(r["op"] for r in measured(all_rows)):
-        op_rows = [r for r in measured(all_rows) if r["op"] == row_op]
-        plot(op_rows, out / f"suite-{device.type}-{row_op}.png", f"{row_op} on {op_rows[0]['device']}")
-    table = markdown_table(all_rows) + "\n" + notes(all_rows, ceilings)
-    (out / f"suite-{device.type}-{stamp}.md").write_text(table)
+    path, table = write_outputs(all_rows, ceilings, out, device.type, stamp)
     print(table)
     traces = f", traces in {out / 'traces'}" if args.profile else ""
     print(f"[bench] {len(measured(all_rows))} rows -> {path} (+ .md table, suite-{device.type}-<op>.png plots{traces})")

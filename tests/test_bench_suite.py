@@ -249,3 +249,5 @@ def test_gpu_collect_folds_every_step_and_sets_the_revision(tmp_path):
     checks = out.with_name(out.stem + "-checks.txt").read_text()
     assert checks.startswith("## revision\nabc1234") and "GPU name line" in checks and "1 passed" in checks
     assert out.with_suffix(".md").is_file() and (tmp_path / "results" / "suite-cpu-fused_linear_logprobs.png").is_file()
+    assert collect(archive, tmp_path / "results", "abc1234") == out  # collecting again replaces the rows
+    assert len(out.read_text().splitlines()) == len(written)
