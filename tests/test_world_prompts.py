@@ -27,6 +27,7 @@ from silmm_fast.world import (
     positive_questions,
     prompt_split,
     questions_for,
+    random_edit,
     random_scene,
     sample_prompt,
     scene_for_prompt,
@@ -172,6 +173,24 @@ def test_corrupt_scene_never_satisfies(split):
         assert not all(p.check(bad)), (p.text, good.describe(), bad.describe())
         partial += any(p.check(bad)) or len(p.constraints) == 1
     assert partial > 0.8 * len(_all(split))  # near misses: most keep some constraints met
+
+
+def test_random_edit_draws_from_the_one_edit_neighbourhood():
+    from silmm_fast.world.prompts import _edits
+
+    rng = random.Random(3)
+    kinds = set()
+    for _ in range(150):
+        scene = random_scene(rng)
+        edited = random_edit(scene, rng)
+        if edited is None:  # removing the only object
+            assert len(scene) == 1
+            continue
+        assert edited in _edits(scene)
+        kinds.add(len(edited) - len(scene))
+    assert kinds == {-1, 0, 1}  # removals, changes or moves, additions all drawn
+    with pytest.raises(TypeError, match="scene"):
+        random_edit("a red circle", rng)
 
 
 def test_corrupt_scene_with_a_repeated_object():

@@ -36,14 +36,10 @@ import torch
 from silmm_fast.models.vocab import JointVocab
 from silmm_fast.world import (
     CATEGORIES,
-    COLORS,
     HELDOUT_PAIRS,
-    MAX_OBJECTS,
     SHAPES,
-    TEXTURES,
     WORDS,
     ImageTokenizer,
-    Obj,
     Prompt,
     Question,
     Scene,
@@ -53,6 +49,7 @@ from silmm_fast.world import (
     negative_questions,
     positive_questions,
     questions_for,
+    random_edit,
     random_scene,
     sample_prompt,
     scene_for_prompt,
@@ -229,38 +226,10 @@ class SyntheticData:
         """A scene on which ``question`` is answered ``not yes``: mostly one random edit of ``scene``, else a random
         scene (None if ``tries`` draws find none)."""
         for _ in range(tries):
-            other = self._random_edit(scene) if self.rng.random() < 0.8 else random_scene(self.rng)
+            other = random_edit(scene, self.rng) if self.rng.random() < 0.8 else random_scene(self.rng)
             if other is not None and answer(question, other) != yes:
                 return other
         return None
-
-    def _random_edit(self, scene: Scene) -> Scene | None:
-        """One random edit of ``scene``: change an attribute of an object, move it to a free cell, remove it (None
-        when it is the only one) or add a random object."""
-        rng, objs = self.rng, list(scene.objects)
-        kind = rng.choice(("attribute", "move", "remove", "add")) if objs else "add"
-        free = scene.free_cells()
-        if kind == "add" and len(objs) >= MAX_OBJECTS or kind == "move" and not free:
-            kind = "attribute"
-        if kind == "add":
-            row, col = rng.choice(free)
-            return Scene([*objs, Obj(rng.choice(SHAPES), rng.choice(COLORS), rng.choice(TEXTURES), row, col)])
-        i = rng.randrange(len(objs))
-        o, rest = objs[i], objs[:i] + objs[i + 1 :]
-        if kind == "remove":
-            return Scene(rest) if rest else None
-        if kind == "move":
-            row, col = rng.choice(free)
-            return Scene([*rest, Obj(o.shape, o.color, o.texture, row, col)])
-        shape, color, texture = o.shape, o.color, o.texture
-        attr = rng.choice(("shape", "color", "texture"))
-        if attr == "shape":
-            shape = rng.choice([x for x in SHAPES if x != shape])
-        elif attr == "color":
-            color = rng.choice([x for x in COLORS if x != color])
-        else:
-            texture = rng.choice([x for x in TEXTURES if x != texture])
-        return Scene([*rest, Obj(shape, color, texture, o.row, o.col)])
 
     def vqa(self) -> Example:
         """Example: "<bos> <img> tokens </img> <q> question <a>" → yes / no."""

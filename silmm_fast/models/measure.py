@@ -155,8 +155,9 @@ def measure_base(
             owners.append(i)
     image_tokens = torch.tensor([tok.encode(s) for s in scenes])
     # each question is asked about the image in the same slot of the next prompt: never one of its own prompt's
-    k = len(scenes)
-    shift = torch.tensor([(j + 3) % k for j in range(k)]) if len(prompts) > 1 else torch.arange(k)
+    # (with a single prompt there is no other image, and vqa_shuffled repeats vqa)
+    k, per_prompt_images = len(scenes), len(scenes) // len(prompts)
+    shift = torch.tensor([(j + per_prompt_images) % k for j in range(k)])
     vqa = {}
     for name, images in (("vqa", image_tokens), ("vqa_shuffled", image_tokens[shift])):
         p_yes, p_no = model.answer(images, questions)

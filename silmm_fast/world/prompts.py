@@ -559,6 +559,38 @@ def _edits(scene: Scene) -> list[Scene]:
     return out
 
 
+def random_edit(scene: Scene, rng: random.Random | int) -> Scene | None:
+    """One random scene of the one-edit neighbourhood ``_edits`` lists, drawn without listing it: change an attribute
+    of an object, move it to a free cell, remove it (None when it is the only one) or add a random object."""
+    if not isinstance(scene, Scene):
+        raise TypeError(f"scene: expected a silmm_fast.world.Scene, got {type(scene).__name__}")
+    rng = check_rng("rng", rng)
+    objs = list(scene.objects)
+    kind = rng.choice(("attribute", "move", "remove", "add")) if objs else "add"
+    free = scene.free_cells()
+    if kind == "add" and len(objs) >= MAX_OBJECTS or kind == "move" and not free:
+        kind = "attribute"
+    if kind == "add":
+        row, col = rng.choice(free)
+        return Scene([*objs, Obj(rng.choice(SHAPES), rng.choice(COLORS), rng.choice(TEXTURES), row, col)])
+    i = rng.randrange(len(objs))
+    o, rest = objs[i], objs[:i] + objs[i + 1 :]
+    if kind == "remove":
+        return Scene(rest) if rest else None
+    if kind == "move":
+        row, col = rng.choice(free)
+        return Scene([*rest, Obj(o.shape, o.color, o.texture, row, col)])
+    shape, color, texture = o.shape, o.color, o.texture
+    attr = rng.choice(("shape", "color", "texture"))
+    if attr == "shape":
+        shape = rng.choice([x for x in SHAPES if x != shape])
+    elif attr == "color":
+        color = rng.choice([x for x in COLORS if x != color])
+    else:
+        texture = rng.choice([x for x in TEXTURES if x != texture])
+    return Scene([*rest, Obj(shape, color, texture, o.row, o.col)])
+
+
 def _swap(a: Obj, b: Obj, attr: str) -> tuple[Obj, Obj]:
     return replace(a, **{attr: getattr(b, attr)}), replace(b, **{attr: getattr(a, attr)})
 
