@@ -310,6 +310,13 @@ def test_empty_batch(device, backend):
     with use_backend(backend):
         out = fused_linear_logprobs(hidden, weight, labels, bias=bias)
     assert out.shape == (0,)
+    for head_grad in (True, False):  # both backward paths: recompute (trainable head) and rescale (frozen head)
+        h, w, b = leaves(hidden, weight, bias, head_grad=head_grad)
+        with use_backend(backend):
+            fused_linear_logprobs(h, w, labels, bias=b).sum().backward()
+        assert h.grad.shape == hidden.shape
+        if head_grad:
+            assert torch.equal(w.grad, torch.zeros_like(weight)) and torch.equal(b.grad, torch.zeros_like(bias))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
