@@ -87,6 +87,11 @@ step tests 180 "$PY" -m pytest -q -rfEs "${PYTEST_OPTS[@]}" $TESTS
 # then the whole logprobs sweep), KC-DPO at DreamLLM shapes, the sampler
 step dpo_janus 90 "$PY" bench/bench_logprobs.py --device "$DEVICE" --shapes janus --ops fused_linear_dpo \
     --providers naive silmm --out "$RES/dpo_janus"
+# which tiles / warps / stages run the fused head fastest (rows in tune_head/; GPU_TILES is then set by hand)
+TUNE_OPTS=(--budget 220)
+[[ $DEVICE == cpu ]] && TUNE_OPTS=(--quick)
+step tune_head 300 env TRITON_INTERPRET=$([[ $DEVICE == cpu ]] && echo 1 || echo 0) "$PY" bench/tune_fused_head.py \
+    --device "$DEVICE" "${TUNE_OPTS[@]}" --out "$RES/tune_head/tune_fused_head.jsonl"
 bench kernel_similarity 70 --ops kernel_similarity --providers reference silmm
 # the suite writes its rows when a run ends: our op and its baseline first, the other providers in their own step
 bench logprobs_janus 150 --ops logprobs --shapes janus --providers naive silmm
