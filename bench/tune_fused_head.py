@@ -10,8 +10,8 @@ Each launch is called once first (this compiles it; a configuration that fails t
 shared memory, becomes a row with an ``error`` field and the sweep goes on) and its result checked against a torch
 reference from materialized fp32 logits: the log-probs for ``stats``, the dz slab for ``grad``. A configuration off
 by more than the dtype's tolerance is marked ``ok: false`` and cannot be the best. Then, after a few untimed calls,
-``--repeats`` launches are queued between CUDA events (wall time on CPU) and the median kept. A cuBLAS ``torch.mm`` of [N, H] × [H, V] in the
-same dtype is timed once, so the TFLOP/s of every row can be read against it.
+``--repeats`` launches are queued between CUDA events (wall time on CPU) and the median kept. A cuBLAS ``torch.mm``
+of [N, H] × [H, V] in the same dtype is timed once, so the TFLOP/s of every row can be read against it.
 
 Candidates (half precision; the current default first, so it is always measured): BLOCK_N, BLOCK_V in {64, 128, 256},
 BLOCK_H in {32, 64, 128}, 4 or 8 warps, 2-5 stages, kept when
@@ -50,8 +50,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS_DIR, environment, significant  # noqa: E402
 from silmm_fast.kernels import fused_linear_logprobs as flp  # noqa: E402
+
+from bench.common import RESULTS_DIR, environment, significant  # noqa: E402
 
 IGNORE = -100
 JANUS_SHAPE = (16 * 576, 2048, 16384)  # N, H, V: Janus-Pro-1B's image head over a batch of 16 images
@@ -370,8 +371,14 @@ def sweep(problem: Problem, configs: list[Config], repeats: int, budget: float, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--shape", nargs=3, type=int, metavar=("N", "H", "V"), default=None,
-                        help=f"tokens, hidden size, vocabulary (default {JANUS_SHAPE}; {QUICK_SHAPE} with --quick)")
+    parser.add_argument(
+        "--shape",
+        nargs=3,
+        type=int,
+        metavar=("N", "H", "V"),
+        default=None,
+        help=f"tokens, hidden size, vocabulary (default {JANUS_SHAPE}; {QUICK_SHAPE} with --quick)",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--budget", type=float, default=240.0, help="seconds after which no new config is started")
     parser.add_argument("--repeats", type=int, default=None, help="timed launches per row (default 30; 2 on CPU)")
@@ -407,11 +414,11 @@ def main(argv: list[str] | None = None) -> None:
     for epilogue in EPILOGUES:
         print_table(rows, epilogue, mm)
     print()
+    rate = lambda top: f", {top['tflops']} TFLOP/s" if "tflops" in top else ""
     for epilogue in (*EPILOGUES, "total"):
         top = summary[f"best_{epilogue}"]
         print(f"best {epilogue}: " + ("none correct" if top is None else
-              f"{top['label']} ({top['time_ms']:.3f} ms{', ' + str(top['tflops']) + ' TFLOP/s' if 'tflops' in top else ''}) "
-              f"{top['config']}"))  # fmt: skip
+              f"{top['label']} ({top['time_ms']:.3f} ms{rate(top)}) {top['config']}"))  # fmt: skip
     print(f"wrote {len(rows) + 1} rows to {out}")
 
 
