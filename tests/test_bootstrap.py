@@ -155,6 +155,17 @@ def test_vqa_pairs_ask_each_question_of_a_yes_and_a_no_scene():
     assert first[0][1] != first[1][1] or first[1][1] != first[2][1]
 
 
+def test_vqa_question_is_vqa_item_with_the_question_object():
+    v = JointVocab(WORDS, CATEGORIES, 91)
+    for pairs in (False, True):
+        texts, objects = SyntheticData(v, seed=9, vqa_pairs=pairs), SyntheticData(v, seed=9, vqa_pairs=pairs)
+        for _ in range(40):
+            scene, text, yes = texts.vqa_item()
+            same_scene, question, same_yes = objects.vqa_question()
+            assert (scene, text, yes) == (same_scene, question.text, same_yes)
+            assert question.answer(scene) == yes
+
+
 def test_synthetic_data_bad_input():
     v = JointVocab(WORDS, CATEGORIES, 91)
     with pytest.raises(ValueError, match="gen_noise"):

@@ -124,7 +124,7 @@ class SyntheticData:
         if not isinstance(vqa_pairs, bool):
             raise TypeError(f"vqa_pairs: expected a bool, got {vqa_pairs!r}")
         self.vqa_pairs = vqa_pairs
-        self._paired_item: tuple[Scene, str, bool] | None = None
+        self._paired_item: tuple[Scene, Question, bool] | None = None
         self.rng = random.Random(seed)
         self.tokenizer = ImageTokenizer()
 
@@ -188,19 +188,24 @@ class SyntheticData:
         return Example((*head, *self._image(scene)), len(head))
 
     def vqa_item(self) -> tuple[Scene, str, bool]:
-        """(scene, question, answer), yes and no equally likely. With ``vqa_pairs`` every other item asks the
+        """(scene, question text, answer), yes and no equally likely. With ``vqa_pairs`` every other item asks the
         previous item's question of a scene on which its answer flips."""
+        scene, question, yes = self.vqa_question()
+        return scene, question.text, yes
+
+    def vqa_question(self) -> tuple[Scene, Question, bool]:
+        """``vqa_item`` with the ``Question`` itself (its constraint names the objects the question is about)."""
         if self._paired_item is not None:
             item, self._paired_item = self._paired_item, None
             return item
         while True:
             scene, question, yes = self._vqa_question()
             if not self.vqa_pairs:
-                return scene, question.text, yes
+                return scene, question, yes
             other = self._flipped_scene(scene, question, yes)
             if other is not None:
-                self._paired_item = (other, question.text, not yes)
-                return scene, question.text, yes
+                self._paired_item = (other, question, not yes)
+                return scene, question, yes
 
     def _vqa_question(self) -> tuple[Scene, Question, bool]:
         rng = self.rng
