@@ -10,8 +10,8 @@ the same final state as an uninterrupted run.
 Tolerances (two processes vs one): prompts, questions, candidates, scores, pairs and held-out results are identical
 (the work units are the same at any world size); training differs only by float rounding in the gradient sums, so
 losses, reward margins and weights must agree within 1e-5 absolute (measured: at most 5e-7 on the weights, which one
-AdamW step at lr 2e-4 moves by up to 2e-4). Reward accuracy is not compared: at the first step the policy is the
-reference, the margins are rounding noise and their sign is arbitrary.
+AdamW step at the default lr 1e-4 moves by up to 1e-4). Reward accuracy is not compared: at the first step the policy
+is the reference, the margins are rounding noise and their sign is arbitrary.
 """
 
 import os
