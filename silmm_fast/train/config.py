@@ -112,8 +112,12 @@ EXECUTION_SECTIONS = ("dist",)
 
 
 FEEDBACKS = ("self", "random", "oracle")
-DEFAULT_LR = {"discrete": 1e-4, "continuous": 2e-5}
-DEFAULT_PROMPTS_PER_CATEGORY = {"discrete": 96, "continuous": 24}
+# Fields whose default depends on the mode: None in their dataclass ("none" on the command line), resolved by
+# TrainConfig.validate to this table's value for the run's mode.
+MODE_DEFAULTS = {
+    ("optim", "lr"): {"discrete": 1e-4, "continuous": 2e-5},
+    ("sample", "prompts_per_category"): {"discrete": 96, "continuous": 24},
+}
 
 
 @dataclass
@@ -141,10 +145,9 @@ class TrainConfig:
 
         if self.mode not in ("discrete", "continuous"):
             bad("mode", "'discrete' or 'continuous'", self.mode)
-        if self.optim.lr is None:
-            self.optim.lr = DEFAULT_LR[self.mode]
-        if self.sample.prompts_per_category is None:
-            self.sample.prompts_per_category = DEFAULT_PROMPTS_PER_CATEGORY[self.mode]
+        for (section, name), per_mode in MODE_DEFAULTS.items():
+            if getattr(getattr(self, section), name) is None:
+                setattr(getattr(self, section), name, per_mode[self.mode])
         if isinstance(self.optim.lr, bool) or not isinstance(self.optim.lr, (int, float)) or not self.optim.lr > 0:
             bad("optim.lr", "a number > 0 (or none for the mode's default)", self.optim.lr)
         if self.feedback not in FEEDBACKS:
