@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from silmm_fast.kernels import fused_linear_logprobs as flp  # noqa: E402
 
 from bench.common import RESULTS_DIR, environment, significant  # noqa: E402
+from silmm_fast.reference.logprobs import gather_logprobs as reference_gather_logprobs  # noqa: E402
 
 IGNORE = -100
 JANUS_SHAPE = (16 * 576, 2048, 16384)  # N, H, V: Janus-Pro-1B's image head over a batch of 16 images
@@ -142,7 +143,7 @@ def slab_rows(n: int, vocab: int) -> int:
 
 
 def make_problem(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Problem:
-    """Random inputs as in bench_logprobs (unit-variance logits) and the reference from materialized logits."""
+    """Random inputs as in bench_logprobs (unit-variance logits) and what the reference gives for them."""
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, hidden_size, generator=gen, device=device).to(dtype)
     weight = (torch.randn(vocab, hidden_size, generator=gen, device=device) / hidden_size**0.5).to(dtype)
@@ -152,17 +153,16 @@ def make_problem(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, devic
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rows = slab_rows(n, vocab)
     torch.backends.cuda.matmul.allow_tf32 = False  # an IEEE fp32 reference
-    logits = hidden.to(acc) @ weight.to(acc).t()
-    valid = labels != IGNORE
-    row_max = logits.amax(1)
-    row_logsum = torch.log(torch.exp(logits - row_max[:, None]).sum(1))
-    target = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
-    logp = torch.where(valid, (target - row_max) - row_logsum, 0.0)
-    p = torch.exp((logits[:rows] - row_max[:rows, None]) - row_logsum[:rows, None])
-    onehot = torch.zeros_like(p).scatter_(1, labels[:rows].clamp(min=0)[:, None], 1.0)
-    dz = torch.where(valid[:rows], grad[:rows].to(acc), 0.0)[:, None] * (onehot - p)
-    del logits, p, onehot
-    return Problem(hidden, weight, labels, grad.to(acc), rows, logp, row_max, row_logsum, dz)
+    # the project's reference log-probs over materialized logits; dz = d(Σ g·logp)/dz by autograd through it
+    logits = (hidden.to(acc) @ weight.to(acc).t()).requires_grad_()
+    logp = reference_gather_logprobs(logits, labels, ignore_index=IGNORE)
+    (logp * grad.to(acc)).sum().backward()
+    with torch.no_grad():
+        row_max = logits.amax(1)
+        row_logsum = torch.log(torch.exp(logits - row_max[:, None]).sum(1))  # the kernel's m and r inputs
+    dz = logits.grad[:rows].clone()
+    del logits
+    return Problem(hidden, weight, labels, grad.to(acc), rows, logp.detach(), row_max, row_logsum, dz)
 
 
 # --- launching and timing ---------------------------------------------------------------------------------------------
