@@ -141,7 +141,20 @@ def cache_path(config: BootstrapConfig, cache_dir: str | os.PathLike | None = No
     return root / f"shapes_lmm-{config.variant}-{config.cache_key()}"
 
 
-def _lr_at(step: int, config: BootstrapConfig) -> float:
+def optimizer(model: ShapesLMM, config: BootstrapConfig) -> torch.optim.AdamW:
+    """The bootstrap's AdamW over ``model``: weight decay on matrices other than embeddings, none elsewhere."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+
+
+def lr_at(step: int, config: BootstrapConfig) -> float:
+    """The bootstrap's learning rate at ``step``: linear warmup over ``config.warmup`` steps, then a cosine from
+    ``config.lr`` down to a tenth of it at ``config.steps``."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
@@ -187,20 +200,14 @@ def train(
             from silmm_fast.world import FeatureCodec
 
             codec = FeatureCodec(model.config.feature_dim)
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr,
-            betas=(0.9, 0.98),
-        )
+        opt = optimizer(model, config)
         history: dict[str, list[float]] = {}
         pad = model.vocab.pad
         start = time.perf_counter()
         bar = tqdm(range(config.steps), desc=f"bootstrap {config.variant}", disable=not progress, leave=False)
         for step in bar:
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, config)
+                group["lr"] = lr_at(step, config)
             losses = {
                 "write": _token_loss(model, data.batch("write", config.write_batch), pad),
                 "decompose": _token_loss(model, data.batch("decompose", config.decompose_batch), pad),
