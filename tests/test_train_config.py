@@ -14,15 +14,14 @@ def test_defaults_are_valid_and_documented():
 
 def test_learning_rate_defaults_per_mode_and_explicit_value_wins():
     assert config.load().optim.lr == pytest.approx(1e-4)
-    assert config.load(overrides={"mode": "continuous"}).optim.lr == pytest.approx(2e-5)
+    assert config.load(overrides={"mode": "continuous"}).optim.lr == pytest.approx(5e-5)
     assert config.parse_args(["--mode", "continuous", "--optim.lr", "3e-4"]).optim.lr == pytest.approx(3e-4)
 
 
-def test_prompts_per_category_defaults_per_mode_and_explicit_value_wins():
+def test_prompts_per_category_default_and_explicit_value_wins():
     assert config.load().sample.prompts_per_category == 96
-    assert config.load(overrides={"mode": "continuous"}).sample.prompts_per_category == 24
+    assert config.load(overrides={"mode": "continuous"}).sample.prompts_per_category == 96
     assert config.parse_args(["--sample.prompts_per_category", "5"]).sample.prompts_per_category == 5
-    assert config.parse_args(["--sample.prompts_per_category", "none"]).sample.prompts_per_category == 96
 
 
 def test_base_model_with_vqa_pairs_keys_its_own_cache():
