@@ -83,6 +83,9 @@ def test_one_iteration_writes_the_run_directory(tmp_path, model_cache, straight_
     assert set(heldout["by_category"]) == {"color", "shape", "texture", "spatial", "numeracy", "complex"}
     for key in ("candidates_per_s", "questions_per_s", "pairs_per_s"):
         assert summary["iterations"][1]["throughput"][key] >= 0
+    audit = summary["iterations"][1]["pair_audit"]
+    audited = sum(a["pairs"] for a in audit["by_category"].values()) + audit["unparsed"]
+    assert audited == summary["iterations"][1]["pairs"] == len(store.read_jsonl(d / "iter1" / "pairs.jsonl"))
     for name in ("config.json", "config.yaml", "summary.json", "report.md", "alignment.png", "state.json"):
         assert (d / name).is_file(), name
     for name in (
@@ -182,6 +185,8 @@ def test_oracle_feedback_scores_candidates_by_ground_truth(tmp_path, model_cache
             assert score == pytest.approx(2 * sum(met) / len(met) - 1, abs=1e-6)
             checked += 1
     assert checked > 0
+    audit = summary["iterations"][1]["pair_audit"]["overall"]  # the ground truth never prefers a worse image
+    assert audit["pairs"] > 0 and audit["chosen_worse"] == 0
 
 
 def test_random_feedback_control_and_config_mismatch(tmp_path, model_cache):

@@ -8,6 +8,7 @@ from silmm_fast.world import (
     ImageTokenizer,
     Obj,
     Scene,
+    audit_pairs,
     check,
     evaluate,
     evaluate_features,
@@ -240,3 +241,38 @@ def test_evaluate_bad_input():
         check(p, "scene")
     with pytest.raises(TypeError, match="tokenizer"):
         evaluate_tokens([p], [[0] * 9], tokenizer=FeatureCodec())
+
+
+def test_audit_pairs_counts_better_worse_and_objects():
+    color = parse_prompt("a red circle and a blue square")
+    numeracy = parse_prompt("two stars")
+    right = Scene([O("circle", "red", "plain", 0, 0), O("square", "blue", "dotted", 1, 1)])
+    swapped = Scene([O("circle", "blue", "plain", 0, 0), O("square", "red", "dotted", 1, 1)])
+    cluttered = Scene([*right.objects, O("star", "green", "plain", 2, 2)])
+    two = Scene([O("star", "red", "plain", 0, 0), O("star", "red", "plain", 0, 1)])
+    three = Scene([*two.objects, O("star", "red", "plain", 0, 2)])
+    audit = audit_pairs(
+        [color, color, color, numeracy, numeracy, None],
+        [right, swapped, cluttered, three, None, right],  # better, worse, tie (both meet all), worse, worse
+        [swapped, right, right, two, two, swapped],
+    )
+    assert audit["unparsed"] == 1
+    assert audit["by_category"]["color"] == {
+        "pairs": 3, "chosen_better": 1, "chosen_worse": 1, "objects_chosen": pytest.approx(7 / 3, abs=1e-4),
+        "objects_rejected": 2.0,
+    }  # fmt: skip
+    assert audit["by_category"]["numeracy"] == {
+        "pairs": 2, "chosen_better": 0, "chosen_worse": 2, "objects_chosen": 1.5, "objects_rejected": 2.0,
+    }  # fmt: skip
+    assert audit["overall"]["pairs"] == 5 and audit["overall"]["chosen_worse"] == 3
+    assert set(audit["by_category"]) == {"color", "numeracy"}
+
+
+def test_audit_pairs_bad_input():
+    p = parse_prompt("a red circle and a blue square")
+    scene = Scene([O("circle", "red", "plain", 0, 0)])
+    with pytest.raises(ValueError, match="one entry per pair"):
+        audit_pairs([p], [scene], [])
+    with pytest.raises(TypeError, match=r"prompts\[0\]"):
+        audit_pairs(["a red circle and a blue square"], [scene], [scene])
+    assert audit_pairs([None], [scene], [scene]) == {"by_category": {}, "unparsed": 1}

@@ -46,7 +46,15 @@ from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
 from silmm_fast.train import distributed, report, store
 from silmm_fast.train.config import TrainConfig
 from silmm_fast.train.pairs import aggregate_scores, make_pairs
-from silmm_fast.world import CATEGORIES, FeatureCodec, ImageTokenizer, parse_prompt, prompt_split, render_grid
+from silmm_fast.world import (
+    CATEGORIES,
+    FeatureCodec,
+    ImageTokenizer,
+    audit_pairs,
+    parse_prompt,
+    prompt_split,
+    render_grid,
+)
 from silmm_fast.world.evaluate import evaluate_features, evaluate_tokens
 
 PHASES = ("prompts", "questions", "generate", "judge", "pairs", "train", "eval")
@@ -666,7 +674,7 @@ class Run:
             cands if self.cfg.mode == "discrete" else cands // self.cfg.sample.candidates * self.cfg.sample.oversample
         )
         last_epoch = [m["loss"] for m in metrics if m["epoch"] == metrics[-1]["epoch"]] if metrics else []
-        return {
+        extra = {
             "throughput": {
                 "candidates_per_s": round(gen_count / max(t.get("generate", 0), 1e-9), 2),
                 "questions_per_s": round(judged["questions_judged"] / max(t.get("judge", 0), 1e-9), 2),
@@ -675,6 +683,26 @@ class Run:
             "pairs": n_pairs,
             "train_loss": round(sum(last_epoch) / len(last_epoch), 6) if last_epoch else None,
         }
+        if not self.janus:
+            extra["pair_audit"] = self.pair_audit(it)
+        return extra
+
+    def pair_audit(self, it: int) -> dict:
+        """The iteration's pairs scored by the world's ground truth (``audit_pairs``): how often the judge's chosen
+        image is really the better one. A diagnostic for people reading the run; training never sees it."""
+        d = self.iter_dir(it)
+        rows = store.read_jsonl(d / "prompts.jsonl")
+        tokens = store.read_tensors(d / "candidates.pt")["tokens"]
+        prompts, chosen, rejected = [], [], []
+        for pair in store.read_jsonl(d / "pairs.jsonl"):
+            row = rows[pair["prompt_id"]]
+            try:
+                prompts.append(parse_prompt(row["prompt"], row["category"]))
+            except ValueError:
+                prompts.append(None)
+            for side, out in (("chosen", chosen), ("rejected", rejected)):
+                out.append(self.tokenizer.decode(tokens[pair["prompt_id"], pair[side]].tolist(), strict=False))
+        return audit_pairs(prompts, chosen, rejected)
 
     def line(self, it: int) -> str:
         e = next(x for x in self.iterations if x["iteration"] == it)
@@ -689,10 +717,16 @@ class Run:
             t = e["throughput"]
             parts += [
                 f"vs base {'n/a' if gain is None else f'{gain * 100:+.1f}%'}",
-                f"pairs {e['pairs']}",
+                f"pairs {e['pairs']}" + self.audit_note(e),
                 f"{t['candidates_per_s']:.0f} cand/s, {t['questions_per_s']:.0f} q/s, {t['pairs_per_s']:.0f} pairs/s",
             ]
         return " | ".join(parts) + f" | {sum(e['wall_s'].values()):.1f}s"
+
+    @staticmethod
+    def audit_note(entry: dict) -> str:
+        """The pair audit's overall counts as ' (ground truth: B better, W worse)', or '' without an audit."""
+        audit = (entry.get("pair_audit") or {}).get("overall")
+        return f" (ground truth: {audit['chosen_better']} better, {audit['chosen_worse']} worse)" if audit else ""
 
     def summarize(self, it: int) -> None:
         """(Re)write the summary entry of a completed iteration from its files, and print its line (rank 0)."""

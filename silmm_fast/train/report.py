@@ -9,8 +9,17 @@ summary.json schema (version 1):
                      "by_category": {category: {same keys}}, "single_object": {...}, "multi_object": {...}},
          "throughput": {"candidates_per_s": float, "questions_per_s": float, "pairs_per_s": float},  # absent for 0
          "wall_s": {phase: seconds},
-         "pairs": int, "train_loss": float | null}],
+         "pairs": int, "train_loss": float | null,
+         "pair_audit": {"overall": audit, "by_category": {category: audit}, "unparsed": int}}],  # built-in world
      "relative_gain": {"all_constraints": float | null, "constraint_fraction": float | null}}  # last vs base
+
+    audit = {"pairs": int, "chosen_better": int, "chosen_worse": int, "objects_chosen": float,
+             "objects_rejected": float}
+``pair_audit`` (added within schema 1; absent for models outside the built-in world) is the iteration's pairs
+scored by the ground truth (``silmm_fast.world.audit_pairs``): how often the judge's chosen image meets more of
+its prompt's constraints than the rejected one (``chosen_better``) or fewer (``chosen_worse``), and their mean
+object counts. A diagnostic of the judge that training never sees; ``overall`` is absent when no pair's prompt
+parses (``unparsed`` counts those pairs).
 """
 
 from __future__ import annotations
@@ -100,14 +109,17 @@ def write_report(summary: dict, run_dir: Path) -> Path:
         "",
         "![alignment](alignment.png)",
         "",
-        "| iteration | pairs | train loss | candidates/s | questions/s | pairs/s | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| iteration | pairs | chosen better / worse (ground truth) | train loss | candidates/s | questions/s "
+        "| pairs/s | wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for it in its[1:]:
         t = it.get("throughput", {})
         loss = it.get("train_loss")
+        audit = (it.get("pair_audit") or {}).get("overall")
+        truth = f"{audit['chosen_better']} / {audit['chosen_worse']}" if audit else "-"
         lines.append(
-            f"| {it['iteration']} | {it.get('pairs', 0)} | {'-' if loss is None else f'{loss:.4f}'} | "
+            f"| {it['iteration']} | {it.get('pairs', 0)} | {truth} | {'-' if loss is None else f'{loss:.4f}'} | "
             f"{t.get('candidates_per_s', 0):.1f} | {t.get('questions_per_s', 0):.1f} | {t.get('pairs_per_s', 0):.1f} | "
             f"{sum(it.get('wall_s', {}).values()):.1f} |"
         )

@@ -5,7 +5,7 @@ ground-truth evaluator.
 Reached as ``silmm_fast.world``; it needs no model and no download.
 """
 
-from silmm_fast.world.evaluate import check, evaluate, evaluate_features, evaluate_tokens
+from silmm_fast.world.evaluate import audit_pairs, check, evaluate, evaluate_features, evaluate_tokens
 from silmm_fast.world.prompts import (
     CATEGORIES,
     HELDOUT_PAIRS,
@@ -64,6 +64,7 @@ __all__ = [
     "check",
     "corrupt_scene",
     "evaluate",
+    "audit_pairs",
     "evaluate_features",
     "evaluate_tokens",
     "negative_questions",

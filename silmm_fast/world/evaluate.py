@@ -12,6 +12,9 @@ asking for one object / several objects (``"single_object"`` / ``"multi_object"`
 - ``n_prompts``, ``n_constraints``, ``n_constraints_met``.
 
 A group with no prompts is left out (so ``by_category`` holds only the categories present).
+
+``audit_pairs`` scores preference pairs the same way, as a diagnostic of a judge: how often its chosen image meets
+more of the prompt's constraints than its rejected one, and how many objects each carries.
 """
 
 from __future__ import annotations
@@ -129,3 +132,50 @@ def evaluate_features(prompts: Sequence[Prompt], features: torch.Tensor, codec: 
         except ValueError:
             scenes.append(None)
     return evaluate(prompts, scenes)
+
+
+def _audit_stats(rows: list[tuple[float, float, int, int]]) -> dict[str, float | int]:
+    return {
+        "pairs": len(rows),
+        "chosen_better": sum(c > r for c, r, _, _ in rows),
+        "chosen_worse": sum(c < r for c, r, _, _ in rows),
+        "objects_chosen": round(sum(n for _, _, n, _ in rows) / len(rows), 4),
+        "objects_rejected": round(sum(n for _, _, _, n in rows) / len(rows), 4),
+    }
+
+
+def audit_pairs(
+    prompts: Sequence[Prompt | None], chosen: Sequence[Scene | None], rejected: Sequence[Scene | None]
+) -> dict:
+    """Ground-truth audit of preference pairs: pair i prefers ``chosen[i]`` to ``rejected[i]`` for ``prompts[i]``.
+
+    A pair is *better* when its chosen scene meets a larger fraction of the prompt's constraints than its rejected
+    one, *worse* when smaller (a tie is neither). A prompt given as None (text outside the world's grammar) leaves
+    its pair out of the counts; an undecodable scene (None) meets no constraint and has no objects.
+
+    Returns ``{"overall": stats, "by_category": {category: stats}, "unparsed": int}``, stats = ``{"pairs",
+    "chosen_better", "chosen_worse", "objects_chosen", "objects_rejected"}`` (the last two: mean object count);
+    ``overall`` and categories without pairs are left out.
+    """
+    for name, value in (("prompts", prompts), ("chosen", chosen), ("rejected", rejected)):
+        _check_seq(name, value)
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ValueError(
+            f"prompts, chosen, rejected: expected one entry per pair each, got {len(prompts)}, {len(chosen)}, "
+            f"{len(rejected)}"
+        )
+    rows: dict[str, list[tuple[float, float, int, int]]] = {}
+    unparsed = 0
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        if p is None:
+            unparsed += 1
+            continue
+        _check_prompt(f"prompts[{i}]", p)
+        met = [sum(check(p, s)) / len(p.constraints) for s in (c, r)]
+        sizes = [0 if s is None else len(s.objects) for s in (c, r)]
+        rows.setdefault(p.category, []).append((met[0], met[1], sizes[0], sizes[1]))
+    out: dict = {"by_category": {cat: _audit_stats(rows[cat]) for cat in CATEGORIES if cat in rows}}
+    if rows:
+        out["overall"] = _audit_stats([row for cat in rows for row in rows[cat]])
+    out["unparsed"] = unparsed
+    return out
