@@ -47,6 +47,20 @@ def test_word_tied_image_embedding_adds_the_attribute_words(probe):
     assert torch.equal(out[2], table[v.image_offset])  # the empty cell gets nothing added
 
 
+def test_cell_embedding_adds_each_image_token_its_cell(probe):
+    p = probe.Probe(probe.parse_args(["--cell-embedding", "--eval-items", "1"]))
+    v = p.v
+    embed = p.model.lm.model.embed_tokens
+    empty = v.image_offset  # the same image token in cells 0, 1 and 2, after two text tokens
+    ids = torch.tensor([[v.bos, v.img, empty, empty, empty, v.img_close]])
+    out = embed(ids)[0]
+    table, cells = embed.base.weight, embed.cells.weight
+    assert torch.equal(out[0], table[v.bos]) and torch.equal(out[5], table[v.img_close])
+    for cell in range(3):
+        torch.testing.assert_close(out[2 + cell], table[empty] + cells[cell])
+    assert not torch.equal(out[2], out[3])
+
+
 def test_probe_bad_switches(probe, capsys):
     with pytest.raises(SystemExit):
         probe.parse_args(["--cell-targets"])
