@@ -714,19 +714,13 @@ class Run:
             f"constraint fraction {h['constraint_fraction']:.3f}",
         ]
         if it > 0:
-            t = e["throughput"]
+            t, truth = e["throughput"], report.audited(e)
             parts += [
                 f"vs base {'n/a' if gain is None else f'{gain * 100:+.1f}%'}",
-                f"pairs {e['pairs']}" + self.audit_note(e),
+                f"pairs {e['pairs']}" + (" (ground truth: {} better, {} worse)".format(*truth) if truth else ""),
                 f"{t['candidates_per_s']:.0f} cand/s, {t['questions_per_s']:.0f} q/s, {t['pairs_per_s']:.0f} pairs/s",
             ]
         return " | ".join(parts) + f" | {sum(e['wall_s'].values()):.1f}s"
-
-    @staticmethod
-    def audit_note(entry: dict) -> str:
-        """The pair audit's overall counts as ' (ground truth: B better, W worse)', or '' without an audit."""
-        audit = (entry.get("pair_audit") or {}).get("overall")
-        return f" (ground truth: {audit['chosen_better']} better, {audit['chosen_worse']} worse)" if audit else ""
 
     def summarize(self, it: int) -> None:
         """(Re)write the summary entry of a completed iteration from its files, and print its line (rank 0)."""

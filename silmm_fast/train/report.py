@@ -35,6 +35,12 @@ def relative_gain(first: float, last: float) -> float | None:
     return None if first <= 0 else (last - first) / first
 
 
+def audited(entry: dict) -> tuple[int, int] | None:
+    """(chosen better, chosen worse) of an iteration entry's pair audit overall, or None without one."""
+    audit = (entry.get("pair_audit") or {}).get("overall")
+    return (audit["chosen_better"], audit["chosen_worse"]) if audit else None
+
+
 def build_summary(meta: dict, iterations: list[dict]) -> dict:
     gains = {"all_constraints": None, "constraint_fraction": None}
     if len(iterations) >= 2:
@@ -116,8 +122,8 @@ def write_report(summary: dict, run_dir: Path) -> Path:
     for it in its[1:]:
         t = it.get("throughput", {})
         loss = it.get("train_loss")
-        audit = (it.get("pair_audit") or {}).get("overall")
-        truth = f"{audit['chosen_better']} / {audit['chosen_worse']}" if audit else "-"
+        counts = audited(it)
+        truth = "{} / {}".format(*counts) if counts else "-"
         lines.append(
             f"| {it['iteration']} | {it.get('pairs', 0)} | {truth} | {'-' if loss is None else f'{loss:.4f}'} | "
             f"{t.get('candidates_per_s', 0):.1f} | {t.get('questions_per_s', 0):.1f} | {t.get('pairs_per_s', 0):.1f} | "
