@@ -22,6 +22,8 @@ def test_prompts_per_category_default_and_explicit_value_wins():
     assert config.load().sample.prompts_per_category == 96
     assert config.load(overrides={"mode": "continuous"}).sample.prompts_per_category == 96
     assert config.parse_args(["--sample.prompts_per_category", "5"]).sample.prompts_per_category == 5
+    with pytest.raises(ValueError, match="sample.prompts_per_category: expected int"):
+        config.parse_args(["--sample.prompts_per_category", "none"])  # no longer mode-dependent: none is refused
 
 
 def test_base_model_with_vqa_pairs_keys_its_own_cache():
