@@ -55,52 +55,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from silmm_fast.models.bootstrap import BootstrapConfig, lr_at, optimizer
-from silmm_fast.models.data import IGNORE, SyntheticData
+from silmm_fast.models.data import IGNORE, SyntheticData, count_targets
+from silmm_fast.models.image_embedding import ImageEmbedding
 from silmm_fast.models.shapes_lmm import ShapesLMM
 from silmm_fast.world import ImageTokenizer, Question, Scene, tokenize_text
 from silmm_fast.world.prompts import KINDS
 from silmm_fast.world.scene import GRID
-
-
-class ImageEmbedding(nn.Module):
-    """The model's token embedding, plus at image tokens: with ``words``, the sum of the embeddings of the words
-    naming the token's shape, color and texture (nothing for the empty-cell token); with ``cells``, a learned vector
-    of the token's grid cell (its index among the image tokens of its row; every probe sequence holds one image).
-
-    A Llama decoder has no absolute positions in its residual stream (RoPE only tilts attention scores), so without
-    ``cells`` an image token does not know which cell it is in."""
-
-    def __init__(self, base: nn.Embedding, model: ShapesLMM, words: bool, cells: bool) -> None:
-        super().__init__()
-        self.base = base
-        v, tokenizer = model.vocab, ImageTokenizer()
-        self.image_offset, self.num_image_tokens = v.image_offset, tokenizer.num_tokens
-        table = None
-        if words:
-            table = torch.full((tokenizer.num_tokens, 3), v.pad, dtype=torch.long)
-            for k in range(tokenizer.num_tokens):
-                attributes = tokenizer.attributes_of(k)
-                if attributes is not None:
-                    table[k] = torch.tensor([v.token_id(w) for w in attributes])
-        self.register_buffer("words", table)  # None: no words added
-        self.cells = nn.Embedding(tokenizer.seq_len, base.embedding_dim) if cells else None
-        if self.cells is not None:
-            nn.init.normal_(self.cells.weight, std=model.lm.config.initializer_range)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        emb = self.base(ids)
-        is_image = ids >= self.image_offset
-        added = torch.zeros_like(emb)
-        if self.words is not None:
-            local = (ids - self.image_offset).clamp(0, self.num_image_tokens - 1)
-            added = added + self.base(self.words[local]).sum(-2)  # <pad> (the empty cell's words) embeds to zero
-        if self.cells is not None:
-            cell = (is_image.long().cumsum(-1) - 1).clamp(0, self.cells.num_embeddings - 1)
-            added = added + self.cells(cell)
-        return torch.where(is_image[..., None], emb + added, emb)
 
 
 class Probe:
@@ -112,12 +74,11 @@ class Probe:
         # the bootstrap's model size and optimizer recipe (warmup, cosine, weight decay, clipping), VQA pairs only
         self.config = BootstrapConfig(vqa_pairs=True, seed=args.seed, steps=args.steps, lr=args.lr)
         self.model = ShapesLMM(self.config.model_config()).train()
+        self.v = self.model.vocab
         if args.image_embedding == "word-tied" or args.cell_embedding:
             lm = self.model.lm.model
-            lm.embed_tokens = ImageEmbedding(
-                lm.embed_tokens, self.model, words=args.image_embedding == "word-tied", cells=args.cell_embedding
-            )
-        self.v = self.model.vocab
+            words, std = args.image_embedding == "word-tied", self.model.lm.config.initializer_range
+            lm.embed_tokens = ImageEmbedding(lm.embed_tokens, self.v, words, args.cell_embedding, init_std=std)
         self.tokenizer = ImageTokenizer()
         self.train_data = SyntheticData(self.v, seed=args.seed, vqa_pairs=True)
         held = SyntheticData(self.v, seed=args.seed + 1000, vqa_pairs=True)
@@ -142,6 +103,10 @@ class Probe:
             first_cell = 3 + len(words)
         targets = [IGNORE] * len(ids)
         targets[-1] = v.yes if yes else v.no
+        if self.args.count_targets:
+            first_word = ids.index(v.q) + 1 if self.args.order == "image-first" else 2
+            for i, token in count_targets(v, scene, question):
+                targets[first_word + i] = token
         if self.args.cell_targets:
             descs = question.constraint.descs()
             about = {o.cell for o in scene.objects if any(d.matches(o) for d in descs)}
@@ -214,6 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--order", choices=("image-first", "question-first"), default="image-first")
     parser.add_argument("--image-embedding", choices=("atomic", "word-tied"), default="atomic")
     parser.add_argument("--cell-targets", action="store_true", help="yes/no at every image token (question-first)")
+    parser.add_argument("--count-targets", action="store_true", help="data.count_targets too")
     parser.add_argument("--cell-embedding", action="store_true", help="learned per-cell vectors on image tokens")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-items", type=int, default=1000)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from silmm_fast.models.bootstrap import BootstrapConfig, bootstrap, bootstrap_stats, cache_path, default_cache_dir
-from silmm_fast.models.data import IGNORE, Example, SyntheticData, collate
+from silmm_fast.models.data import IGNORE, Example, SyntheticData, collate, count_targets, filter_counts
 from silmm_fast.models.measure import format_report, generate_scenes, measure_base
 from silmm_fast.models.shapes_lmm import ShapesLMM
 from silmm_fast.models.vocab import JointVocab
@@ -15,10 +15,16 @@ from silmm_fast.world import (
     CATEGORIES,
     COLORS,
     HELDOUT_PAIRS,
+    NUMBER_WORDS,
     SHAPES,
     TEXTURES,
     WORDS,
+    Constraint,
+    Desc,
     ImageTokenizer,
+    Obj,
+    Question,
+    Scene,
     canonical_scene,
     sample_prompt,
 )
@@ -63,6 +69,65 @@ def test_collate_shifts_targets():
     ids, labels = collate(ex, pad_id=0)
     assert ids.tolist() == [[1, 5, 6], [1, 9, 8]]
     assert labels.tolist() == [[IGNORE, 6, 7], [9, 8, IGNORE]]
+
+
+def test_collate_places_extra_targets_at_their_positions():
+    ids, labels = collate([Example((1, 5, 6, 7, 8), 4, ((1, 30), (2, 31)))], pad_id=0)
+    assert ids.tolist() == [[1, 5, 6, 7]]
+    assert labels.tolist() == [[IGNORE, 30, 31, 8]]  # position 1 predicts 30 instead of the next id 6
+
+
+def _question(constraint: Constraint) -> Question:
+    return Question(constraint.question(), constraint)
+
+
+def test_filter_counts_on_hand_made_scenes():
+    scene = Scene(
+        [
+            Obj("circle", "red", "striped", 0, 0),
+            Obj("circle", "blue", "striped", 0, 2),
+            Obj("square", "red", "plain", 2, 1),
+        ]
+    )
+    # "is there a striped red circle?": striped 2, striped red 1, striped red circle 1
+    q = _question(Constraint.exists(Desc("circle", "red", "striped")))
+    assert q.text == "is there a striped red circle?"
+    assert filter_counts(scene, q) == [(3, 2), (4, 1), (5, 1)]
+    # a binding near miss: red squares exist, red circles exist, but no plain red circle
+    assert filter_counts(scene, _question(Constraint.exists(Desc("circle", "red", "plain"))))[-1] == (5, 0)
+    # counts: two circles; exactly two → the last count equals the number asked
+    q = _question(Constraint.count_of(Desc("circle"), 2))
+    assert q.text == "are there exactly two circles?" and filter_counts(scene, q) == [(4, 2)]
+    # relations: objects right of a red circle (col 0) are the blue circle and the red square; of those one is blue
+    q = _question(Constraint.related(Desc("circle", "red"), "left", Desc("circle", "blue")))
+    assert filter_counts(scene, q) == [(2, 2), (3, 1), (6, 2), (9, 1), (10, 1)]
+    # the square is below both circles: nothing lies below it, so "the square above" views no object
+    q = _question(Constraint.related(Desc("square"), "above", Desc("circle")))
+    assert filter_counts(scene, q)[1:] == [(3, 0), (5, 0)]
+
+
+def test_count_targets_decide_every_answer_of_the_vqa_stream():
+    v = JointVocab(WORDS, CATEGORIES, 91)
+    data = SyntheticData(v, seed=5, vqa_pairs=True)
+    numbers = {v.no: 0, **{v.token_id(w): n for n, w in enumerate(NUMBER_WORDS, start=1)}}
+    for _ in range(400):
+        scene, question, yes = data.vqa_question()
+        counts = count_targets(v, scene, question)
+        assert counts, question.text
+        last = numbers[counts[-1][1]]
+        decided = last == question.constraint.count if question.constraint.kind == "count" else last > 0
+        assert decided == yes, (question.text, scene)
+
+
+def test_vqa_counts_put_targets_on_the_question_words():
+    v = JointVocab(WORDS, CATEGORIES, 91)
+    plain, counted = SyntheticData(v, seed=2), SyntheticData(v, seed=2, vqa_counts=True)
+    for _ in range(20):
+        a, b = plain.vqa(), counted.vqa()
+        assert a.ids == b.ids and a.target_start == b.target_start and a.extra_targets == ()
+        words = b.ids.index(v.q) + 1
+        assert b.extra_targets and all(words <= p < b.target_start - 1 for p, _ in b.extra_targets)
+        assert {t for _, t in b.extra_targets} <= {v.no, *(v.token_id(w) for w in NUMBER_WORDS)}
 
 
 def test_synthetic_data_formats_and_split():
@@ -178,6 +243,8 @@ def test_synthetic_data_bad_input():
         SyntheticData(None)
     with pytest.raises(TypeError, match="vqa_pairs: expected a bool"):
         SyntheticData(v, vqa_pairs=1)
+    with pytest.raises(TypeError, match="vqa_counts: expected a bool"):
+        SyntheticData(v, vqa_counts="yes")
     with pytest.raises(ValueError, match="task"):
         SyntheticData(v).batch("draw", 2)
 
@@ -234,6 +301,13 @@ def test_cache_key_depends_on_config(tmp_path, monkeypatch):
     assert cache_path(a, tmp_path) != cache_path(BootstrapConfig.tiny("discrete", vqa_pairs=True), tmp_path)
     with pytest.raises(TypeError, match="vqa_pairs"):
         BootstrapConfig.tiny("discrete", vqa_pairs="yes")
+    for change in (
+        dict(vqa_counts=not a.vqa_counts),
+        dict(image_embedding="atomic" if a.image_embedding == "structured" else "structured"),
+    ):
+        assert cache_path(a, tmp_path) != cache_path(BootstrapConfig.tiny("discrete", **change), tmp_path)
+    with pytest.raises(ValueError, match="image_embedding: expected one of"):
+        BootstrapConfig.tiny("discrete", image_embedding="pixels").model_config()
     assert cache_path(a, tmp_path) != cache_path(BootstrapConfig.tiny("continuous"), tmp_path)
     c = BootstrapConfig.tiny("continuous")
     assert cache_path(c, tmp_path) != cache_path(BootstrapConfig.tiny("continuous", feature_weight=2.0), tmp_path)

@@ -18,16 +18,23 @@ PROMPTS = [
 SIZES = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
 
 
-@pytest.fixture(scope="module")
-def discrete():
-    torch.manual_seed(0)
-    return ShapesLMM(ShapesLMMConfig.for_world("discrete", **SIZES)).eval()
+def _model(variant: str, image_embedding: str, seed: int) -> ShapesLMM:
+    torch.manual_seed(seed)
+    model = ShapesLMM(ShapesLMMConfig.for_world(variant, image_embedding=image_embedding, **SIZES)).eval()
+    if image_embedding == "structured":
+        with torch.no_grad():  # cell vectors large enough that an image token in a wrong cell changes every output
+            model.lm.model.embed_tokens.cells.weight.normal_(std=1.0)
+    return model
 
 
-@pytest.fixture(scope="module")
-def continuous():
-    torch.manual_seed(1)
-    return ShapesLMM(ShapesLMMConfig.for_world("continuous", **SIZES)).eval()
+@pytest.fixture(scope="module", params=["atomic", "structured"])
+def discrete(request):
+    return _model("discrete", request.param, 0)
+
+
+@pytest.fixture(scope="module", params=["atomic", "structured"])
+def continuous(request):
+    return _model("continuous", request.param, 1)
 
 
 def _logits(model, ids):

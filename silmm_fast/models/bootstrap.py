@@ -34,7 +34,7 @@ from silmm_fast.models.shapes_lmm import VARIANTS, ShapesLMM, ShapesLMMConfig
 
 STATS_FILE = "bootstrap.json"
 # Bumped whenever the data or the loop change in a way that makes old cached models stale.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class BootstrapConfig:
     # held-out multi-object prompts (sampled with DropDiv) and decomposed only 57 % correctly: the regression crowded
     # out the text tasks. At 0.3 (and generate_batch 48): 28 % and 95 %.
     feature_weight: float = 0.3
+    vqa_weight: float = 1.0
     gen_noise: float = 0.3
     distractor_prob: float = 0.2
     # Probability that a discrete generation target is the prompt's canonical layout (its objects in its first cells,
@@ -75,6 +76,8 @@ class BootstrapConfig:
     # defaults, 24 prompts per category and lr 2e-4; like random feedback), so it is off by default until the loop
     # can use it.
     vqa_pairs: bool = False
+    vqa_counts: bool = False
+    image_embedding: str = "atomic"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,11 +87,12 @@ class BootstrapConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if not isinstance(self.vqa_pairs, bool):
-            raise TypeError(f"vqa_pairs: expected a bool, got {self.vqa_pairs!r}")
+        for name in ("vqa_pairs", "vqa_counts"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup: expected an int >= 0, got {self.warmup!r}")
-        for name in ("lr", "feature_weight"):
+        for name in ("lr", "feature_weight", "vqa_weight"):
             if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
 
@@ -121,6 +125,7 @@ class BootstrapConfig:
             intermediate_size=self.intermediate_size,
             num_layers=self.num_layers,
             num_heads=self.num_heads,
+            image_embedding=self.image_embedding,
         )
 
     def cache_key(self) -> str:
@@ -194,6 +199,7 @@ def train(
             seed=config.seed,
             canonical_prob=config.canonical_prob,
             vqa_pairs=config.vqa_pairs,
+            vqa_counts=config.vqa_counts,
         )
         codec = None
         if config.variant == "continuous":
@@ -211,7 +217,7 @@ def train(
             losses = {
                 "write": _token_loss(model, data.batch("write", config.write_batch), pad),
                 "decompose": _token_loss(model, data.batch("decompose", config.decompose_batch), pad),
-                "vqa": _token_loss(model, data.batch("vqa", config.vqa_batch), pad),
+                "vqa": config.vqa_weight * _token_loss(model, data.batch("vqa", config.vqa_batch), pad),
                 "copy": _token_loss(model, data.batch("copy", config.copy_batch), pad),
             }
             if codec is None:

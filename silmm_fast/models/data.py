@@ -36,8 +36,12 @@ import torch
 from silmm_fast.models.vocab import JointVocab
 from silmm_fast.world import (
     CATEGORIES,
+    COLORS,
     HELDOUT_PAIRS,
+    NUMBER_WORDS,
+    RELATIONS,
     SHAPES,
+    TEXTURES,
     WORDS,
     ImageTokenizer,
     Prompt,
@@ -68,6 +72,45 @@ class Example:
 
     ids: tuple[int, ...]
     target_start: int
+    extra_targets: tuple[tuple[int, int], ...] = ()
+    """(position, token) pairs before ``target_start``: the model at ``position`` is trained to predict ``token``
+    instead of the next id (``count_targets`` of a VQA item)."""
+
+
+def filter_counts(scene: Scene, question: Question) -> list[tuple[int, int]]:
+    """How many objects of ``scene`` fit what ``question`` has said so far, at each word that narrows it down.
+
+    Reading the question's words in order (``tokenize_text``), the objects in view start as the whole scene; an
+    attribute or shape word keeps those fitting the description read so far (a shape word closes a description);
+    a relation word ("left", "right", "above", "below") after the first description puts in view the objects that
+    relation places next to one of that description's objects ("is the red circle to the left of" views the objects
+    right of some red circle). Returns ``(word index, count)`` per such word. The last count decides the answer:
+    > 0 for "is there …" and relation questions, == n for "exactly n …".
+    """
+    from silmm_fast.world.prompts import _relation_holds
+
+    out: list[tuple[int, int]] = []
+    in_view, partial, subjects = list(scene.objects), {}, None
+    for i, w in enumerate(tokenize_text(question.text)):
+        if w in RELATIONS and subjects is not None:
+            in_view = [x for x in scene.objects if any(a is not x and _relation_holds(a, w, x) for a in subjects)]
+            out.append((i, len(in_view)))
+            continue
+        attr = "color" if w in COLORS else "texture" if w in TEXTURES else "shape" if w in _SHAPE_OF else None
+        if attr is None:
+            continue
+        partial[attr] = _SHAPE_OF.get(w, w)
+        fitting = [o for o in in_view if all(getattr(o, a) == x for a, x in partial.items())]
+        out.append((i, len(fitting)))
+        if attr == "shape":
+            subjects = fitting if subjects is None else subjects
+            partial = {}
+    return out
+
+
+def count_targets(vocab: JointVocab, scene: Scene, question: Question) -> list[tuple[int, int]]:
+    """``filter_counts`` as (word index, target token): "no" for none, else the number word ("one" … "four")."""
+    return [(i, vocab.no if n == 0 else vocab.token_id(NUMBER_WORDS[n - 1])) for i, n in filter_counts(scene, question)]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +124,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
         n = len(e.ids)
         ids[i, :n] = torch.tensor(e.ids)
         labels[i, e.target_start : n] = ids[i, e.target_start : n]
+        for position, token in e.extra_targets:
+            labels[i, position + 1] = token
     return ids[:, :-1], labels[:, 1:]
 
 
@@ -96,6 +141,8 @@ class SyntheticData:
         seed: seed of the stream.
         vqa_pairs: VQA items come in balanced pairs (the same question, a scene answering yes and one answering no,
             one edit apart where possible), consecutive in the stream.
+        vqa_counts: VQA examples also train ``count_targets`` at the question's words: how many objects fit the
+            description read so far (see the module docstring).
     """
 
     def __init__(
@@ -106,6 +153,7 @@ class SyntheticData:
         seed: int = 0,
         canonical_prob: float = 0.0,
         vqa_pairs: bool = False,
+        vqa_counts: bool = False,
     ) -> None:
         if not isinstance(vocab, JointVocab):
             raise TypeError(f"vocab: expected a JointVocab, got {type(vocab).__name__}")
@@ -124,6 +172,9 @@ class SyntheticData:
         if not isinstance(vqa_pairs, bool):
             raise TypeError(f"vqa_pairs: expected a bool, got {vqa_pairs!r}")
         self.vqa_pairs = vqa_pairs
+        if not isinstance(vqa_counts, bool):
+            raise TypeError(f"vqa_counts: expected a bool, got {vqa_counts!r}")
+        self.vqa_counts = vqa_counts
         self._paired_item: tuple[Scene, Question, bool] | None = None
         self.rng = random.Random(seed)
         self.tokenizer = ImageTokenizer()
@@ -237,11 +288,15 @@ class SyntheticData:
         return None
 
     def vqa(self) -> Example:
-        """Example: "<bos> <img> tokens </img> <q> question <a>" → yes / no."""
+        """Example: "<bos> <img> tokens </img> <q> question <a>" → yes / no; with ``vqa_counts`` also the
+        ``count_targets`` at the question's words."""
         v = self.vocab
-        scene, question, yes = self.vqa_item()
-        head = [v.bos, v.img, *self._image(scene), v.img_close, v.q, *self._text(question), v.a]
-        return Example((*head, v.yes if yes else v.no), len(head))
+        scene, question, yes = self.vqa_question()
+        text = self._text(question.text)
+        head = [v.bos, v.img, *self._image(scene), v.img_close, v.q, *text, v.a]
+        first_word = len(head) - len(text) - 1
+        extra = tuple((first_word + i, t) for i, t in count_targets(v, scene, question)) if self.vqa_counts else ()
+        return Example((*head, v.yes if yes else v.no), len(head), extra)
 
     def copy(self) -> Example:
         """Example: "<bos> <copy> w1 … wn <sep>" → w1 … wn <eos>, 4 to 16 random words of the world, never an

@@ -33,9 +33,11 @@ from transformers.models.llama.modeling_llama import LlamaModel
 
 from silmm_fast._validate import check_count, check_noise, check_prompts, check_sampling
 from silmm_fast.models.batching import left_pad
+from silmm_fast.models.image_embedding import ImageEmbedding
 from silmm_fast.models.vocab import JointVocab
 
 VARIANTS = ("discrete", "continuous")
+IMAGE_EMBEDDINGS = ("atomic", "structured")
 # transformers renamed LlamaModel.forward's `past_key_values` to `cache` (the old name warns in 5.24, goes in 5.40).
 _CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 CONFIG_FILE = "config.json"
@@ -54,7 +56,9 @@ class ShapesLMMConfig:
 
     The world fields (``words``, ``categories``, ``num_image_tokens``, ``image_seq_len``, ``feature_dim``,
     ``feature_slots``) fix the vocabulary and the output shapes; ``ShapesLMMConfig.for_world`` fills them from the
-    built-in world. The remaining fields size the Llama decoder.
+    built-in world. The remaining fields size the Llama decoder; ``image_embedding`` says how an image token is
+    embedded: ``"atomic"`` (one learned vector per token) or ``"structured"`` (that vector plus the embeddings of
+    the words naming its shape, color and texture plus a learned vector of its cell: ``models.image_embedding``).
     """
 
     words: tuple[str, ...]
@@ -69,12 +73,15 @@ class ShapesLMMConfig:
     num_layers: int = 4
     num_heads: int = 4
     max_positions: int = 160
+    image_embedding: str = "atomic"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "words", tuple(self.words))
         object.__setattr__(self, "categories", tuple(self.categories))
         if self.variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
+        if self.image_embedding not in IMAGE_EMBEDDINGS:
+            raise ValueError(f"image_embedding: expected one of {IMAGE_EMBEDDINGS}, got {self.image_embedding!r}")
         for name in ("num_image_tokens", "image_seq_len", "hidden_size", "intermediate_size", "num_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -85,7 +92,7 @@ class ShapesLMMConfig:
             raise ValueError("feature_dim, feature_slots: the continuous variant needs both positive")
 
     @classmethod
-    def for_world(cls, variant: str = "discrete", **sizes: int) -> ShapesLMMConfig:
+    def for_world(cls, variant: str = "discrete", **sizes: int | str) -> ShapesLMMConfig:
         """A config over the built-in shapes world (its words, categories, image tokens and feature codec)."""
         from silmm_fast.world.prompts import CATEGORIES, WORDS
         from silmm_fast.world.tokenizer import FeatureCodec, ImageTokenizer
@@ -188,6 +195,10 @@ class ShapesLMM(nn.Module):
             eos_token_id=v.eos,
         )
         self.lm = LlamaForCausalLM(llama)
+        if config.image_embedding == "structured":
+            self.lm.model.embed_tokens = ImageEmbedding(
+                self.lm.model.embed_tokens, self.vocab, words=True, cells=True, init_std=llama.initializer_range
+            )
         if config.variant == "continuous":
             self.query_slots = nn.Parameter(torch.randn(config.feature_slots, config.hidden_size) * 0.02)
             self.feature_head = nn.Linear(config.hidden_size, config.feature_dim)
@@ -240,6 +251,12 @@ class ShapesLMM(nn.Module):
         if self.config.variant != variant:
             raise ValueError(f"{method}: needs the {variant} variant, this model is {self.config.variant}")
 
+    def _embed(self, ids: torch.Tensor, images_before: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of ``ids`` [B, T] continuing rows that already hold ``images_before`` [B] image
+        tokens (which only a structured image embedding needs to know)."""
+        embed = self.lm.model.embed_tokens
+        return embed(ids, images_before) if isinstance(embed, ImageEmbedding) else embed(ids)
+
     @torch.no_grad()
     def _decode(
         self,
@@ -267,9 +284,11 @@ class ShapesLMM(nn.Module):
         hidden = self.lm.model(
             input_ids=ids, attention_mask=mask, position_ids=pos, **{_CACHE_KW: cache}, use_cache=True
         ).last_hidden_state[:, -1]
+        # image tokens each row holds so far: a structured embedding gives a new image token the next cell
+        seen = (ids >= self.vocab.image_offset).sum(1)
         if repeat > 1:
             cache.batch_repeat_interleave(repeat)
-            mask, pos, hidden = (t.repeat_interleave(repeat, dim=0) for t in (mask, pos, hidden))
+            mask, pos, hidden, seen = (t.repeat_interleave(repeat, dim=0) for t in (mask, pos, hidden, seen))
         next_pos = pos[:, -1:] + 1
         done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
         out = []
@@ -287,10 +306,12 @@ class ShapesLMM(nn.Module):
             if step + 1 == max_new_tokens:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            embeds = self._embed(tok[:, None], seen)
             hidden = self.lm.model(
-                input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, **{_CACHE_KW: cache}, use_cache=True
+                inputs_embeds=embeds, attention_mask=mask, position_ids=next_pos, **{_CACHE_KW: cache}, use_cache=True
             ).last_hidden_state[:, -1]
             next_pos = next_pos + 1
+            seen = seen + (tok >= self.vocab.image_offset).long()
         return torch.stack(out, dim=1)
 
     # ------------------------------------------------------------------ SILMM step 1: prompts
