@@ -6,8 +6,16 @@ import random
 import pytest
 import torch
 
-from silmm_fast.models.bootstrap import BootstrapConfig, bootstrap, bootstrap_stats, cache_path, default_cache_dir
+from silmm_fast.models.bootstrap import (
+    BootstrapConfig,
+    bootstrap,
+    bootstrap_stats,
+    cache_path,
+    default_cache_dir,
+    recipe,
+)
 from silmm_fast.models.data import IGNORE, Example, SyntheticData, collate, count_targets, filter_counts
+from silmm_fast.models.image_embedding import ImageEmbedding
 from silmm_fast.models.measure import format_report, generate_scenes, measure_base
 from silmm_fast.models.shapes_lmm import ShapesLMM
 from silmm_fast.models.vocab import JointVocab
@@ -333,6 +341,22 @@ def test_tiny_continuous_bootstrap(tmp_path):
         "config.json",
         "model.safetensors",
     ]
+
+
+def test_tiny_reading_recipe_trains_a_reading_stage_first(tmp_path):
+    config = recipe("reading", "discrete", tiny=True)
+    assert (config.vqa_pairs, config.vqa_counts, config.image_embedding) == (True, True, "structured")
+    assert config.reading_steps == 20 and config.steps == BootstrapConfig.tiny("discrete").steps
+    model = bootstrap("discrete", cache_dir=tmp_path, config=config, progress=False)
+    assert isinstance(model.lm.model.embed_tokens, ImageEmbedding)
+    stats = bootstrap_stats(cache_path(config, tmp_path))["stats"]
+    # VQA and copying run through both stages, the other tasks only through the second
+    assert stats["steps_per_second"] * stats["seconds"] == pytest.approx(config.reading_steps + config.steps, rel=0.01)
+    for task in ("vqa", "copy", "write", "decompose", "generate"):
+        assert stats["loss_end"][task] < stats["loss_start"][task], task
+    assert recipe("plain") == BootstrapConfig() and recipe("pairs") == BootstrapConfig(vqa_pairs=True)
+    with pytest.raises(ValueError, match="recipe: expected one of"):
+        recipe("pixels")
 
 
 def test_bootstrap_bad_input(tmp_path):

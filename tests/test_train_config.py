@@ -26,14 +26,16 @@ def test_prompts_per_category_default_and_explicit_value_wins():
         config.parse_args(["--sample.prompts_per_category", "none"])  # no longer mode-dependent: none is refused
 
 
-def test_base_model_with_vqa_pairs_keys_its_own_cache():
-    from silmm_fast.models.bootstrap import BootstrapConfig, cache_path
+def test_base_model_recipe_keys_its_own_cache():
+    from silmm_fast.models.bootstrap import cache_path, recipe
 
-    assert config.parse_args([]).model.vqa_pairs is False
-    cfg = config.parse_args(["--model.vqa_pairs", "true", "--model.tiny", "true"])
-    assert cfg.model.vqa_pairs is True
-    paired = BootstrapConfig.tiny("discrete", vqa_pairs=cfg.model.vqa_pairs)
-    assert cache_path(paired, "/c") != cache_path(BootstrapConfig.tiny("discrete"), "/c")
+    assert config.parse_args([]).model.recipe == "plain"
+    cfg = config.parse_args(["--model.recipe", "reading", "--model.tiny", "true"])
+    assert cfg.model.recipe == "reading"
+    keys = {cache_path(recipe(name, "discrete", tiny=True), "/c") for name in ("plain", "pairs", "reading")}
+    assert len(keys) == 3
+    with pytest.raises(ValueError, match=r"config model.recipe: expected one of \('plain', 'pairs', 'reading'\)"):
+        config.parse_args(["--model.recipe", "pixels"])
 
 
 def test_yaml_then_cli_overrides(tmp_path):

@@ -199,10 +199,13 @@ def test_random_feedback_control_and_config_mismatch(tmp_path, model_cache):
         Run(other).run()
 
 
-def test_vqa_pairs_base_model_is_bootstrapped_on_paired_data(tmp_path):
-    from silmm_fast.models.bootstrap import BootstrapConfig, cache_path
+def test_reading_recipe_base_model_runs_the_loop(tmp_path):
+    from silmm_fast.models.bootstrap import cache_path, recipe
+    from silmm_fast.models.image_embedding import ImageEmbedding
 
-    cfg = tiny_config(tmp_path / "paired", cache=tmp_path / "models", model={"vqa_pairs": True})
-    Run(cfg).base_model()
-    paired = cache_path(BootstrapConfig.tiny("discrete", vqa_pairs=True), tmp_path / "models")
-    assert paired.is_dir() and not cache_path(BootstrapConfig.tiny("discrete"), tmp_path / "models").exists()
+    cfg = tiny_config(tmp_path / "reading", cache=tmp_path / "models", model={"recipe": "reading"})
+    summary = Run(cfg).run()
+    reading = cache_path(recipe("reading", "discrete", tiny=True), tmp_path / "models")
+    assert reading.is_dir() and not cache_path(recipe("plain", "discrete", tiny=True), tmp_path / "models").exists()
+    assert isinstance(Run(cfg).model_after(1).model.lm.model.embed_tokens, ImageEmbedding)
+    assert [it["iteration"] for it in summary["iterations"]] == [0, 1]

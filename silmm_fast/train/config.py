@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from silmm_fast.models.bootstrap import RECIPES
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
@@ -31,10 +33,11 @@ class ModelConfig:
     cfg_scale: float = _f(5.0, "janus: classifier-free guidance scale of image generation")
     cache_dir: str | None = _f(None, "where bootstrapped base models are cached (default ~/.cache/silmm_fast)")
     tiny: bool = _f(False, "use a tiny model and a short bootstrap (tests, smoke runs)")
-    vqa_pairs: bool = _f(
-        False,
-        "shapes: bootstrap the base model on balanced VQA pairs (its judge then reads the images; see "
-        "BootstrapConfig.vqa_pairs for what that does to the loop)",
+    recipe: str = _f(
+        "plain",
+        "shapes: how the base model is bootstrapped: plain (unpaired VQA: its judge answers mostly from the question "
+        "text), pairs (balanced VQA pairs), reading (pairs, count targets, structured image tokens and a reading "
+        "stage: a judge that reads its images); see silmm_fast.models.bootstrap.RECIPES",
     )
 
 
@@ -167,6 +170,8 @@ class TrainConfig:
                 bad(name, "an integer >= 1", getattr(self, name))
         if self.model.name not in ("shapes", "janus"):
             bad("model.name", "'shapes' (the built-in world's model) or 'janus'", self.model.name)
+        if self.model.recipe not in RECIPES:
+            bad("model.recipe", f"one of {tuple(RECIPES)}", self.model.recipe)
         if self.model.name == "janus":
             if not self.model.path:
                 bad("model.name", "'janus' together with model.path (--model-path DIR, a local checkpoint)", "janus")

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from silmm_fast.adapters import JanusAdapter, ModelAdapter, ShapesAdapter, check_adapter
 from silmm_fast.losses.fused_linear_dpo import FusedLinearDPOLoss
 from silmm_fast.losses.kc_dpo import KCDPOLoss
-from silmm_fast.models.bootstrap import BootstrapConfig, bootstrap
+from silmm_fast.models.bootstrap import bootstrap, recipe
 from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
 from silmm_fast.train import distributed, report, store
 from silmm_fast.train.config import TrainConfig
@@ -234,8 +234,7 @@ class Run:
         if self.janus:
             return self.shared_model(lambda: self.load_janus(self.cfg.model.path))
         variant = self.cfg.mode
-        pairs = self.cfg.model.vqa_pairs
-        config = (BootstrapConfig.tiny if self.cfg.model.tiny else BootstrapConfig)(variant=variant, vqa_pairs=pairs)
+        config = recipe(self.cfg.model.recipe, variant, tiny=self.cfg.model.tiny)
         return self.shared_model(
             lambda: ShapesAdapter(bootstrap(variant, cache_dir=self.cfg.model.cache_dir, config=config))
         )
