@@ -62,6 +62,34 @@ def test_matches_dpo_over_reference_logprobs(device, backend, loss_type, smoothi
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_nll_weight_adds_the_chosen_per_token_nll(device, backend, reduction):
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(device)
+    labels[0, 2] = -100  # rows score different numbers of tokens
+    module = FusedLinearDPOLoss(beta=0.5, reduction=reduction, nll_weight=0.7)
+    h, w = (x.detach().clone().requires_grad_(True) for x in (hidden, weight))
+    with use_backend(backend):
+        out = module(h, w, labels, ref_c, ref_r, bias=bias)
+    out.loss.backward()
+
+    # reference: materialized logits, per-token NLL of each chosen row written out by hand
+    rh, rw = (x.detach().clone().requires_grad_(True) for x in (hidden, weight))
+    logp = torch.log_softmax(rh @ rw.T + bias, dim=-1)
+    scored = labels != -100
+    token = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * scored
+    seq = token.sum(-1) if reduction == "sum" else token.sum(-1) / scored.sum(-1)
+    plain = dpo_loss(seq[:PAIRS], seq[PAIRS:], ref_c, ref_r, beta=0.5)
+    nll = -token[:PAIRS].sum(-1) / scored[:PAIRS].sum(-1)
+    expected = plain.losses + 0.7 * nll
+    expected.mean().backward()
+    assert_close(out.losses, expected, torch.float64)
+    assert_close(out.loss, expected.mean(), torch.float64)
+    assert_close(out.chosen_rewards, plain.chosen_rewards, torch.float64)  # rewards stay DPO's
+    for got, want in ((h.grad, rh.grad), (w.grad, rw.grad)):
+        assert_close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_margin_is_exactly_zero_at_initialization(device, backend):
     """Policy == reference: the reference log-probs come through the same fp32 path, so rewards are exactly 0 and the
     sigmoid loss is exactly log 2, for a trainable and for a frozen head."""
@@ -137,4 +165,7 @@ def test_bad_input():
         FusedLinearDPOLoss(loss_type="kto")
     with pytest.raises(TypeError, match="ignore_index"):
         FusedLinearDPOLoss(ignore_index="-100")
-    assert "reduction='sum'" in repr(module)
+    assert "reduction='sum'" in repr(module) and "nll_weight=0.0" in repr(module)
+    for bad in (-0.1, True, "1"):
+        with pytest.raises(ValueError, match="nll_weight: expected a number >= 0"):
+            FusedLinearDPOLoss(nll_weight=bad)

@@ -66,6 +66,8 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"optim": {"loss_type": "kto"}}, "optim.loss_type"),
         ({"optim": {"lr": -1e-4}}, "optim.lr: expected a number > 0"),
         ({"optim": {"kernel": "manhattan"}}, "optim.kernel"),
+        ({"optim": {"nll_weight": -1.0}}, "optim.nll_weight: expected a number >= 0"),
+        ({"model": {"recipe": "pixels"}}, "model.recipe: expected one of"),
         ({"sample": {"top_p": 1.5}}, "sample.top_p"),
         ({"iterations": "many"}, "iterations: expected int"),
         ({"sample": {"oversample": 4}}, "sample.oversample"),

@@ -48,6 +48,10 @@ class FusedLinearDPOLoss(nn.Module):
         beta, loss_type, label_smoothing: as in ``dpo_loss`` (``"sigmoid"``, ``"ipo"``, ``"hinge"``, ``"robust"``).
         ignore_index: label value of positions that are not scored (prompt tokens, padding).
         reduction: ``"sum"`` (DPO) or ``"mean"`` (length-normalized log-probs, SimPO-style).
+        nll_weight: adds ``nll_weight`` × the chosen image's negative log-likelihood per scored token to each pair's
+            loss (DPO + NLL on the chosen, as in iterative RPO). DPO alone may lower the chosen sequences'
+            likelihood along with the rejected ones', moving probability to sequences neither holds; the NLL term
+            holds the chosen ones up. 0 (default) is plain DPO.
     """
 
     def __init__(
@@ -57,9 +61,13 @@ class FusedLinearDPOLoss(nn.Module):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         reduction: str = "sum",
+        nll_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.beta, self.loss_type, self.label_smoothing = _check_config(beta, loss_type, label_smoothing)
+        if isinstance(nll_weight, bool) or not isinstance(nll_weight, (int, float)) or not nll_weight >= 0:
+            raise ValueError(f"nll_weight: expected a number >= 0, got {nll_weight!r}")
+        self.nll_weight = float(nll_weight)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
         self.ignore_index = ignore_index
@@ -68,7 +76,7 @@ class FusedLinearDPOLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, nll_weight={self.nll_weight}"
         )
 
     def _logps(
@@ -108,7 +116,8 @@ class FusedLinearDPOLoss(nn.Module):
         """DPO loss of the policy given by ``hidden`` [2B, T, H] (B chosen rows then B rejected rows) and its head
         ``weight`` [V, H] / ``bias`` [V], with ``labels`` [2B, T] and reference log-probs ``ref_*_logps`` [B].
 
-        Returns ``DPOOutput(loss, losses [B], chosen_rewards [B], rejected_rewards [B])`` (see ``dpo_loss``).
+        Returns ``DPOOutput(loss, losses [B], chosen_rewards [B], rejected_rewards [B])`` (see ``dpo_loss``; with
+        ``nll_weight`` the losses include the NLL term).
         """
         chosen, rejected = self._logps(hidden, weight, labels, bias)
         pairs = chosen.shape[0]
@@ -118,7 +127,7 @@ class FusedLinearDPOLoss(nn.Module):
                 raise ValueError(
                     f"{name}: expected shape [{pairs}] (one per pair, hidden.shape[0] // 2), got {tuple(ref.shape)}"
                 )
-        return dpo_loss(
+        out = dpo_loss(
             chosen,
             rejected,
             ref_chosen_logps,
@@ -127,3 +136,10 @@ class FusedLinearDPOLoss(nn.Module):
             loss_type=self.loss_type,
             label_smoothing=self.label_smoothing,
         )
+        if not self.nll_weight:
+            return out
+        per_token = chosen
+        if self.reduction == "sum":  # "mean" log-probs are already per scored token
+            per_token = chosen / (labels[:pairs] != self.ignore_index).sum(-1).clamp(min=1).to(chosen.dtype)
+        losses = out.losses - self.nll_weight * per_token.to(out.losses.dtype)
+        return out._replace(loss=losses.mean(), losses=losses)

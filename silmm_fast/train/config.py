@@ -78,6 +78,9 @@ class PairConfig:
 class OptimConfig:
     beta: float = _f(0.1, "discrete DPO beta")
     loss_type: str = _f("sigmoid", "discrete DPO loss: sigmoid, ipo, hinge or robust")
+    nll_weight: float = _f(
+        0.0, "discrete: weight of the chosen image's negative log-likelihood per token added to DPO (0: plain DPO)"
+    )
     gamma: float = _f(
         100.0,
         "KC-DPO gamma; with the sqeuclidean kernel the loss pulls the features along winner minus loser without "
@@ -216,6 +219,8 @@ class TrainConfig:
         for name in ("beta", "gamma", "lr"):
             if not getattr(o, name) > 0:
                 bad(f"optim.{name}", "a positive number", getattr(o, name))
+        if not o.nll_weight >= 0:
+            bad("optim.nll_weight", "a number >= 0", o.nll_weight)
         for name in ("epochs", "batch_size"):
             if getattr(o, name) < 1:
                 bad(f"optim.{name}", "an integer >= 1", getattr(o, name))

@@ -588,7 +588,7 @@ class Run:
         lose = torch.tensor([r["rejected"] for r in pairs])
         if cfg.mode == "discrete":
             tokens = cands["tokens"]
-            loss_fn = FusedLinearDPOLoss(beta=o.beta, loss_type=o.loss_type)
+            loss_fn = FusedLinearDPOLoss(beta=o.beta, loss_type=o.loss_type, nll_weight=o.nll_weight)
 
             @torch.no_grad()
             def reference_logps(u: slice) -> torch.Tensor:  # once per iteration, through the same fp32 path
