@@ -18,6 +18,11 @@ which the answer flips. A question then predicts nothing by itself, as in balanc
 unpaired questions the base model answers as well with the images shuffled as with the right ones (it learned the
 questions' priors); paired, it reads the image (``BootstrapConfig`` says why that is not yet the default).
 
+VQA examples can also carry count targets (``vqa_counts``, ``count_targets``): at every attribute, noun and relation
+word of the question, the number of objects that fit the description read so far ("no", "one" … "four"). The answer
+is one bit per item; these targets teach the lookup it rests on, word by word (measured with
+``scripts/reading_probe.py``: 0.87 after 400 steps of 128 items, against 0.58-0.62 without them).
+
 The ``copy`` task stands in for the text pretraining of a real LMM: repeat a random sequence of the world's words.
 Nothing in it can be predicted but by copying, so it trains the heads that copy words from the context (measured: a
 decomposition trained without it writes the train-split noun that usually follows a color instead of the prompt's,
