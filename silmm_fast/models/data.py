@@ -21,7 +21,8 @@ questions' priors); paired, it reads the image (``BootstrapConfig`` says why tha
 VQA examples can also carry count targets (``vqa_counts``, ``count_targets``): at every attribute, noun and relation
 word of the question, the number of objects that fit the description read so far ("no", "one" … "four"). The answer
 is one bit per item; these targets teach the lookup it rests on, word by word (measured with
-``scripts/reading_probe.py``: 0.87 after 400 steps of 128 items, against 0.58-0.62 without them).
+``scripts/reading_probe.py``: 0.87 after 400 steps of 128 items; without them 0.62 / 0.78, seeds 0 / 1, even at
+256 items per step).
 
 The ``copy`` task stands in for the text pretraining of a real LMM: repeat a random sequence of the world's words.
 Nothing in it can be predicted but by copying, so it trains the heads that copy words from the context (measured: a
