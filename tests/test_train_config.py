@@ -30,6 +30,8 @@ def test_base_model_recipe_keys_its_own_cache():
     from silmm_fast.models.bootstrap import cache_path, recipe
 
     assert config.parse_args([]).model.recipe == "plain"
+    assert config.parse_args(["--mode", "continuous"]).model.recipe == "reading"  # the mode's default
+    assert config.parse_args(["--mode", "continuous", "--model.recipe", "plain"]).model.recipe == "plain"
     cfg = config.parse_args(["--model.recipe", "reading", "--model.tiny", "true"])
     assert cfg.model.recipe == "reading"
     keys = {cache_path(recipe(name, "discrete", tiny=True), "/c") for name in ("plain", "pairs", "reading")}

@@ -166,11 +166,14 @@ RECIPES: dict[str, dict[str, object]] = {
         "reading_vqa_batch": 128,
         "steps": 650,
         "canonical_prob": 0.9,
+        "feature_weight": 0.6,
     },
 }
 """Named training recipes (overrides of the defaults): ``plain`` (the default: unpaired VQA, atomic image tokens),
 ``pairs`` (balanced VQA pairs) and ``reading`` (pairs, count targets, the structured image embedding and a reading
-stage first: a base model that reads its images; see the comments in ``BootstrapConfig``)."""
+stage first: a base model that reads its images; see the comments in ``BootstrapConfig``). ``reading`` doubles the
+continuous variant's ``feature_weight``: with 250 fewer steps of every task its feature head at 0.3 met every
+constraint of 5.0 % of held-out prompts, at 0.6 10.4 % (decomposition 0.925 and 0.975)."""
 
 _SCHEDULE = ("steps", "reading_steps", "reading_vqa_batch")
 
