@@ -89,6 +89,15 @@ def test_nll_weight_adds_the_chosen_per_token_nll(device, backend, reduction):
         assert_close(got, want, torch.float64)
 
 
+def test_nll_weight_on_a_chosen_row_with_nothing_scored_adds_nothing():
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch("cpu")
+    labels[0] = -100  # the first chosen image has no scored token
+    plain = FusedLinearDPOLoss(beta=0.5)(hidden, weight, labels, ref_c, ref_r, bias=bias)
+    out = FusedLinearDPOLoss(beta=0.5, nll_weight=0.7)(hidden, weight, labels, ref_c, ref_r, bias=bias)
+    assert torch.equal(out.losses[0], plain.losses[0]) and torch.isfinite(out.losses).all()
+    assert out.losses[1] > plain.losses[1]  # a scored row's NLL is positive
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_margin_is_exactly_zero_at_initialization(device, backend):
     """Policy == reference: the reference log-probs come through the same fp32 path, so rewards are exactly 0 and the

@@ -180,14 +180,15 @@ _SCHEDULE = ("steps", "reading_steps", "reading_vqa_batch")
 
 def recipe(name: str, variant: str = "discrete", tiny: bool = False) -> BootstrapConfig:
     """The ``BootstrapConfig`` of recipe ``name`` (one of ``RECIPES``); with ``tiny``, on ``BootstrapConfig.tiny``'s
-    model and schedule (a reading stage of 20 steps for ``reading``)."""
+    model and schedule (a recipe with a reading stage keeps one of 20 steps)."""
     if name not in RECIPES:
         raise ValueError(f"recipe: expected one of {tuple(RECIPES)}, got {name!r}")
     overrides = dict(RECIPES[name])
     if not tiny:
         return BootstrapConfig(variant=variant, **overrides)
+    reads_first = bool(overrides.get("reading_steps"))
     overrides = {k: v for k, v in overrides.items() if k not in _SCHEDULE}
-    if name == "reading":
+    if reads_first:
         overrides.update(reading_steps=20, reading_vqa_batch=32)
     return BootstrapConfig.tiny(variant, **overrides)
 

@@ -65,6 +65,7 @@ from silmm_fast.world import (
     scene_for_prompt,
     tokenize_text,
 )
+from silmm_fast.world.prompts import relation_holds
 
 IGNORE = -100
 _SHAPE_OF = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}  # shape word (singular or plural) -> shape
@@ -93,13 +94,11 @@ def filter_counts(scene: Scene, question: Question) -> list[tuple[int, int]]:
     right of some red circle). Returns ``(word index, count)`` per such word. The last count decides the answer:
     > 0 for "is there …" and relation questions, == n for "exactly n …".
     """
-    from silmm_fast.world.prompts import _relation_holds
-
     out: list[tuple[int, int]] = []
     in_view, partial, subjects = list(scene.objects), {}, None
     for i, w in enumerate(tokenize_text(question.text)):
         if w in RELATIONS and subjects is not None:
-            in_view = [x for x in scene.objects if any(a is not x and _relation_holds(a, w, x) for a in subjects)]
+            in_view = [x for x in scene.objects if any(a is not x and relation_holds(a, w, x) for a in subjects)]
             out.append((i, len(in_view)))
             continue
         attr = "color" if w in COLORS else "texture" if w in TEXTURES else "shape" if w in _SHAPE_OF else None

@@ -52,11 +52,6 @@ class ImageEmbedding(nn.Module):
         if self.cells is not None:
             nn.init.normal_(self.cells.weight, std=init_std)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base table (so code that reads ``embed_tokens.weight`` keeps working)."""
-        return self.base.weight
-
     def forward(self, ids: torch.Tensor, images_before: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings [B, T, H] of ``ids`` [B, T]; ``images_before`` [B] (default zeros): image tokens preceding
         ``ids[:, 0]`` in each row, so the first image token of ``ids`` sits in that cell."""

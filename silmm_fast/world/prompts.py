@@ -126,7 +126,8 @@ def _check_desc(name: str, value: object) -> Desc:
     return value
 
 
-def _relation_holds(a: Obj, relation: str, b: Obj) -> bool:
+def relation_holds(a: Obj, relation: str, b: Obj) -> bool:
+    """Whether ``a`` stands ``relation`` ("left", "right", "above", "below") of ``b`` on the grid."""
     if relation == "left":
         return a.col < b.col
     if relation == "right":
@@ -195,7 +196,7 @@ class Constraint:
         if self.kind == "count":
             return sum(self.subject.matches(o) for o in objs) == self.count
         return any(
-            a is not b and self.subject.matches(a) and self.other.matches(b) and _relation_holds(a, self.relation, b)
+            a is not b and self.subject.matches(a) and self.other.matches(b) and relation_holds(a, self.relation, b)
             for a in objs
             for b in objs
         )
@@ -711,7 +712,7 @@ def positive_questions(scene: Scene, rng: random.Random | int, n: int = 1) -> li
         kind = rng.choice(KINDS)
         if kind == "relation" and len(scene) > 1:
             b = rng.choice([o for o in scene.objects if o is not a])
-            rel = rng.choice([r for r in RELATIONS if _relation_holds(a, r, b)] or RELATIONS)
+            rel = rng.choice([r for r in RELATIONS if relation_holds(a, r, b)] or RELATIONS)
             return Constraint.related(da, rel, _random_desc(rng, b.shape, b.color, b.texture))
         if kind == "count":
             return Constraint.count_of(da, sum(da.matches(o) for o in scene.objects))
