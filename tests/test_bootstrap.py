@@ -2,6 +2,7 @@
 
 import importlib
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,9 +14,11 @@ from silmm_fast.models.bootstrap import (
     cache_path,
     default_cache_dir,
     recipe,
+    train,
 )
 from silmm_fast.models.data import IGNORE, Example, SyntheticData, collate, count_targets, filter_counts
 from silmm_fast.models.image_embedding import ImageEmbedding
+from silmm_fast.models.image_head import FactoredImageHead
 from silmm_fast.models.measure import format_report, generate_scenes, measure_base
 from silmm_fast.models.shapes_lmm import ShapesLMM
 from silmm_fast.models.vocab import JointVocab
@@ -349,6 +352,7 @@ def test_tiny_reading_recipe_trains_a_reading_stage_first(tmp_path):
     assert config.reading_steps == 20 and config.steps == BootstrapConfig.tiny("discrete").steps
     model = bootstrap("discrete", cache_dir=tmp_path, config=config, progress=False)
     assert isinstance(model.lm.model.embed_tokens, ImageEmbedding)
+    assert isinstance(model.lm.lm_head, FactoredImageHead)
     stats = bootstrap_stats(cache_path(config, tmp_path))["stats"]
     # VQA and copying run through both stages, the other tasks only through the second
     assert stats["steps_per_second"] * stats["seconds"] == pytest.approx(config.reading_steps + config.steps, rel=0.01)
@@ -357,6 +361,20 @@ def test_tiny_reading_recipe_trains_a_reading_stage_first(tmp_path):
     assert recipe("plain") == BootstrapConfig() and recipe("pairs") == BootstrapConfig(vqa_pairs=True)
     with pytest.raises(ValueError, match="recipe: expected one of"):
         recipe("pixels")
+
+
+def test_continuous_variant_keeps_the_atomic_head_and_trains_as_without_the_field():
+    # the continuous variant draws no image tokens: the recipe's factored head does not apply to it, and the model
+    # it trains is the one a config without it trains (same initialization, same data)
+    config = recipe("reading", "continuous", tiny=True)
+    assert config.image_head == "factored" and config.model_config().image_head == "atomic"
+    small = dict(steps=3, reading_steps=2)
+    a, _ = train(replace(config, **small), progress=False)
+    b, _ = train(replace(config, image_head="atomic", **small), progress=False)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(x, b.state_dict()[k]) for k, x in a.state_dict().items())
+    with pytest.raises(ValueError, match="image_head"):
+        BootstrapConfig(image_head="tied")
 
 
 def test_bootstrap_bad_input(tmp_path):

@@ -18,18 +18,22 @@ PROMPTS = [
 SIZES = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
 
 
-def _model(variant: str, image_embedding: str, seed: int) -> ShapesLMM:
+def _model(variant: str, image_embedding: str, seed: int, image_head: str = "atomic") -> ShapesLMM:
     torch.manual_seed(seed)
-    model = ShapesLMM(ShapesLMMConfig.for_world(variant, image_embedding=image_embedding, **SIZES)).eval()
-    if image_embedding == "structured":
-        with torch.no_grad():  # cell vectors large enough that an image token in a wrong cell changes every output
+    config = ShapesLMMConfig.for_world(variant, image_embedding=image_embedding, image_head=image_head, **SIZES)
+    model = ShapesLMM(config).eval()
+    with torch.no_grad():
+        if image_embedding == "structured":  # cell vectors large enough that a wrong cell changes every output
             model.lm.model.embed_tokens.cells.weight.normal_(std=1.0)
+        if image_head == "factored":  # attribute vectors large enough to decide what is drawn
+            model.lm.lm_head.attributes.normal_(std=1.0)
     return model
 
 
-@pytest.fixture(scope="module", params=["atomic", "structured"])
+@pytest.fixture(scope="module", params=[("atomic", "atomic"), ("structured", "atomic"), ("structured", "factored")])
 def discrete(request):
-    return _model("discrete", request.param, 0)
+    embedding, head = request.param
+    return _model("discrete", embedding, 0, head)
 
 
 @pytest.fixture(scope="module", params=["atomic", "structured"])
@@ -184,7 +188,7 @@ def test_image_logprob_inputs_match_plain_forward(discrete):
     tokens = torch.tensor([[[1, 0, 0, 0, 2, 0, 0, 0, 0], [0] * 8 + [90]], [[7] * 9, [0, 3, 0, 3, 0, 3, 0, 3, 0]]])
     prompts = PROMPTS[:2]
     hidden, weight, labels = discrete.image_logprob_inputs(prompts, tokens)
-    assert hidden.shape == (4, 9, 32) and weight is discrete.lm.lm_head.weight and hidden.requires_grad
+    assert hidden.shape == (4, 9, 32) and torch.equal(weight, discrete.lm.lm_head.weight) and hidden.requires_grad
     assert torch.equal(labels, tokens.reshape(4, 9) + v.image_offset)
     got = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels[..., None])[..., 0]
     with torch.no_grad():
@@ -196,6 +200,8 @@ def test_image_logprob_inputs_match_plain_forward(discrete):
             torch.testing.assert_close(got[b].detach(), want, rtol=1e-4, atol=1e-5)
     got.sum().backward()
     assert discrete.lm.model.layers[0].mlp.up_proj.weight.grad is not None
+    if discrete.config.image_head == "factored":  # the head's gradient reaches the attribute vectors
+        assert discrete.lm.lm_head.attributes.grad is not None and discrete.lm.lm_head.attributes.grad.abs().sum() > 0
     discrete.zero_grad(set_to_none=True)
 
 
@@ -233,12 +239,13 @@ def test_continuous_dropout_in_mlp_makes_samples_differ(continuous):
 # ---------------------------------------------------------------- persistence
 
 
-def test_save_load_round_trip(tmp_path, continuous):
-    continuous.save(tmp_path / "m")
-    loaded = ShapesLMM.load(tmp_path / "m")
-    assert loaded.config == continuous.config
-    for (k, a), (k2, b) in zip(continuous.state_dict().items(), loaded.state_dict().items()):
-        assert k == k2 and torch.equal(a, b)
+def test_save_load_round_trip(tmp_path, discrete, continuous):
+    for name, model in (("d", discrete), ("c", continuous)):
+        model.save(tmp_path / name)
+        loaded = ShapesLMM.load(tmp_path / name)
+        assert loaded.config == model.config and type(loaded.lm.lm_head) is type(model.lm.lm_head)
+        for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert k == k2 and torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="config.json"):
         ShapesLMM.load(tmp_path / "missing")
 

@@ -13,9 +13,18 @@ def test_defaults_are_valid_and_documented():
 
 
 def test_learning_rate_defaults_per_mode_and_explicit_value_wins():
-    assert config.load().optim.lr == pytest.approx(1e-4)
+    assert config.load().optim.lr == pytest.approx(5e-5)
     assert config.load(overrides={"mode": "continuous"}).optim.lr == pytest.approx(5e-5)
     assert config.parse_args(["--mode", "continuous", "--optim.lr", "3e-4"]).optim.lr == pytest.approx(3e-4)
+
+
+def test_nll_weight_defaults_per_mode_and_applies_to_discrete_only():
+    assert config.load().optim.nll_weight == 1.0
+    assert config.load(overrides={"mode": "continuous"}).optim.nll_weight == 0.0
+    assert config.parse_args(["--optim.nll_weight", "0"]).optim.nll_weight == 0.0
+    assert config.parse_args(["--optim.nll_weight", "none"]).optim.nll_weight == 1.0
+    with pytest.raises(ValueError, match="optim.nll_weight: expected 0 in continuous mode"):
+        config.parse_args(["--mode", "continuous", "--optim.nll_weight", "0.5"])
 
 
 def test_prompts_per_category_default_and_explicit_value_wins():
@@ -29,11 +38,11 @@ def test_prompts_per_category_default_and_explicit_value_wins():
 def test_base_model_recipe_keys_its_own_cache():
     from silmm_fast.models.bootstrap import cache_path, recipe
 
-    assert config.parse_args([]).model.recipe == "plain"
-    assert config.parse_args(["--mode", "continuous"]).model.recipe == "reading"  # the mode's default
+    assert config.parse_args([]).model.recipe == "reading"
+    assert config.parse_args(["--mode", "continuous"]).model.recipe == "reading"
     assert config.parse_args(["--mode", "continuous", "--model.recipe", "plain"]).model.recipe == "plain"
-    cfg = config.parse_args(["--model.recipe", "reading", "--model.tiny", "true"])
-    assert cfg.model.recipe == "reading"
+    cfg = config.parse_args(["--model.recipe", "pairs", "--model.tiny", "true"])
+    assert cfg.model.recipe == "pairs"
     keys = {cache_path(recipe(name, "discrete", tiny=True), "/c") for name in ("plain", "pairs", "reading")}
     assert len(keys) == 3
     with pytest.raises(ValueError, match=r"config model.recipe: expected one of \('plain', 'pairs', 'reading'\)"):

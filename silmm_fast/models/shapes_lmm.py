@@ -34,10 +34,12 @@ from transformers.models.llama.modeling_llama import LlamaModel
 from silmm_fast._validate import check_count, check_noise, check_prompts, check_sampling
 from silmm_fast.models.batching import left_pad
 from silmm_fast.models.image_embedding import ImageEmbedding
+from silmm_fast.models.image_head import FactoredImageHead
 from silmm_fast.models.vocab import JointVocab
 
 VARIANTS = ("discrete", "continuous")
 IMAGE_EMBEDDINGS = ("atomic", "structured")
+IMAGE_HEADS = ("atomic", "factored")
 # transformers renamed LlamaModel.forward's `past_key_values` to `cache` (the old name warns in 5.24, goes in 5.40).
 _CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 CONFIG_FILE = "config.json"
@@ -58,7 +60,10 @@ class ShapesLMMConfig:
     ``feature_slots``) fix the vocabulary and the output shapes; ``ShapesLMMConfig.for_world`` fills them from the
     built-in world. The remaining fields size the Llama decoder; ``image_embedding`` says how an image token is
     embedded: ``"atomic"`` (one learned vector per token) or ``"structured"`` (that vector plus the embeddings of
-    the words naming its shape, color and texture plus a learned vector of its cell: ``models.image_embedding``).
+    the words naming its shape, color and texture plus a learned vector of its cell: ``models.image_embedding``);
+    ``image_head`` how the discrete variant scores the image tokens it draws: ``"atomic"`` (one row of ``lm_head`` per
+    token) or ``"factored"`` (a token showing an object scores by the sum of vectors of its shape, color and texture,
+    so it can be drawn before it was ever a target: ``models.image_head``).
     """
 
     words: tuple[str, ...]
@@ -74,6 +79,7 @@ class ShapesLMMConfig:
     num_heads: int = 4
     max_positions: int = 160
     image_embedding: str = "atomic"
+    image_head: str = "atomic"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "words", tuple(self.words))
@@ -82,6 +88,10 @@ class ShapesLMMConfig:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
         if self.image_embedding not in IMAGE_EMBEDDINGS:
             raise ValueError(f"image_embedding: expected one of {IMAGE_EMBEDDINGS}, got {self.image_embedding!r}")
+        if self.image_head not in IMAGE_HEADS:
+            raise ValueError(f"image_head: expected one of {IMAGE_HEADS}, got {self.image_head!r}")
+        if self.image_head != "atomic" and self.variant != "discrete":
+            raise ValueError(f"image_head: {self.image_head!r} needs the discrete variant, which draws image tokens")
         for name in ("num_image_tokens", "image_seq_len", "hidden_size", "intermediate_size", "num_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -210,6 +220,8 @@ class ShapesLMM(nn.Module):
         self.register_buffer("_image_allowed", image_mask, persistent=False)
         self.register_buffer("_write_allowed", word_mask.clone().index_fill_(0, torch.tensor([v.eos]), True), False)
         self.register_buffer("_dec_allowed", word_mask.index_fill_(0, torch.tensor([v.eos, v.sep]), True), False)
+        if config.image_head == "factored":
+            self.lm.lm_head = FactoredImageHead(self.lm.lm_head, v, init_std=llama.initializer_range)
 
     # ------------------------------------------------------------------ plumbing
 
