@@ -209,12 +209,13 @@ def test_random_feedback_control_and_config_mismatch(tmp_path, model_cache):
         Run(other).run()
 
 
-def test_plain_recipe_base_model_runs_the_loop(tmp_path, model_cache):
+def test_plain_recipe_base_model_runs_the_loop(tmp_path):
     from silmm_fast.models.bootstrap import cache_path, recipe
 
-    cfg = tiny_config(tmp_path / "plain", cache=model_cache, model={"recipe": "plain"})
+    cfg = tiny_config(tmp_path / "plain", cache=tmp_path / "models", model={"recipe": "plain"})
     summary = Run(cfg).run()
-    assert cache_path(recipe("plain", "discrete", tiny=True), model_cache).is_dir()
+    plain = cache_path(recipe("plain", "discrete", tiny=True), tmp_path / "models")
+    assert plain.is_dir() and not cache_path(recipe("reading", "discrete", tiny=True), tmp_path / "models").exists()
     model = Run(cfg).model_after(1).model
     assert not isinstance(model.lm.model.embed_tokens, ImageEmbedding)
     assert not isinstance(model.lm.lm_head, FactoredImageHead)

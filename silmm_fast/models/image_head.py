@@ -40,17 +40,12 @@ class FactoredImageHead(nn.Module):
         if base.bias is not None:
             raise ValueError("base: expected an lm_head without bias")
         self.base = base
-        values = [*SHAPES, *COLORS, *TEXTURES]
-        index = {("shape", v): i for i, v in enumerate(SHAPES)}
-        index.update({("color", v): len(SHAPES) + i for i, v in enumerate(COLORS)})
-        index.update({("texture", v): len(SHAPES) + len(COLORS) + i for i, v in enumerate(TEXTURES)})
+        values = [*SHAPES, *COLORS, *TEXTURES]  # distinct words, so a value names its attribute vector
         tokenizer = ImageTokenizer()
         incidence = torch.zeros(base.out_features, len(values))
         for k in range(tokenizer.num_tokens):
-            attributes = tokenizer.attributes_of(k)
-            if attributes is not None:
-                for kind, value in zip(("shape", "color", "texture"), attributes):
-                    incidence[vocab.image_offset + k, index[kind, value]] = 1.0
+            for value in tokenizer.attributes_of(k) or ():
+                incidence[vocab.image_offset + k, values.index(value)] = 1.0
         self.register_buffer("incidence", incidence, persistent=False)
         self.register_buffer("object_rows", incidence.any(-1), persistent=False)
         self.attributes = nn.Parameter(torch.randn(len(values), base.in_features) * init_std)
