@@ -6,7 +6,7 @@ import torch
 
 from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig, sample_next
 from silmm_fast.models.vocab import SPECIALS, JointVocab
-from silmm_fast.world import CATEGORIES, WORDS, tokenize_text
+from silmm_fast.world import CATEGORIES, QUESTION_WORDS, WORDS, tokenize_text
 
 torch.set_num_threads(1)
 
@@ -129,18 +129,20 @@ def test_write_prompts_order_and_words(discrete):
     assert greedy[0] == greedy[1] and greedy[2] == greedy[3]
 
 
-def test_decompose_matches_naive_greedy(discrete):
+@pytest.mark.parametrize("copy_words", [True, False])
+def test_decompose_matches_naive_greedy(discrete, copy_words):
     v = discrete.vocab
-    out = discrete.decompose(PROMPTS[:2], max_new_tokens=8)
+    out = discrete.decompose(PROMPTS[:2], max_new_tokens=8, copy_words=copy_words)
     assert len(out) == 2
     with torch.no_grad():
         for p, questions in zip(PROMPTS[:2], out):
             seq = [v.bos, v.dec, *v.encode_words(tokenize_text(p)), v.sep]
+            words_allowed = v.encode_words([*QUESTION_WORDS, *tokenize_text(p)]) if copy_words else list(v.word_ids)
             new = []
             for _ in range(8):
                 logits = _logits(discrete, seq)[-1].clone()
                 allowed = torch.zeros_like(logits, dtype=torch.bool)
-                allowed[list(v.word_ids) + [v.sep, v.eos]] = True
+                allowed[words_allowed + [v.sep, v.eos]] = True
                 tok = int(logits.masked_fill(~allowed, float("-inf")).argmax())
                 seq.append(tok)
                 new.append(tok)
@@ -149,6 +151,17 @@ def test_decompose_matches_naive_greedy(discrete):
             words = " ".join(v.text_tokens[t] if t not in (v.sep, v.eos) else "|" for t in new)
             expected = [q.strip() for q in words.split("|") if q.strip()]
             assert [tokenize_text(q) for q in questions] == [tokenize_text(q) for q in expected]
+
+
+def test_decompose_copy_words_keeps_to_the_prompt_and_the_question_words(discrete):
+    prompts = ["a red circle to the left of a blue square", "two green stars"]
+    out = discrete.decompose(prompts, max_new_tokens=24)
+    assert any(out), "nothing decoded: the check below would hold vacuously"
+    for p, questions in zip(prompts, out):
+        allowed = {*QUESTION_WORDS, *tokenize_text(p)}
+        assert all(set(tokenize_text(q)) <= allowed for q in questions), (p, questions)
+    with pytest.raises(TypeError, match="copy_words"):
+        discrete.decompose(prompts, copy_words="yes")
 
 
 # ---------------------------------------------------------------- VQA

@@ -10,6 +10,7 @@ from silmm_fast.world import (
     COLORS,
     HELDOUT_PAIRS,
     NUMBER_WORDS,
+    QUESTION_WORDS,
     RELATION_PHRASES,
     SHAPES,
     TEXTURES,
@@ -152,6 +153,15 @@ def test_questions_decompose_every_constraint(split):
         assert len(qs) >= len(p.constraints)
         assert {q.constraint for q in qs} == set(p.constraints)
         assert all(isinstance(q, Question) and q.text.endswith("?") for q in qs)
+
+
+def test_questions_copy_their_words_from_the_prompt_and_the_question_words(split):
+    # ShapesLMM.decompose(copy_words=True) rests on this: a ground-truth question never needs another word.
+    added = set()
+    for p in _all(split):
+        for q in questions_for(p):
+            added |= set(tokenize_text(q.text)) - set(tokenize_text(p.text))
+    assert added == set(QUESTION_WORDS)
 
 
 def test_scene_for_prompt_always_satisfies(split):

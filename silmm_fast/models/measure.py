@@ -9,7 +9,8 @@
   scored against the right image's answers, so it measures what the question text alone predicts; a model that
   reads the image scores well below ``vqa`` here;
 - ``decompose``: fraction of held-out prompts whose greedy decomposition is exactly the ground-truth question set
-  (compared as token sequences, order-free);
+  (compared as token sequences, order-free), decoded as the loop decodes it (``ShapesLMM.decompose``'s
+  ``copy_words``: a question copies its words from the prompt); ``decompose_free``: the same with any word allowed;
 - ``generate``: for images sampled from the model (discrete: nucleus sampling; continuous: DropDiv samples of the
   feature matrix, decoded by the FeatureCodec), the fraction of images meeting every constraint
   (``all_constraints``) and the mean fraction of constraints met (``constraint_fraction``), per category and for
@@ -110,8 +111,9 @@ def measure_base(
         seed: seed of the sampling and of the near-miss scenes.
 
     Returns:
-        ``{"vqa": {cat: acc}, "vqa_shuffled": {cat: acc}, "decompose": {cat: frac}, "generate": {cat | "single" |
-        "multi": {"all_constraints": ..., "constraint_fraction": ...}}}``, each with an ``"all"`` entry.
+        ``{"vqa": {cat: acc}, "vqa_shuffled": {cat: acc}, "decompose": {cat: frac}, "decompose_free": {cat: frac},
+        "generate": {cat | "single" | "multi": {"all_constraints": ..., "constraint_fraction": ...}}}``, each with an
+        ``"all"`` entry.
     """
     if not isinstance(model, ShapesLMM):
         raise TypeError(f"model: expected a ShapesLMM, got {type(model).__name__}")
@@ -137,11 +139,12 @@ def measure_base(
             "prompts": len(idx),
         }
 
-    decomposed = model.decompose(texts)
-    dec_ok = []
-    for p, qs in zip(prompts, decomposed):
-        truth = sorted(tuple(tokenize_text(q.text)) for q in questions_for(p))
-        dec_ok.append([float(sorted(tuple(tokenize_text(q)) for q in qs) == truth)])
+    truths = [sorted(tuple(tokenize_text(q.text)) for q in questions_for(p)) for p in prompts]
+    decompose = {}
+    for name, copy_words in (("decompose", True), ("decompose_free", False)):
+        decomposed = model.decompose(texts, copy_words=copy_words)
+        ok = [[float(sorted(tuple(tokenize_text(q)) for q in qs) == t)] for qs, t in zip(decomposed, truths)]
+        decompose[name] = _by_category(prompts, ok)
 
     scenes, questions, truths, owners = [], [], [], []
     tok = ImageTokenizer()
@@ -165,21 +168,24 @@ def measure_base(
         for i, yes, no, truth in zip(owners, p_yes, p_no, truths):
             per_prompt[i].extend(float((y > n).item() == t) for y, n, t in zip(yes, no, truth))
         vqa[name] = _by_category(prompts, [per_prompt[i] for i in range(len(prompts))])
-    return {**vqa, "decompose": _by_category(prompts, dec_ok), "generate": generate}
+    return {**vqa, **decompose, "generate": generate}
 
 
 def format_report(result: dict[str, dict]) -> str:
     """A small text table of a ``measure_base`` result, one row per category."""
     gen = result["generate"]
     keys = [k for k in result["vqa"] if k != "all"] + ["all"]
-    lines = [f"{'category':<10} {'vqa':>6} {'vqa_shuf':>8} {'decomp':>7} {'gen_all':>8} {'gen_frac':>9}"]
+    lines = [
+        f"{'category':<10} {'vqa':>6} {'vqa_shuf':>8} {'decomp':>7} {'dec_free':>8} {'gen_all':>8} {'gen_frac':>9}"
+    ]
     for k in keys:
         lines.append(
             f"{k:<10} {result['vqa'][k]:>6.3f} {result['vqa_shuffled'][k]:>8.3f} {result['decompose'][k]:>7.3f} "
+            f"{result['decompose_free'][k]:>8.3f} "
             f"{gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
         )
     for k in ("single", "multi"):
         lines.append(
-            f"{k + '-object':<26} {'':>7} {gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
+            f"{k + '-object':<35} {'':>7} {gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
         )
     return "\n".join(lines)

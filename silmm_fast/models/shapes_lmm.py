@@ -285,6 +285,8 @@ class ShapesLMM(nn.Module):
     ) -> torch.Tensor:
         """Batched KV-cached decoding of ``max_new_tokens`` after each prefix (each repeated ``repeat`` times).
 
+        ``allowed`` (bool) says which tokens may be drawn: [V] for every row, or [B, V] one row per prefix.
+
         ``noise`` [B * repeat, max_new_tokens] uniform in [0, 1): row r samples its step-t token with ``noise[r, t]``
         (``sample_next``), so each row's draws are its own; without it the rows draw from ``generator``.
         Returns [B * repeat, T'] new ids, T' <= max_new_tokens; after ``stop_id`` a row holds <pad>.
@@ -304,7 +306,7 @@ class ShapesLMM(nn.Module):
         next_pos = pos[:, -1:] + 1
         done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
         out = []
-        blocked = ~allowed
+        blocked = ~(allowed.repeat_interleave(repeat, dim=0) if allowed.dim() == 2 else allowed)
         for step in range(max_new_tokens):
             logits = self.lm.lm_head(hidden).float().masked_fill(blocked, float("-inf"))
             step_noise = None if noise is None else noise[:, step]
@@ -482,16 +484,33 @@ class ShapesLMM(nn.Module):
 
     # ------------------------------------------------------------------ SILMM step 3: questions
 
-    def decompose(self, prompts: Sequence[str], max_new_tokens: int = 96) -> list[list[str]]:
+    def decompose(self, prompts: Sequence[str], max_new_tokens: int = 96, copy_words: bool = True) -> list[list[str]]:
         """Greedy decomposition of each prompt into yes/no questions: "<dec> words <sep>" → q1 <sep> q2 … <eos>.
+
+        With ``copy_words`` (the default) a question may use only its prompt's words and the question templates' own
+        (``silmm_fast.world.QUESTION_WORDS``), as every ground-truth question does: the model still chooses which
+        words, in which order, but cannot put a word the prompt never said in place of one it did (measured, free
+        decoding on held-out prompts writes "is there a blue triangle?" for "a blue star", or "left" for "right").
+        Without it, any word of the vocabulary may be drawn.
 
         Returns one list of question strings per prompt (empty questions dropped).
         """
         prompts = check_prompts(prompts)
         check_count("max_new_tokens", max_new_tokens)
+        if not isinstance(copy_words, bool):
+            raise TypeError(f"copy_words: expected a bool, got {copy_words!r}")
         v = self.vocab
-        prefixes = [[v.bos, v.dec, *self.prompt_ids(p), v.sep] for p in prompts]
-        new = self._decode(prefixes, max_new_tokens, self._dec_allowed, stop_id=v.eos)
+        prompt_ids = [self.prompt_ids(p) for p in prompts]
+        prefixes = [[v.bos, v.dec, *ids, v.sep] for ids in prompt_ids]
+        allowed = self._dec_allowed
+        if copy_words:
+            from silmm_fast.world.prompts import QUESTION_WORDS
+
+            allowed = torch.zeros(len(prompts), v.size, dtype=torch.bool, device=self.device)
+            allowed[:, self.vocab.encode_words(QUESTION_WORDS) + [v.sep, v.eos]] = True
+            for row, ids in zip(allowed, prompt_ids):
+                row[ids] = True
+        new = self._decode(prefixes, max_new_tokens, allowed, stop_id=v.eos)
         result = []
         for row in new.tolist():
             questions, words = [], []

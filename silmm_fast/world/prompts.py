@@ -54,6 +54,9 @@ RELATION_PHRASES: dict[str, str] = {
 }
 NUMBER_WORDS: tuple[str, ...] = ("one", "two", "three", "four")
 """``NUMBER_WORDS[n - 1]`` spells n."""
+QUESTION_WORDS: tuple[str, ...] = ("is", "there", "are", "exactly", "the", "?")
+"""The words a question of ``questions_for`` may use beyond its prompt's: every other word of each question (the
+object descriptions, relation phrases, counts and articles) is copied from the prompt."""
 
 
 def _heldout(shape: str, attribute: str) -> bool:
