@@ -37,8 +37,8 @@ class ModelConfig:
         "reading",
         "shapes: how the base model is bootstrapped. reading: balanced VQA pairs, count targets, structured image "
         "tokens, a reading stage and (discrete) a factored image-token head: a judge that reads its images and a "
-        "model that can draw attribute pairs it never drew (seed 0, self feedback: discrete +61 percent, continuous "
-        "+131 percent; random feedback +8 and -14 percent). plain: unpaired VQA and atomic image tokens (its judge "
+        "model that can draw attribute pairs it never drew (seed 0, self feedback: discrete +71 percent, continuous "
+        "+154 percent; random feedback +8 and -14 percent). plain: unpaired VQA and atomic image tokens (its judge "
         "answers mostly from the question text; discrete +23 percent, continuous -31 percent). pairs: plain with "
         "balanced VQA pairs. See silmm_fast.models.bootstrap.RECIPES",
     )
