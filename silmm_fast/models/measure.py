@@ -139,11 +139,11 @@ def measure_base(
             "prompts": len(idx),
         }
 
-    truths = [sorted(tuple(tokenize_text(q.text)) for q in questions_for(p)) for p in prompts]
+    question_sets = [sorted(tuple(tokenize_text(q.text)) for q in questions_for(p)) for p in prompts]
     decompose = {}
     for name, copy_words in (("decompose", True), ("decompose_free", False)):
         decomposed = model.decompose(texts, copy_words=copy_words)
-        ok = [[float(sorted(tuple(tokenize_text(q)) for q in qs) == t)] for qs, t in zip(decomposed, truths)]
+        ok = [[float(sorted(tuple(tokenize_text(q)) for q in qs) == t)] for qs, t in zip(decomposed, question_sets)]
         decompose[name] = _by_category(prompts, ok)
 
     scenes, questions, truths, owners = [], [], [], []

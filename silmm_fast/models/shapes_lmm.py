@@ -507,7 +507,7 @@ class ShapesLMM(nn.Module):
             from silmm_fast.world.prompts import QUESTION_WORDS
 
             allowed = torch.zeros(len(prompts), v.size, dtype=torch.bool, device=self.device)
-            allowed[:, self.vocab.encode_words(QUESTION_WORDS) + [v.sep, v.eos]] = True
+            allowed[:, v.encode_words(QUESTION_WORDS) + [v.sep, v.eos]] = True
             for row, ids in zip(allowed, prompt_ids):
                 row[ids] = True
         new = self._decode(prefixes, max_new_tokens, allowed, stop_id=v.eos)
