@@ -68,7 +68,7 @@ class BootstrapConfig:
     # Dropout rate in every decoder MLP while the continuous variant regresses its features (0: none). The loop
     # samples with DropDiv (dropout at the same place, rate 0.5 by default), and a model that never saw dropout in
     # training draws mostly broken images there. Measured with the reading recipe (seed 0): held-out multi-object
-    # all-constraints of DropDiv samples 0.101 at 0, 0.394 at 0.5 (single-object 0.313 -> 0.875). Not in a recipe:
+    # all-constraints of DropDiv samples 0.101 at 0, 0.378 at 0.5 (single-object 0.312 -> 0.812). Not in a recipe:
     # the continuous loop (KC-DPO, default settings) does not improve such a base model: 0.405 -> 0.336 over three
     # iterations at 0.5 (ground-truth feedback 0.278), 0.421 -> 0.432 at 0.1 (ground truth 0.411), where it gains
     # +154 % at 0 (README).
