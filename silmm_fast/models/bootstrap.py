@@ -70,8 +70,8 @@ class BootstrapConfig:
     # training draws mostly broken images there. Measured with the reading recipe (seed 0): held-out multi-object
     # all-constraints of DropDiv samples 0.101 at 0, 0.378 at 0.5 (single-object 0.312 -> 0.812). Not in a recipe:
     # the continuous loop (KC-DPO, default settings) does not improve such a base model: 0.405 -> 0.336 over three
-    # iterations at 0.5 (ground-truth feedback 0.278), 0.421 -> 0.432 at 0.1 (ground truth 0.411), where it gains
-    # +154 % at 0 (README).
+    # iterations at 0.5 (ground-truth feedback 0.278), 0.421 -> 0.432 at 0.1 (ground truth 0.411), +5.7 % at 0.05
+    # (base multi-object 0.323; ground truth +11.5 %), where it gains +154 % at 0 (README).
     feature_dropout: float = 0.0
     gen_noise: float = 0.3
     distractor_prob: float = 0.2
