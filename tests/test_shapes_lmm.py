@@ -153,6 +153,22 @@ def test_decompose_matches_naive_greedy(discrete, copy_words):
             assert [tokenize_text(q) for q in questions] == [tokenize_text(q) for q in expected]
 
 
+def test_decode_takes_one_allowed_row_per_prefix_and_repeats_it(discrete):
+    # [B, V] masks (one per prefix, repeated with its prefix) draw what each row's own [V] mask draws
+    v = discrete.vocab
+    prefixes = [[v.bos, v.dec, *v.encode_words(tokenize_text(p)), v.sep] for p in PROMPTS[:2]]
+    masks = torch.zeros(2, v.size, dtype=torch.bool)
+    masks[0, v.encode_words(["is", "there", "a", "red", "circle"])] = True
+    masks[1, v.encode_words(["the", "two", "stars", "?"])] = True
+    noise = torch.rand(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kw = dict(repeat=2, temperature=1.0, top_p=1.0)
+    together = discrete._decode(prefixes, 5, masks, noise=noise, **kw)
+    for b in range(2):
+        alone = discrete._decode(prefixes[b : b + 1], 5, masks[b], noise=noise[2 * b : 2 * b + 2], **kw)
+        assert torch.equal(together[2 * b : 2 * b + 2], alone)
+        assert masks[b][together[2 * b : 2 * b + 2]].all()
+
+
 def test_decompose_copy_words_keeps_to_the_prompt_and_the_question_words(discrete):
     prompts = ["a red circle to the left of a blue square", "two green stars"]
     out = discrete.decompose(prompts, max_new_tokens=24)

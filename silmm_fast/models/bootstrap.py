@@ -17,6 +17,7 @@ recipe is what it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -280,11 +281,10 @@ def _losses(
     else:
         pairs = [data.generate_pair() for _ in range(config.generate_batch)]
         target = codec.encode_batch([s for _, s in pairs]).to(model.device)
-        if config.feature_dropout:
-            # dropout as DropDiv applies it, each step with its own masks, seeded for a reproducible bootstrap
-            with dropdiv(model, None, config.feature_dropout, seed=config.seed * 1_000_003 + step, eval_mode=False):
-                pred = model.feature_forward([t for t, _ in pairs])
-        else:
+        # feature_dropout: dropout as DropDiv applies it, each step with its own masks, seeded for a reproducible run
+        drop = config.feature_dropout
+        seed = config.seed * 1_000_003 + step
+        with dropdiv(model, None, drop, seed=seed, eval_mode=False) if drop else contextlib.nullcontext():
             pred = model.feature_forward([t for t, _ in pairs])
         # Squared error summed over a row's D features, averaged over rows: O(1) at the start like the CEs.
         losses["generate"] = config.feature_weight * (pred - target).pow(2).sum(-1).mean()
