@@ -18,27 +18,44 @@ PROMPTS = [
 SIZES = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
 
 
-def _model(variant: str, image_embedding: str, seed: int, image_head: str = "atomic") -> ShapesLMM:
+def _model(variant: str, image_embedding: str, seed: int, image_head: str = "atomic", word_shift: int = 0) -> ShapesLMM:
     torch.manual_seed(seed)
-    config = ShapesLMMConfig.for_world(variant, image_embedding=image_embedding, image_head=image_head, **SIZES)
+    config = ShapesLMMConfig.for_world(
+        variant, image_embedding=image_embedding, image_head=image_head, word_shift=word_shift, **SIZES
+    )
     model = ShapesLMM(config).eval()
+    embed = model.lm.model.embed_tokens
     with torch.no_grad():
+        if word_shift:  # maps large enough that a wrong preceding word changes every output
+            for m in embed.maps:
+                m.weight.normal_(std=0.5)
+            embed = embed.inner
         if image_embedding == "structured":  # cell vectors large enough that a wrong cell changes every output
-            model.lm.model.embed_tokens.cells.weight.normal_(std=1.0)
+            embed.cells.weight.normal_(std=1.0)
         if image_head == "factored":  # attribute vectors large enough to decide what is drawn
             model.lm.lm_head.attributes.normal_(std=1.0)
     return model
 
 
-@pytest.fixture(scope="module", params=[("atomic", "atomic"), ("structured", "atomic"), ("structured", "factored")])
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("atomic", "atomic", 0),
+        ("structured", "atomic", 0),
+        ("structured", "factored", 0),
+        ("atomic", "atomic", 2),
+        ("structured", "factored", 2),
+    ],
+)
 def discrete(request):
-    embedding, head = request.param
-    return _model("discrete", embedding, 0, head)
+    embedding, head, shift = request.param
+    return _model("discrete", embedding, 0, head, shift)
 
 
-@pytest.fixture(scope="module", params=["atomic", "structured"])
+@pytest.fixture(scope="module", params=[("atomic", 0), ("structured", 0), ("structured", 2)])
 def continuous(request):
-    return _model("continuous", request.param, 1)
+    embedding, shift = request.param
+    return _model("continuous", embedding, 1, word_shift=shift)
 
 
 def _logits(model, ids):

@@ -99,7 +99,9 @@ def assert_equivalent(a: dict, b: dict, exact_training: bool) -> None:
         )
     assert a["weights"].keys() == b["weights"].keys()
     for name in a["weights"]:
-        torch.testing.assert_close(a["weights"][name], b["weights"][name], **tol, msg=name)
+        torch.testing.assert_close(
+            a["weights"][name], b["weights"][name], **tol, msg=lambda m, name=name: f"{name}: {m}"
+        )
     # generation after training: the same tokens unless a weight difference flips a draw (it does not here)
     assert a["eval.json"] == b["eval.json"]
 

@@ -36,6 +36,7 @@ from silmm_fast.models.batching import left_pad
 from silmm_fast.models.image_embedding import ImageEmbedding
 from silmm_fast.models.image_head import FactoredImageHead
 from silmm_fast.models.vocab import JointVocab
+from silmm_fast.models.word_shift import WordShift
 
 VARIANTS = ("discrete", "continuous")
 IMAGE_EMBEDDINGS = ("atomic", "structured")
@@ -63,7 +64,8 @@ class ShapesLMMConfig:
     the words naming its shape, color and texture plus a learned vector of its cell: ``models.image_embedding``);
     ``image_head`` how the discrete variant scores the image tokens it draws: ``"atomic"`` (one row of ``lm_head`` per
     token) or ``"factored"`` (a token showing an object scores by the sum of vectors of its shape, color and texture,
-    so it can be drawn before it was ever a target: ``models.image_head``).
+    so it can be drawn before it was ever a target: ``models.image_head``); ``word_shift`` how many preceding tokens
+    each token of a question takes in through learned maps of their embeddings (0: none; ``models.word_shift``).
     """
 
     words: tuple[str, ...]
@@ -80,6 +82,7 @@ class ShapesLMMConfig:
     max_positions: int = 160
     image_embedding: str = "atomic"
     image_head: str = "atomic"
+    word_shift: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "words", tuple(self.words))
@@ -98,6 +101,8 @@ class ShapesLMMConfig:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads: expected a positive divisor of hidden_size={self.hidden_size}")
+        if not isinstance(self.word_shift, int) or isinstance(self.word_shift, bool) or self.word_shift < 0:
+            raise ValueError(f"word_shift: expected an int >= 0, got {self.word_shift!r}")
         if self.variant == "continuous" and (self.feature_dim < 1 or self.feature_slots < 1):
             raise ValueError("feature_dim, feature_slots: the continuous variant needs both positive")
 
@@ -209,6 +214,8 @@ class ShapesLMM(nn.Module):
             self.lm.model.embed_tokens = ImageEmbedding(
                 self.lm.model.embed_tokens, self.vocab, words=True, cells=True, init_std=llama.initializer_range
             )
+        if config.word_shift:
+            self.lm.model.embed_tokens = WordShift(self.lm.model.embed_tokens, self.vocab, config.word_shift)
         if config.variant == "continuous":
             self.query_slots = nn.Parameter(torch.randn(config.feature_slots, config.hidden_size) * 0.02)
             self.feature_head = nn.Linear(config.hidden_size, config.feature_dim)
@@ -263,10 +270,15 @@ class ShapesLMM(nn.Module):
         if self.config.variant != variant:
             raise ValueError(f"{method}: needs the {variant} variant, this model is {self.config.variant}")
 
-    def _embed(self, ids: torch.Tensor, images_before: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of ``ids`` [B, T] continuing rows that already hold ``images_before`` [B] image
-        tokens (which only a structured image embedding needs to know)."""
+    def _embed(
+        self, ids: torch.Tensor, images_before: torch.Tensor, previous: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Input embeddings of ``ids`` [B, T] continuing rows that already hold ``images_before`` [B] image tokens
+        (which only a structured image embedding needs to know) and end in the ids ``previous`` [B, P] (which only a
+        word shift needs, at a question's first tokens; decoding never writes a question, so it gives none)."""
         embed = self.lm.model.embed_tokens
+        if isinstance(embed, WordShift):
+            return embed(ids, images_before, previous)
         return embed(ids, images_before) if isinstance(embed, ImageEmbedding) else embed(ids)
 
     @torch.no_grad()
@@ -606,8 +618,10 @@ class ShapesLMM(nn.Module):
         for r, q in enumerate(flat):
             ids[r, : len(q)] = torch.tensor(q)
         pos = prefix.shape[1] + torch.arange(width, device=self.device).expand(len(flat), -1)
+        n_images = torch.full((len(flat),), tokens.shape[1], device=self.device)
+        embeds = self._embed(ids.to(self.device), n_images, prefix[owner])
         hidden = self.lm.model(
-            input_ids=ids.to(self.device), position_ids=pos, **{_CACHE_KW: cache}, use_cache=True
+            inputs_embeds=embeds, position_ids=pos, **{_CACHE_KW: cache}, use_cache=True
         ).last_hidden_state
         last = hidden[torch.arange(len(flat), device=self.device), lengths - 1]
         probs = torch.softmax(self.lm.lm_head(last).float(), dim=-1)

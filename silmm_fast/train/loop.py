@@ -610,8 +610,9 @@ class Run:
                     f"iter {it} reference",
                 )
             )
-        # continuous mode never reads the LM head: DDP must be told some parameters get no gradient
-        model = distributed.TrainModel(policy, self.dist, cfg.dist.strategy, find_unused=cfg.mode == "continuous")
+        # DDP must be told that some parameters get no gradient: continuous mode never reads the LM head, and no
+        # preference step reads a word shift's maps (only questions do)
+        model = distributed.TrainModel(policy, self.dist, cfg.dist.strategy, find_unused=True)
         opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         policy.train()
         gen = seeded(cfg.seed, it, "train")  # the same permutation on every rank
