@@ -22,6 +22,7 @@ from silmm_fast.models.image_head import FactoredImageHead
 from silmm_fast.models.measure import format_report, generate_scenes, measure_base
 from silmm_fast.models.shapes_lmm import ShapesLMM
 from silmm_fast.models.vocab import JointVocab
+from silmm_fast.models.word_shift import WordShift
 from silmm_fast.world import (
     CATEGORIES,
     COLORS,
@@ -315,10 +316,14 @@ def test_cache_key_depends_on_config(tmp_path, monkeypatch):
     for change in (
         dict(vqa_counts=not a.vqa_counts),
         dict(image_embedding="atomic" if a.image_embedding == "structured" else "structured"),
+        dict(word_shift=a.word_shift + 1),
     ):
         assert cache_path(a, tmp_path) != cache_path(BootstrapConfig.tiny("discrete", **change), tmp_path)
     with pytest.raises(ValueError, match="image_embedding: expected one of"):
         BootstrapConfig.tiny("discrete", image_embedding="pixels").model_config()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="word_shift"):
+            BootstrapConfig.tiny("discrete", word_shift=bad)
     assert cache_path(a, tmp_path) != cache_path(BootstrapConfig.tiny("continuous"), tmp_path)
     c = BootstrapConfig.tiny("continuous")
     assert cache_path(c, tmp_path) != cache_path(BootstrapConfig.tiny("continuous", feature_weight=2.0), tmp_path)
@@ -351,7 +356,8 @@ def test_tiny_reading_recipe_trains_a_reading_stage_first(tmp_path):
     assert (config.vqa_pairs, config.vqa_counts, config.image_embedding) == (True, True, "structured")
     assert config.reading_steps == 20 and config.steps == BootstrapConfig.tiny("discrete").steps
     model = bootstrap("discrete", cache_dir=tmp_path, config=config, progress=False)
-    assert isinstance(model.lm.model.embed_tokens, ImageEmbedding)
+    embed = model.lm.model.embed_tokens
+    assert isinstance(embed, WordShift) and embed.shift == 2 and isinstance(embed.inner, ImageEmbedding)
     assert isinstance(model.lm.lm_head, FactoredImageHead)
     stats = bootstrap_stats(cache_path(config, tmp_path))["stats"]
     # VQA and copying run through both stages, the other tasks only through the second

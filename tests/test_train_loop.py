@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from silmm_fast.models.image_embedding import ImageEmbedding
 from silmm_fast.models.image_head import FactoredImageHead
 from silmm_fast.models.shapes_lmm import ShapesLMM
+from silmm_fast.models.word_shift import WordShift
 from silmm_fast.train import config, store
 from silmm_fast.train.loop import Run
 from silmm_fast.world import ImageTokenizer, parse_prompt
@@ -80,9 +81,11 @@ def test_one_iteration_writes_the_run_directory(tmp_path, model_cache, straight_
         Run(tiny_config(d, mode, model_cache)).run()
     summary = store.read_json(d / "summary.json")
     assert summary["schema"] == 1 and summary["mode"] == mode
-    # the default recipe: a structured image embedding, and in discrete mode the factored image-token head
+    # the default recipe: a structured image embedding under a word shift, and in discrete mode the factored
+    # image-token head
     trained = ShapesLMM.load(d / "iter1" / "checkpoint")
-    assert isinstance(trained.lm.model.embed_tokens, ImageEmbedding)
+    embed = trained.lm.model.embed_tokens
+    assert isinstance(embed, WordShift) and isinstance(embed.inner, ImageEmbedding)
     assert isinstance(trained.lm.lm_head, FactoredImageHead) == (mode == "discrete")
     assert [it["iteration"] for it in summary["iterations"]] == [0, 1]
     heldout = summary["iterations"][1]["heldout"]

@@ -36,11 +36,12 @@ class ModelConfig:
     recipe: str = _f(
         "reading",
         "shapes: how the base model is bootstrapped. reading: balanced VQA pairs, count targets, structured image "
-        "tokens, a reading stage and (discrete) a factored image-token head: a judge that reads its images and a "
-        "model that can draw attribute pairs it never drew (seed 0, self feedback: discrete +71 percent, continuous "
-        "+154 percent; random feedback +8 and -14 percent). plain: unpaired VQA and atomic image tokens (its judge "
-        "answers mostly from the question text; discrete +23 percent, continuous -31 percent). pairs: plain with "
-        "balanced VQA pairs. See silmm_fast.models.bootstrap.RECIPES",
+        "tokens, a word shift inside questions, a reading stage, (discrete) a factored image-token head and "
+        "(continuous) features regressed under light dropout: a judge that reads its images and binds attributes to "
+        "nouns, and a model that can draw attribute pairs it never drew (seed 0, self feedback: discrete +50 "
+        "percent, continuous +2 percent; random feedback -1 and -7 percent). plain: unpaired VQA and atomic image "
+        "tokens (its judge answers mostly from the question text; discrete +23 percent, continuous -31 percent). "
+        "pairs: plain with balanced VQA pairs. See silmm_fast.models.bootstrap.RECIPES",
     )
 
 
