@@ -358,6 +358,7 @@ def test_tiny_reading_recipe_trains_a_reading_stage_first(tmp_path):
     model = bootstrap("discrete", cache_dir=tmp_path, config=config, progress=False)
     embed = model.lm.model.embed_tokens
     assert isinstance(embed, WordShift) and embed.shift == 2 and isinstance(embed.inner, ImageEmbedding)
+    assert all(m.weight.abs().sum() > 0 for m in embed.maps)  # the shift's maps (zero at the start) learned
     assert isinstance(model.lm.lm_head, FactoredImageHead)
     stats = bootstrap_stats(cache_path(config, tmp_path))["stats"]
     # VQA and copying run through both stages, the other tasks only through the second
