@@ -1,6 +1,7 @@
 """Bootstrap of the shapes-world base model: synthetic data, a tiny training run that learns, the cache, bad input."""
 
 import importlib
+import math
 import random
 from dataclasses import replace
 
@@ -19,7 +20,7 @@ from silmm_fast.models.bootstrap import (
 from silmm_fast.models.data import IGNORE, Example, SyntheticData, collate, count_targets, filter_counts
 from silmm_fast.models.image_embedding import ImageEmbedding
 from silmm_fast.models.image_head import FactoredImageHead
-from silmm_fast.models.measure import format_report, generate_scenes, measure_base
+from silmm_fast.models.measure import binding_trap, format_report, generate_scenes, measure_base
 from silmm_fast.models.shapes_lmm import ShapesLMM
 from silmm_fast.models.vocab import JointVocab
 from silmm_fast.models.word_shift import WordShift
@@ -283,14 +284,38 @@ def test_measure_base_reports_every_skill_and_the_shuffled_image_control(trained
     _, _, model = trained
     prompts = [sample_prompt(c, random.Random(i), "heldout") for i, c in enumerate(CATEGORIES)]
     result = measure_base(model, prompts, samples=2)
-    assert set(result) == {"vqa", "vqa_shuffled", "decompose", "decompose_free", "generate"}
+    assert set(result) == {"vqa", "vqa_shuffled", "vqa_binding", "decompose", "decompose_free", "generate"}
     for skill in ("vqa", "vqa_shuffled", "decompose", "decompose_free"):
         assert set(result[skill]) == {*CATEGORIES, "all"}
         assert all(0.0 <= x <= 1.0 for x in result[skill].values())
+    assert set(result["vqa_binding"]) <= {*CATEGORIES, "all"}  # NaN where a category asked no binding trap
+    assert all(0.0 <= x <= 1.0 or math.isnan(x) for x in result["vqa_binding"].values())
     assert result["generate"]["single"]["prompts"] + result["generate"]["multi"]["prompts"] == len(prompts)
     table = format_report(result)
-    assert table.splitlines()[0].split() == ["category", "vqa", "vqa_shuf", "decomp", "dec_free", "gen_all", "gen_frac"]
+    header = ["category", "vqa", "vqa_shuf", "vqa_bind", "decomp", "dec_free", "gen_all", "gen_frac"]
+    assert table.splitlines()[0].split() == header
     assert len(table.splitlines()) == len(CATEGORIES) + 4
+
+
+def test_binding_trap_needs_every_named_attribute_present_on_different_objects():
+    red_star, purple_circle = Obj("star", "red", "plain", 0, 0), Obj("circle", "purple", "plain", 0, 1)
+    red_circle = Question("is there a red circle?", Constraint.exists(Desc("circle", "red")))
+    assert binding_trap(red_circle, Scene([red_star, purple_circle]))
+    assert not binding_trap(red_circle, Scene([red_star]))  # no circle at all: a plain no
+    assert not binding_trap(red_circle, Scene([red_star, Obj("circle", "red", "dotted", 1, 1)]))  # the answer is yes
+    circle = Question("is there a circle?", Constraint.exists(Desc("circle")))
+    assert not binding_trap(circle, Scene([red_star]))  # one attribute named: nothing to bind
+    striped_red_circle = Question("is there a striped red circle?", Constraint.exists(Desc("circle", "red", "striped")))
+    assert not binding_trap(striped_red_circle, Scene([red_star, purple_circle]))  # nothing striped
+    assert binding_trap(
+        striped_red_circle,
+        Scene([red_star, Obj("circle", "red", "dotted", 1, 0), Obj("square", "blue", "striped", 2, 2)]),
+    )
+    left = Question(
+        "is the red star to the left of the purple circle?",
+        Constraint.related(Desc("star", "red"), "left", Desc("circle", "purple")),
+    )
+    assert not binding_trap(left, Scene([purple_circle]))  # only "is there" questions
 
 
 def test_cache_hit_loads_same_weights(trained, monkeypatch):

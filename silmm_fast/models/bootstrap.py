@@ -104,8 +104,8 @@ class BootstrapConfig:
     # How many preceding tokens each token of a question takes in through the input embedding (models.word_shift).
     # Without it the model checks each word of a question on its own and answers "is there a red circle?" with yes
     # beside a red star and a purple circle. Measured after the reading stage alone (seed 0, held-out questions
-    # about matching and near-miss scenes): such binding traps answered right 0.034 at 0, 0.817 at 2 (shifting every
-    # word); with the whole reading recipe (inside questions only), held-out VQA 0.851 at 0, 0.958 at 2.
+    # about matching and near-miss scenes): such binding traps answered right 0.034 at 0, 0.962 at 2; with the whole
+    # reading recipe, held-out VQA 0.851 at 0, 0.958 at 2.
     word_shift: int = 0
     # The reading stage: `reading_steps` steps of VQA (`reading_vqa_batch` items per step) and word copying only,
     # with their own warm-up and cosine; then `steps` steps of every task.

@@ -8,6 +8,9 @@
 - ``vqa_shuffled``: the same questions asked about another prompt's image (a fixed derangement of the images) and
   scored against the right image's answers, so it measures what the question text alone predicts; a model that
   reads the image scores well below ``vqa`` here;
+- ``vqa_binding``: accuracy on the binding traps among those questions (``binding_trap``: "is there a red circle?"
+  about an image with a red object and a circle but no red circle), which a model checking each word of a question
+  on its own always answers wrong (NaN for a category without any);
 - ``decompose``: fraction of held-out prompts whose greedy decomposition is exactly the ground-truth question set
   (compared as token sequences, order-free), decoded as the loop decodes it (``ShapesLMM.decompose``'s
   ``copy_words``: a question copies its words from the prompt); ``decompose_free``: the same with any word allowed;
@@ -30,6 +33,7 @@ from silmm_fast.world import (
     FeatureCodec,
     ImageTokenizer,
     Prompt,
+    Question,
     Scene,
     corrupt_scene,
     prompt_split,
@@ -37,6 +41,16 @@ from silmm_fast.world import (
     scene_for_prompt,
     tokenize_text,
 )
+
+
+def binding_trap(question: Question, scene: Scene) -> bool:
+    """Whether ``question`` asks for an object that ``scene`` lacks while each attribute it names (shape, color,
+    texture) is on some object of it: "is there a red circle?" beside a red star and a purple circle."""
+    c = question.constraint
+    if c.kind != "exists" or c.holds(scene):
+        return False
+    named = [(a, getattr(c.subject, a)) for a in ("shape", "color", "texture") if getattr(c.subject, a) is not None]
+    return len(named) > 1 and all(any(getattr(o, a) == v for o in scene.objects) for a, v in named)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -111,9 +125,9 @@ def measure_base(
         seed: seed of the sampling and of the near-miss scenes.
 
     Returns:
-        ``{"vqa": {cat: acc}, "vqa_shuffled": {cat: acc}, "decompose": {cat: frac}, "decompose_free": {cat: frac},
-        "generate": {cat | "single" | "multi": {"all_constraints": ..., "constraint_fraction": ...}}}``, each with an
-        ``"all"`` entry.
+        ``{"vqa": {cat: acc}, "vqa_shuffled": {cat: acc}, "vqa_binding": {cat: acc}, "decompose": {cat: frac},
+        "decompose_free": {cat: frac}, "generate": {cat | "single" | "multi": {"all_constraints": ...,
+        "constraint_fraction": ...}}}``, each with an ``"all"`` entry.
     """
     if not isinstance(model, ShapesLMM):
         raise TypeError(f"model: expected a ShapesLMM, got {type(model).__name__}")
@@ -146,7 +160,7 @@ def measure_base(
         ok = [[float(sorted(tuple(tokenize_text(q)) for q in qs) == t)] for qs, t in zip(decomposed, question_sets)]
         decompose[name] = _by_category(prompts, ok)
 
-    scenes, questions, truths, owners = [], [], [], []
+    scenes, questions, truths, traps, owners = [], [], [], [], []
     tok = ImageTokenizer()
     for i, (p, gen_scenes) in enumerate(zip(prompts, generated)):
         good = scene_for_prompt(p, rng)
@@ -155,6 +169,7 @@ def measure_base(
             scenes.append(scene)
             questions.append([q.text for q in qs])
             truths.append([q.answer(scene) for q in qs])
+            traps.append([binding_trap(q, scene) for q in qs])
             owners.append(i)
     image_tokens = torch.tensor([tok.encode(s) for s in scenes])
     # each question is asked about the image in the same slot of the next prompt: never one of its own prompt's
@@ -165,9 +180,14 @@ def measure_base(
     for name, images in (("vqa", image_tokens), ("vqa_shuffled", image_tokens[shift])):
         p_yes, p_no = model.answer(images, questions)
         per_prompt: dict[int, list[float]] = defaultdict(list)
-        for i, yes, no, truth in zip(owners, p_yes, p_no, truths):
-            per_prompt[i].extend(float((y > n).item() == t) for y, n, t in zip(yes, no, truth))
+        per_trap: dict[int, list[float]] = defaultdict(list)
+        for i, yes, no, truth, trap in zip(owners, p_yes, p_no, truths, traps):
+            right = [float((y > n).item() == t) for y, n, t in zip(yes, no, truth)]
+            per_prompt[i].extend(right)
+            per_trap[i].extend(r for r, is_trap in zip(right, trap) if is_trap)
         vqa[name] = _by_category(prompts, [per_prompt[i] for i in range(len(prompts))])
+        if name == "vqa":
+            vqa["vqa_binding"] = _by_category(prompts, [per_trap[i] for i in range(len(prompts))])
     return {**vqa, **decompose, "generate": generate}
 
 
@@ -176,16 +196,19 @@ def format_report(result: dict[str, dict]) -> str:
     gen = result["generate"]
     keys = [k for k in result["vqa"] if k != "all"] + ["all"]
     lines = [
-        f"{'category':<10} {'vqa':>6} {'vqa_shuf':>8} {'decomp':>7} {'dec_free':>8} {'gen_all':>8} {'gen_frac':>9}"
+        f"{'category':<10} {'vqa':>6} {'vqa_shuf':>8} {'vqa_bind':>8} {'decomp':>7} {'dec_free':>8} {'gen_all':>8} "
+        f"{'gen_frac':>9}"
     ]
     for k in keys:
+        binding = result["vqa_binding"].get(k, float("nan"))
         lines.append(
-            f"{k:<10} {result['vqa'][k]:>6.3f} {result['vqa_shuffled'][k]:>8.3f} {result['decompose'][k]:>7.3f} "
+            f"{k:<10} {result['vqa'][k]:>6.3f} {result['vqa_shuffled'][k]:>8.3f} {binding:>8.3f} "
+            f"{result['decompose'][k]:>7.3f} "
             f"{result['decompose_free'][k]:>8.3f} "
             f"{gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
         )
     for k in ("single", "multi"):
         lines.append(
-            f"{k + '-object':<35} {'':>7} {gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
+            f"{k + '-object':<44} {'':>7} {gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
         )
     return "\n".join(lines)
