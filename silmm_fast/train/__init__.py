@@ -16,6 +16,10 @@ def run(cfg: TrainConfig) -> dict:
 
     d = distributed.setup(cfg.dist.device)
     try:
-        return Run(cfg, d).run()
+        summary = Run(cfg, d).run()
+        # every rank done with its collectives before any leaves the group (a rank tearing gloo down while another
+        # still talks to it can abort the process at exit)
+        d.barrier()
+        return summary
     finally:
         d.close()
