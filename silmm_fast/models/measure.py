@@ -200,9 +200,8 @@ def format_report(result: dict[str, dict]) -> str:
         f"{'gen_frac':>9}"
     ]
     for k in keys:
-        binding = result["vqa_binding"].get(k, float("nan"))
         lines.append(
-            f"{k:<10} {result['vqa'][k]:>6.3f} {result['vqa_shuffled'][k]:>8.3f} {binding:>8.3f} "
+            f"{k:<10} {result['vqa'][k]:>6.3f} {result['vqa_shuffled'][k]:>8.3f} {result['vqa_binding'][k]:>8.3f} "
             f"{result['decompose'][k]:>7.3f} "
             f"{result['decompose_free'][k]:>8.3f} "
             f"{gen[k]['all_constraints']:>8.3f} {gen[k]['constraint_fraction']:>9.3f}"
