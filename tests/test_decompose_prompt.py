@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from bench.decompose_coverage import CATEGORIES, DATA_DIR, coverage, missed_items, prompt_items
 from silmm_fast import decompose_prompt
+from silmm_fast.decompose import MAX_PHRASE_WORDS, MAX_WORD_CHARS
 from silmm_fast.decompose.inflect import ing_form, pluralize, singularize
+from silmm_fast.decompose.tokens import normalize
 
 # --- input checks --------------------------------------------------------------------------------------------------
 
@@ -123,10 +125,57 @@ def test_any_text_gives_questions_or_a_clear_error(text):
     try:
         questions = decompose_prompt(text)
     except ValueError as err:
-        assert "prompt" in str(err) and not any(ch.isalnum() for ch in text)
+        assert "prompt" in str(err) and not any(ch.isalnum() for ch in normalize(text))
         return
     assert all(isinstance(q, str) and q.endswith("?") for q in questions)
     assert len(questions) == len(set(questions))
+
+
+# --- negation, emoji, invisible characters, length ----------------------------------------------------------------
+# Every question must be answered "yes" by an image that matches the prompt (the score averages p(yes) − p(no)).
+NEGATED = {
+    "a red cube and no dogs": ["is there a red cube?", "are there no dogs?"],
+    "a cat without a hat": ["is there a cat?", "is there no hat?"],
+    "a room with no windows": ["is there a room?", "are there no windows?"],  # no "does the room have windows?"
+    "a room that does not have windows": ["is there a room?", "are there no windows?"],
+    "neither a cat nor a dog": ["is there no cat?", "is there no dog?"],
+    "a red cube and none of the dogs": ["is there a red cube?", "are there no dogs?"],
+    "there are no cats on the table": ["are there no cats?", "is there a table?"],  # no relation of an absent cat
+    "the cube is not red": ["is there a cube?"],
+    "a dog not on the sofa": ["is there a dog?", "is there a sofa?"],  # a negated relation is not asked
+    "a man not holding a pen": ["is there a man?", "is there a pen?"],
+}
+
+
+@pytest.mark.parametrize("prompt", list(NEGATED))
+def test_negation_is_never_asked_as_presence(prompt):
+    assert decompose_prompt(prompt) == NEGATED[prompt]
+
+
+def test_emoji_nouns_stay_in_the_question():
+    assert decompose_prompt("a red 🐶 and two 🐱") == ["is there a red 🐶?", "are there two 🐱?"]
+    # an emoji sequence joined by ZERO WIDTH JOINER is one word; a skin-tone modifier is dropped
+    assert decompose_prompt("a 👩\u200d🚀 next to a 👍🏽") == [
+        "is there a 👩\u200d🚀?", "is there a 👍?", "is the 👩\u200d🚀 next to the 👍?",
+    ]  # fmt: skip
+    assert decompose_prompt("🐶") == ["is there a 🐶?"]
+    assert "is there a red?" not in decompose_prompt("a red 🚗")
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u200c", "\u200d", "\u2060", "\u00ad", "\ufeff", "\u200e"])
+def test_invisible_characters_do_not_split_words(invisible):
+    assert decompose_prompt(f"a red cu{invisible}be") == ["is there a red cube?"]
+    with pytest.raises(ValueError, match="prompt"):
+        decompose_prompt(invisible * 3)
+
+
+def test_question_length_is_bounded():
+    huge = "x" * 1_000_000
+    assert decompose_prompt(f"a red {huge}") == [f"is there a red {'x' * MAX_WORD_CHARS}?"]
+    many = " ".join(f"w{i}" for i in range(200))
+    (question,) = decompose_prompt(f"a {many} cube")
+    kept = [f"w{i}" for i in range(200 - MAX_PHRASE_WORDS + 1, 200)]  # the head and the nearest modifiers
+    assert question == "is there a " + " ".join([*kept, "cube"]) + "?"
 
 
 # --- inflection ----------------------------------------------------------------------------------------------------

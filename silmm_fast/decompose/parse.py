@@ -8,7 +8,10 @@ One left-to-right pass per sentence with a little state:
 - a spatial phrase after a group relates every member to the next group ("a cup on the left of a cat");
 - a verb relates the clause subject to its object ("a man is holding a pen and jotting down notes"); particles,
   prepositions and infinitives join the verb's wording ("playing with", "trying to beat");
-- "with" / "has" give a "have" relation, and "is red" / "feeling curious" give predicate adjectives.
+- "with" / "has" give a "have" relation, and "is red" / "feeling curious" give predicate adjectives;
+- negation: a noun phrase after "no", "none of", "not", "without", "neither" / "nor" or a negated "have" ("does
+  not have") is marked ``negated`` (the image must not show it); a negated verb or spatial phrase ("is not on",
+  "not holding") relates nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from silmm_fast.decompose.tokens import (
     ED,
     HAVE,
     ING,
+    NEG,
     NOUN,
     NUM,
     PARTICLE,
@@ -59,7 +63,8 @@ class Entity:
 
     ``count`` is the number written before it (None for "a" / "the" / none); ``attributes`` maps a category (color,
     shape, size, texture, other) to the attribute words of that category; ``complement`` is an "of ..." tail
-    ("of bread"); ``predicates`` are adjectives said of it later ("the sky is blue").
+    ("of bread"); ``predicates`` are adjectives said of it later ("the sky is blue"); ``negated`` marks a thing the
+    prompt says is absent ("no dogs", "without a hat").
     """
 
     words: list[str]
@@ -70,6 +75,7 @@ class Entity:
     complement: str = ""
     predicates: list[str] = field(default_factory=list)
     definite: bool = False
+    negated: bool = False
 
     @property
     def lemma(self) -> str:
@@ -141,10 +147,11 @@ def _read_adjectives(tokens: list[Token], i: int) -> tuple[list[str], int]:
 
 def read_noun_phrase(tokens: list[Token], i: int) -> tuple[Entity | None, int]:
     """The noun phrase starting at ``i`` and the index after it; (None, i) if none starts there."""
-    start, count, plural_det, has_det, definite = i, None, False, False, False
+    start, count, plural_det, has_det, definite, negated = i, None, False, False, False, False
     while _tag(tokens, i) in (DET, NUM):
         has_det = True
         definite = definite or tokens[i].text in _DEFINITE
+        negated = negated or tokens[i].text == "no"
         if tokens[i].tag == NUM:
             count = int(tokens[i].value)
         plural_det = plural_det or tokens[i].text in PLURAL_DETERMINERS
@@ -198,7 +205,7 @@ def read_noun_phrase(tokens: list[Token], i: int) -> tuple[Entity | None, int]:
         i -= len(run) - 1 - last_noun
         run = run[: last_noun + 1]
     head = run[-1].text
-    entity = Entity(words=[tok.text for tok in run], head=head, count=count, definite=definite)
+    entity = Entity(words=[tok.text for tok in run], head=head, count=count, definite=definite, negated=negated)
     entity.plural = (count or 1) > 1 or plural_det or is_plural(head)
     for tok in run[:-1]:
         if tok.tag == ATTR:
@@ -236,6 +243,7 @@ class _State:
     aux: str = ""  # the latest auxiliary ("is", "being")
     located: bool = False  # whether the latest group is the object of a preposition ("on the mat")
     verb_closed: bool = False  # whether the latest construct was a verb without an object ("is barking")
+    negated: bool = False  # a negation waits for what it negates: the next noun phrase, verb or relation
 
     def subjects(self) -> list[int]:
         """Who a verb or a relation after an auxiliary is about."""
@@ -307,7 +315,8 @@ def _parse_sentence(tokens: list[Token], out: Parse) -> None:
         if tok.tag != CONJ and not (tok.tag in (ING, ED, VERB) and _is_verb_here(tokens, i, state)):
             state.verb_closed = False
         if tok.tag in (ING, ED, VERB) and _is_verb_here(tokens, i, state):
-            subjects = state.subjects()
+            subjects = [] if state.negated else state.subjects()  # "is not holding": nothing to ask
+            state.negated = False
             predicate, i = _read_verb(tokens, i, state.aux if state.previous == "aux" else None)
             adjectives, after = _read_adjectives(tokens, i)
             if not adjectives and _tag(tokens, i) == ED and not _nominal_ahead(tokens, i + 1):
@@ -336,11 +345,17 @@ def _parse_sentence(tokens: list[Token], out: Parse) -> None:
             state.pending, state.previous, state.aux = None, "aux", tok.text
             continue
         if tok.tag == HAVE:
-            state.pending = (state.subjects(), "have", HAVE_RELATION)
+            # "does not have a hat": no relation, and the negation passes on to the object (no hat)
+            state.pending = ([] if state.negated else state.subjects(), "have", HAVE_RELATION)
             state.previous = "verb"
             i += 1
             continue
         if tok.tag in (REL, PREP):
+            if state.negated or tok.text == "without":
+                # "not on the sofa" relates nothing; "without a hat" negates the hat
+                state.pending, state.previous, state.negated = ([], tok.text, ACTION), "rel", tok.text == "without"
+                i += 1
+                continue
             if tok.text == "with" and state.previous == "np":
                 state.pending = (list(state.group), "have", HAVE_RELATION)
             elif tok.tag == REL:
@@ -359,6 +374,8 @@ def _parse_sentence(tokens: list[Token], out: Parse) -> None:
                 i += 1
                 continue
             index = len(out.entities)
+            entity.negated = entity.negated or state.negated
+            state.negated = False
             out.entities.append(entity)
             starts_clause = _tag(tokens, after) in (AUX, HAVE, VERB, ED) and state.previous in ("conj", "clause")
             if state.previous == "punct" and state.group_is_object and state.group and state.pending is not None:
@@ -399,7 +416,11 @@ def _parse_sentence(tokens: list[Token], out: Parse) -> None:
                 state.group, state.group_is_object = [], False
             state.previous = "np"
         elif tok.tag == CONJ:
-            state.previous = "conj"
+            state.previous, state.negated = "conj", tok.text == "nor"  # "neither a cat nor a dog"
+            i += 1
+            continue
+        elif tok.tag == NEG:
+            state.negated = True
             i += 1
             continue
         elif tok.tag == CLAUSE:
@@ -407,7 +428,7 @@ def _parse_sentence(tokens: list[Token], out: Parse) -> None:
         elif tok.tag == RELPRON:
             state.pending, state.previous = None, "aux"
         elif tok.tag == PUNCT:
-            state.previous = "punct"
+            state.previous, state.negated = "punct", False
         i += 1
 
 

@@ -1,5 +1,14 @@
 """Turn a parse into yes/no questions: one per entity (with its attributes and count), one per predicate adjective,
-one per relation."""
+one per relation.
+
+Every question is asked so that an image that matches the prompt answers "yes" (the score averages p(yes) − p(no)).
+A negated entity ("no dogs", "without a hat") is asked as "are there no dogs?" / "is there no hat?"; its predicates
+and every relation it takes part in are not asked (an absent thing has no color and no position).
+
+Length: words are cut at ``tokens.MAX_WORD_CHARS`` characters, and a noun phrase keeps at most
+``MAX_PHRASE_WORDS`` words (its head and the modifiers nearest to it; likewise its "of ..." complement), so a
+question stays short whatever the prompt.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,7 @@ from silmm_fast.decompose.inflect import pluralize
 from silmm_fast.decompose.lexicon import WORDS_FOR_NUMBERS
 from silmm_fast.decompose.parse import HAVE_RELATION, Entity, Parse
 
+MAX_PHRASE_WORDS = 12
 _AN_EXCEPTIONS = ("uni", "use", "usu", "eu", "one", "once")
 _AN_SILENT_H = ("hour", "honest", "honor", "heir")
 
@@ -18,10 +28,12 @@ def _article(phrase: str) -> str:
 
 
 def _words(entity: Entity) -> str:
-    words = list(entity.words)
-    if entity.count is not None and entity.count > 1 and not entity.plural:
-        words[-1] = pluralize(words[-1])
-    return " ".join([*words, entity.complement] if entity.complement else words)
+    words = list(entity.words[-MAX_PHRASE_WORDS:])
+    if entity.count is not None and entity.count > 1 and not entity.plural and words[-1][-1:].isalpha():
+        words[-1] = pluralize(words[-1])  # "two 🐶" stays as written
+    if entity.complement:
+        words += entity.complement.split()[: MAX_PHRASE_WORDS + 1]  # "of" and at most MAX_PHRASE_WORDS words
+    return " ".join(words)
 
 
 def _number(count: int) -> str:
@@ -34,6 +46,8 @@ def _definite(entity: Entity) -> str:
 
 def _indefinite(entity: Entity) -> str:
     phrase = _words(entity)
+    if entity.negated:
+        return f"no {phrase}"
     if entity.count is not None:
         return f"{_number(entity.count)} {phrase}"
     return phrase if entity.plural else f"{_article(phrase)} {phrase}"
@@ -44,7 +58,7 @@ def _be(entity: Entity) -> str:
 
 
 def entity_question(entity: Entity) -> str:
-    """ "is there a red apple?", "are there three dogs?", "are there rubber gloves?"."""
+    """ "is there a red apple?", "are there three dogs?", "are there rubber gloves?", "are there no dogs?"."""
     return f"{_be(entity)} there {_indefinite(entity)}?"
 
 
@@ -53,11 +67,15 @@ def questions_from_parse(parsed: Parse) -> list[str]:
     out: list[str] = []
     for entity in parsed.entities:
         out.append(entity_question(entity))
+        if entity.negated:
+            continue
         for adjective in entity.predicates:
             out.append(f"{_be(entity)} {_definite(entity)} {adjective}?")
     for relation in parsed.relations:
         subject = parsed.entities[relation.subject]
         obj = None if relation.obj is None else parsed.entities[relation.obj]
+        if subject.negated or (obj is not None and obj.negated):
+            continue
         if relation.kind == HAVE_RELATION and obj is not None:
             does = "do" if subject.plural else "does"
             out.append(f"{does} {_definite(subject)} have {_indefinite(obj)}?")

@@ -36,10 +36,21 @@ from silmm_fast.decompose.lexicon import (
 # Tags, one per token.
 DET, NUM, CONJ, CLAUSE, RELPRON, PRON, AUX, HAVE = "DET", "NUM", "CONJ", "CLAUSE", "RELPRON", "PRON", "AUX", "HAVE"
 REL, PREP, PARTICLE, ADV, PUNCT, STOP = "REL", "PREP", "PARTICLE", "ADV", "PUNCT", "STOP"
-ATTR, ING, ED, VERB, NOUN = "ATTR", "ING", "ED", "VERB", "NOUN"
+ATTR, ING, ED, VERB, NOUN, NEG = "ATTR", "ING", "ED", "VERB", "NOUN", "NEG"
 
-_WORD = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*|[.,;:!?]")
+# A word is cut to this many characters: the longest English words have 45, and a question must stay a question
+# (a million-character "word" would otherwise be copied into one).
+MAX_WORD_CHARS = 48
+
+# Words, punctuation, and any other single non-space character (kept only when pictographic, see _pictographic),
+# with emoji joined by ZERO WIDTH JOINER kept as one word ("👩‍🚀").
+_WORD = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*|[.,;:!?]|[^\w\s](?:\u200d[^\w\s])*")
 _DEMONSTRATIVES = frozenset("that this these those".split())
+# "not a dog", "the cat isn't on the mat", "neither a cat nor a dog": the parser negates what follows
+_NEGATIONS = frozenset("not never neither cannot".split())
+_ZWJ = "\u200d"
+# Invisible characters that are letters or symbols by category: removed like format characters
+_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 @dataclass(frozen=True)
@@ -56,11 +67,44 @@ class Token:
     category: str | None = None
 
 
+def _visible(ch: str) -> bool:
+    """False for characters that show nothing: format characters (zero-width space, soft hyphen, bidi marks,
+    joiners), variation selectors, emoji skin-tone modifiers and blank letters. Removing them (not turning them into
+    spaces) keeps "cu\u200bbe" one word."""
+    if ch in _INVISIBLE or "\U0001f3fb" <= ch <= "\U0001f3ff":
+        return False
+    category = unicodedata.category(ch)
+    return category != "Cf" and not (category == "Mn" and unicodedata.name(ch, "").startswith("VARIATION SELECTOR"))
+
+
 def normalize(prompt: str) -> str:
-    """Lower-case, Unicode-normalized text with typographic quotes and dashes made plain."""
+    """Lower-case, Unicode-normalized text with typographic quotes and dashes made plain and invisible characters
+    removed."""
     text = unicodedata.normalize("NFKC", prompt).lower()
+    kept: list[str] = []
+    for ch in text:
+        if ch == _ZWJ and kept and _pictographic(kept[-1]):
+            kept.append(ch)  # inside an emoji sequence ("👩‍🚀"): the joiner binds it into one word
+        elif _visible(ch):
+            kept.append(ch)
+    text = "".join(kept)
     text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u2013", " ").replace("\u2014", " ")
     return " ".join(text.split())
+
+
+def _pictographic(word: str) -> bool:
+    """Emoji and other pictographic symbols (Unicode category So from the arrows block U+2190 on): they name things
+    ("a red 🚗"), so they are words. Latin-1 signs such as ° © ® stay out."""
+    return unicodedata.category(word[0]) == "So" and word[0] >= "\u2190"
+
+
+def _words(text: str) -> list[str]:
+    """Words (cut to MAX_WORD_CHARS), punctuation marks and pictographs of normalized text, in order."""
+    out = []
+    for word in _WORD.findall(text):
+        if word[0].isalnum() or word in ".,;:!?" or _pictographic(word):
+            out.append(word.strip(_ZWJ)[:MAX_WORD_CHARS])
+    return [w for w in out if w]
 
 
 def _attribute_category(word: str) -> str | None:
@@ -77,6 +121,8 @@ def _is_adverb(word: str) -> bool:
 
 
 def _tag_word(word: str, previous: Token | None, next_word: str | None) -> Token:
+    if word in _NEGATIONS or word.endswith("n't"):
+        return Token(word, NEG)
     if word in NUMBER_WORDS:
         return Token(word, NUM, NUMBER_WORDS[word])
     if word.isdecimal():  # not isdigit: it also admits digits that int() refuses (superscripts, Rumi numerals)
@@ -115,10 +161,14 @@ def _tag_word(word: str, previous: Token | None, next_word: str | None) -> Token
 
 def tokenize(prompt: str) -> list[Token]:
     """Tagged tokens of ``prompt``: spatial phrases ("on the left of") are matched first, longest first."""
-    words = _WORD.findall(normalize(prompt))
+    words = _words(normalize(prompt))
     tokens: list[Token] = []
     i = 0
     while i < len(words):
+        if words[i] == "none" and i + 1 < len(words) and words[i + 1] == "of":
+            tokens.append(Token("no", DET))  # "none of the dogs" is "no dogs"
+            i += 2
+            continue
         for size in range(min(MAX_PHRASE_WORDS, len(words) - i), 0, -1):
             phrase = " ".join(words[i : i + size])
             if phrase in SPATIAL_PHRASES:
