@@ -185,15 +185,23 @@ def logprobs_backward(
     grad_logp: torch.Tensor,
     ignore_index: int,
     block_v: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient of the per-row log-probs w.r.t. ``logits``: a new contiguous tensor of the logits' shape and dtype.
+    """Gradient of the per-row log-probs w.r.t. ``logits``: a new contiguous tensor of the logits' shape and dtype,
+    or ``out`` (contiguous, the logits' shape, any floating dtype).
 
     ``row_max`` / ``row_logsum`` are the forward's flat [N] statistics; ``grad_logp`` is the upstream gradient, [N]
-    elements in any layout.
+    elements in any layout. ``out`` may be ``logits`` itself (each program reads its block before writing it): the
+    fused DPO head writes dz over its own logit slab. Never pass an input that autograd saved.
     """
     V = logits.shape[-1]
     N = labels.numel()
-    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if out is None:
+        dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    else:
+        if out.shape != logits.shape or not out.is_contiguous():
+            raise ValueError(f"out: expected a contiguous tensor of shape {tuple(logits.shape)}, got {tuple(out.shape)}")
+        dlogits = out
     if N == 0:
         return dlogits
     rows, _, Q, stride_p, stride_q = _rows_view(logits)

@@ -31,6 +31,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "gather_logprobs": ("triton", "torch", "reference"),
     "sequence_logprobs": ("triton", "torch", "reference"),
     "fused_linear_logprobs": ("triton", "torch", "reference"),
+    "fused_linear_dpo": ("triton", "torch", "reference"),
     "pairwise_distance": ("triton", "torch", "reference"),
     "diverse_select": ("cpp", "reference"),
     "sample_tokens": ("triton", "torch", "reference"),

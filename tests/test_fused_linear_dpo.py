@@ -175,6 +175,169 @@ def test_bad_input():
     with pytest.raises(TypeError, match="ignore_index"):
         FusedLinearDPOLoss(ignore_index="-100")
     assert "reduction='sum'" in repr(module) and "nll_weight=0.0" in repr(module)
-    for bad in (-0.1, True, "1"):
-        with pytest.raises(ValueError, match="nll_weight: expected a number >= 0"):
+    for bad in (-0.1, True, "1", float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="nll_weight: expected a finite number >= 0"):
             FusedLinearDPOLoss(nll_weight=bad)
+
+
+# --- gradients in the forward, per chunk of whole pairs ----------------------------------------------------------
+def reference_losses(hidden, weight, bias, labels, ref_c, ref_r, *, reduction="sum", nll_weight=0.0, **config):
+    """Per-pair losses over materialized logits, written out: dpo_loss + nll_weight × the chosen per-token NLL."""
+    logps = reference_logprobs(hidden, weight, labels, bias=bias, reduction=reduction)
+    pairs = logps.shape[0] // 2
+    losses = dpo_loss(logps[:pairs], logps[pairs:], ref_c, ref_r, **config).losses
+    scored = (labels[:pairs] != -100).sum(-1).clamp(min=1)
+    per_token = logps[:pairs] if reduction == "mean" else logps[:pairs] / scored
+    return losses - nll_weight * per_token
+
+
+def leaves(*xs):
+    return [x.detach().clone().requires_grad_(True) for x in xs]
+
+
+# chunk budgets in bytes of a float64 slab (V = 70 columns: 560 bytes a token): every pair in one chunk, about one
+# pair per chunk (boundaries between pairs), and less than one pair (the two-pass fallback)
+CHUNKS = {"one_chunk": None, "pair_per_chunk": 560 * 12, "fallback": 560 * 4}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("chunk", list(CHUNKS))
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_chunks_of_pairs_match_the_reference(device, backend, chunk, reduction, monkeypatch):
+    from silmm_fast.ops import fused_linear_dpo as dpo_module
+
+    monkeypatch.setattr(dpo_module, "_fallback_warned", False)
+    gen = torch.Generator().manual_seed(3)
+    pairs = 3
+    hidden = torch.randn(2 * pairs, T, H, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64) / H**0.5
+    bias = torch.randn(V, generator=gen, dtype=torch.float64) * 0.1
+    labels = torch.randint(0, V, (2 * pairs, T), generator=gen)
+    labels[:, :2] = -100
+    labels[pairs + 1] = -100  # a rejected sequence with nothing scored
+    ref_c, ref_r = torch.randn(2, pairs, generator=gen, dtype=torch.float64) - 20.0
+    config = dict(beta=0.4, loss_type="sigmoid", label_smoothing=0.1)
+    module = FusedLinearDPOLoss(**config, reduction=reduction, nll_weight=0.3, chunk_bytes=CHUNKS[chunk])
+    h, w, b = leaves(hidden, weight, bias)
+    to = lambda x: x.to(device)
+    if chunk == "fallback":
+        with pytest.warns(UserWarning, match="two-pass path"):
+            with use_backend(backend):
+                out = module(to(h), to(w), to(labels), to(ref_c), to(ref_r), bias=to(b))
+    else:
+        with use_backend(backend):
+            out = module(to(h), to(w), to(labels), to(ref_c), to(ref_r), bias=to(b))
+    upstream = 1.7  # a loss scaled before backward (gradient accumulation, loss scaling)
+    (out.loss * upstream).backward()
+
+    rh, rw, rb = leaves(hidden, weight, bias)
+    expected = reference_losses(rh, rw, rb, labels, ref_c, ref_r, reduction=reduction, nll_weight=0.3, **config)
+    (expected.mean() * upstream).backward()
+    assert_close(out.losses.cpu(), expected, torch.float64)
+    assert_close(out.loss.cpu(), expected.mean(), torch.float64)
+    for got, want in ((h.grad, rh.grad), (w.grad, rw.grad), (b.grad, rb.grad)):
+        assert_close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_pair(device, backend):
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(device)
+    rows = [0, PAIRS]  # the first pair alone: B = 1
+    hidden, labels = hidden[rows], labels[rows]
+    h, w = leaves(hidden, weight)
+    with use_backend(backend):
+        out = FusedLinearDPOLoss(beta=0.2, loss_type="robust", label_smoothing=0.1)(
+            h, w, labels, ref_c[:1], ref_r[:1], bias=bias
+        )
+    out.loss.backward()
+    rh, rw = leaves(hidden, weight)
+    expected = reference_losses(rh, rw, bias, labels, ref_c[:1], ref_r[:1], beta=0.2, loss_type="robust",
+                                label_smoothing=0.1)  # fmt: skip
+    expected.mean().backward()
+    assert_close(out.loss, expected.mean(), torch.float64)
+    assert_close(h.grad, rh.grad, torch.float64)
+    assert_close(w.grad, rw.grad, torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backward_through_weighted_losses_and_reference_logps(device, backend):
+    """A gradient through ``losses`` with unequal per-pair weights (and through ``loss`` as well) cannot be a rescale
+    of the stored gradients: that backward recomputes, and must still equal autograd. Reference log-probs that
+    require a gradient get theirs too."""
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(device)
+    h, w, b, rc, rr = leaves(hidden, weight, bias, ref_c, ref_r)
+    weights = torch.tensor([0.3, -1.2], dtype=torch.float64, device=device)
+    with use_backend(backend):
+        out = FusedLinearDPOLoss(beta=0.5, nll_weight=0.2)(h, w, labels, rc, rr, bias=b)
+    ((out.losses * weights).sum() + 0.5 * out.loss).backward()
+    eh, ew, eb, erc, err = leaves(hidden, weight, bias, ref_c, ref_r)
+    expected = reference_losses(eh, ew, eb, labels, erc, err, beta=0.5, nll_weight=0.2)
+    ((expected * weights).sum() + 0.5 * expected.mean()).backward()
+    for got, want in zip((h, w, b, rc, rr), (eh, ew, eb, erc, err)):
+        assert_close(got.grad, want.grad, torch.float64)
+
+
+def test_stored_gradients_serve_one_backward():
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch("cpu")
+    h = hidden.clone().requires_grad_(True)
+    out = FusedLinearDPOLoss()(h, weight, labels, ref_c, ref_r)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_grad_forward_matches_the_grad_forward(device, backend):
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch(device)
+    module = FusedLinearDPOLoss(beta=0.3, nll_weight=0.5)
+    with use_backend(backend):
+        with torch.no_grad():
+            plain = module(hidden, weight, labels, ref_c, ref_r, bias=bias)
+        out = module(hidden.clone().requires_grad_(True), weight, labels, ref_c, ref_r, bias=bias)
+    for got, want in zip(out, plain):
+        assert_close(got.detach(), want, torch.float64)
+
+
+def test_no_logit_sized_tensor_is_saved_for_backward():
+    """Beyond the gradients the backward returns (dh [2B·T, H], dW [V, H], db [V]), what the forward keeps is O(B·T):
+    no saved tensor has the logits' B·T·V elements."""
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch("cpu", torch.float32)
+    h, w, b = leaves(hidden, weight, bias)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        out = FusedLinearDPOLoss()(h, w, labels, ref_c, ref_r, bias=b)
+    out.loss.backward()
+    kept = [x.numel() for x in saved if not any(x is i for i in (h, w, b))]  # inputs are kept by reference
+    assert kept and max(kept) < hidden.shape[0] * T * V
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("head", ["trainable", "frozen", "weight_only"])
+def test_matrix_flops_are_six_or_four_nhv(backend, head):
+    """One forward + backward does 6·N·H·V matrix FLOPs with a trainable head (logits, dh, dW once each), 4 with a
+    frozen one and 4 when only the head trains (N = scored tokens), counted at the dispatch level over every mm /
+    addmm / bmm variant; the products go through torch on both backends."""
+    from matmul_flops import count_matmul_flops
+
+    gen = torch.Generator().manual_seed(0)
+    pairs, t, hid, vocab = 3, 9, 16, 40
+    hidden = torch.randn(2 * pairs, t, hid, generator=gen)
+    weight = torch.randn(vocab, hid, generator=gen) / 4
+    labels = torch.randint(0, vocab, (2 * pairs, t), generator=gen)
+    labels[:, :3] = -100
+    ref_c, ref_r = torch.randn(2, pairs, generator=gen) - 30
+    h = hidden.requires_grad_(head != "weight_only")
+    w = weight.requires_grad_(head != "frozen")
+    n = int((labels != -100).sum())
+    with use_backend(backend), count_matmul_flops() as counter:
+        out = FusedLinearDPOLoss(chunk_bytes=4 * vocab * 2 * 6)(h, w, labels, ref_c, ref_r)  # two pairs a chunk
+        out.loss.backward()
+    products = 6 if head == "trainable" else 4
+    assert counter.flops == pytest.approx(products * n * hid * vocab, rel=0.01), counter.calls
+
+
+def test_bad_chunk_bytes():
+    for bad in (0, -5, 1.5, True, "64"):
+        with pytest.raises(ValueError, match="chunk_bytes"):
+            FusedLinearDPOLoss(chunk_bytes=bad)
+    assert "chunk_bytes=None" in repr(FusedLinearDPOLoss())

@@ -168,6 +168,36 @@ def _forward(hidden, weight, bias, labels, ignore_index, backend, input_grad):
     return _torch_forward(hidden, weight, bias, labels, ignore_index, input_grad)
 
 
+def _backward(backend, hidden, weight, bias, labels, rows, m, r, grad, ignore_index, need_h, need_w, need_b):
+    """Gradients (in the inputs' dtypes, None where not needed) of Σ grad · logp, the logits recomputed. ``m`` / ``r``
+    are per kept token (``rows``: their indices, None for all) on the torch backend, per token on the triton one."""
+    if backend == "triton":
+        from silmm_fast.kernels import fused_linear_logprobs as kernels
+
+        blocks = _TRITON_BLOCKS or (None, None, None)
+        needs = (need_h, need_w, need_b)
+        dh, dw, db = kernels.backward(
+            hidden, weight, bias, labels, m, r, grad, ignore_index, *needs, *blocks, _TRITON_CHUNK_ROWS
+        )
+    else:
+        dh, dw, db = _torch_backward(hidden, weight, bias, labels, rows, m, r, grad, need_h, need_w, need_b)
+    dh = None if dh is None else dh.to(hidden.dtype)
+    dw = None if dw is None else dw.to(weight.dtype)
+    db = None if db is None else db.to(bias.dtype)
+    return dh, dw, db
+
+
+def recompute_backward(backend, hidden, weight, bias, labels, m, r, grad, ignore_index, need_h, need_w, need_b):
+    """``_backward`` from per-token ``m`` / ``r`` [N] (any backend's statistics of the same logits): the two-pass
+    backward that ``fused_linear_dpo`` falls back on. hidden [N, H], labels [N] int64, grad [N]."""
+    rows = None
+    if backend == "torch":
+        rows = _compact(labels, ignore_index)
+        if rows is not None:
+            m, r = m.index_select(0, rows), r.index_select(0, rows)
+    return _backward(backend, hidden, weight, bias, labels, rows, m, r, grad, ignore_index, need_h, need_w, need_b)
+
+
 class _FusedLinearLogprobs(torch.autograd.Function):
     """Per-token log-probs [N]; backward recomputes the logits tile by tile for whichever gradients are needed."""
 
@@ -182,20 +212,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp):
         hidden, weight, bias, labels, rows, m, r = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if ctx.backend == "triton":
-            from silmm_fast.kernels import fused_linear_logprobs as kernels
-
-            blocks = _TRITON_BLOCKS or (None, None, None)
-            needs = (need_h, need_w, need_b)
-            dh, dw, db = kernels.backward(
-                hidden, weight, bias, labels, m, r, grad_logp, ctx.ignore_index, *needs, *blocks, _TRITON_CHUNK_ROWS
-            )
-        else:
-            dh, dw, db = _torch_backward(hidden, weight, bias, labels, rows, m, r, grad_logp, need_h, need_w, need_b)
-        dh = None if dh is None else dh.to(hidden.dtype)
-        dw = None if dw is None else dw.to(weight.dtype)
-        db = None if db is None else db.to(bias.dtype)
+        dh, dw, db = _backward(ctx.backend, hidden, weight, bias, labels, rows, m, r, grad_logp, ctx.ignore_index,
+                               *ctx.needs_input_grad[:3])  # fmt: skip
         return dh, dw, db, None, None, None
 
 
