@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs silmm_fast (editable) with its dev tools. Idempotent: a second run only checks.
+# Creates .venv and installs silmm_fast (editable) with the extras `make run` and `make test` need: [loop] (the SILMM
+# loop), [trl] (the TRL integration and its tests) and [dev] (test tools). Idempotent: a second run only checks.
 # Machines without an NVIDIA GPU get the pinned CPU-friendly torch/triton pair (requirements/cpu-constraints.txt);
 # GPU machines keep whatever torch/triton they resolve (or already have, with SILMM_FAST_SYSTEM_SITE=1).
 set -euo pipefail
@@ -25,11 +26,11 @@ fi
 echo "[setup] installing silmm_fast and its dependencies (first time: about a minute)"
 # (pip's notes about this machine's unused local index folders are filtered out; its exit status is kept)
 set +o pipefail
-.venv/bin/python -m pip install -q --disable-pip-version-check "${constraints[@]}" -e ".[dev]" 2>&1 \
+.venv/bin/python -m pip install -q --disable-pip-version-check "${constraints[@]}" -e ".[dev,loop,trl]" 2>&1 \
   | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "[setup] pip install failed" >&2; exit 1; }
 set -o pipefail
-.venv/bin/python -c "import silmm_fast, torch, triton, transformers, pytest" \
+.venv/bin/python -c "import silmm_fast, torch, triton, transformers, trl, pytest" \
   || { echo "[setup] install check failed" >&2; exit 1; }
 echo "[setup] building the C++ extension (cached under ~/.cache/silmm_fast/ext; about 30 s the first time)"
 .venv/bin/python -m silmm_fast.build_ext || echo "[setup] warning: C++ extension build failed; the reference path will be used"

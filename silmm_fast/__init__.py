@@ -1,10 +1,13 @@
 """silmm_fast: fused losses, diverse sampling and a self-improvement loop for image-generating multimodal models.
 
 Public API (SPEC.md §4): log-prob ops, DPO / KC-DPO losses and modules, pairwise distances, diverse selection,
-DropDiv, prompt decomposition and ``env_report``.
+DropDiv, prompt decomposition and ``env_report``. This core needs torch, numpy and triton only; the SILMM loop
+(``silmm_fast.train`` and the packages it uses) needs the ``[loop]`` extra, ``silmm_fast.integrations.trl`` the
+``[trl]`` extra (see ``silmm_fast._extras``).
 """
 
 from silmm_fast._backend import use_backend
+from silmm_fast._extras import install_loop_guard
 from silmm_fast.decompose import decompose_prompt
 from silmm_fast.dropdiv import DropDiv, dropdiv
 from silmm_fast.env import env_report
@@ -16,6 +19,8 @@ from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
 from silmm_fast.ops.logprobs import gather_logprobs, sequence_logprobs
 from silmm_fast.ops.pairwise_distance import pairwise_distance
 from silmm_fast.ops.sampling import sample_tokens
+
+install_loop_guard()  # a loop package imported without the [loop] extra raises an ImportError naming the extra
 
 __version__ = "0.1.0"
 
