@@ -18,6 +18,15 @@ passes no gradient through the norm; max pooling routes the gradient to the firs
 accumulates in fp32 (fp64 for fp64 inputs); the dots run in full precision (``input_precision="ieee"``, no TF32).
 Wide rows with few pairs split D across programs ("split-D"); a second small kernel sums the partial statistics
 in a fixed order (deterministic) and applies the epilogue.
+
+Near-coincident points far from the origin: the expansion's rounding error is about ε·(‖a‖² + ‖c‖²), so two points
+of norm 8e3 at distance 8e-3 would come out at distance 0 (or ~4) in fp32. For the distance kernels (euclidean,
+sqeuclidean, rbf) a third kernel (``_pd_exact_kernel``, the epilogue of those kernels) therefore flags every pair
+with sq < EXACT_RATIO·(‖a‖² + ‖c‖²), where the expansion keeps fewer than ~17 correct bits, and recomputes the
+tiles holding one from the differences, sq = Σ_d (a_d − c_d)²; tiles without a flagged pair cost only their
+statistics. Backward then uses that squared distance and, for flagged pairs only, the difference form of the
+gradient, ∂/∂a_i = Σ_j 2·G_ij·P_ij·(a_i − c_j), which does not cancel either. Cosine needs no such path: its error
+is absolute (~ε on a distance in [0, 2]) whatever the norms.
 """
 
 from __future__ import annotations
@@ -31,6 +40,27 @@ import triton.language as tl
 KERNELS = {"cosine": 0, "euclidean": 1, "sqeuclidean": 2, "rbf": 3}
 POOLS = {"mean": 0, "max": 1, "none": 2}
 COSINE_EPS = 1e-8
+# A pair is recomputed from differences when sq < EXACT_RATIO·(‖a‖² + ‖c‖²): 2^17·ε of the accumulation dtype, so
+# the expansion's relative error elsewhere stays below ~2^-17 (times the small growth of length-D sums).
+EXACT_RATIO = {torch.float32: 2.0**-6, torch.float64: 2.0**-35}
+
+
+@triton.jit
+def _expanded_sq(g, na, nc):
+    # ‖a‖² + ‖c‖² − 2g, clamped at 0 (the expansion can round slightly below zero); NaN stays NaN
+    return tl.maximum(na[:, None] + nc[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _distance_of_sq(sq, KERNEL: tl.constexpr, inv_two_sigma2):
+    # the distance kernels (KERNEL 1..3) as functions of the squared distance
+    if KERNEL == 1:
+        dist = tl.sqrt(sq)
+    elif KERNEL == 2:
+        dist = sq
+    else:
+        dist = 2.0 - 2.0 * tl.exp(-sq * inv_two_sigma2)
+    return dist
 
 
 @triton.jit
@@ -42,19 +72,14 @@ def _distance(g, na, nc, KERNEL: tl.constexpr, inv_two_sigma2, EPS: tl.constexpr
         rc = tl.maximum(tl.sqrt(nc), eps)
         dist = 1.0 - g / (ra[:, None] * rc[None, :])
     else:
-        sq = tl.maximum(na[:, None] + nc[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        if KERNEL == 1:
-            dist = tl.sqrt(sq)
-        elif KERNEL == 2:
-            dist = sq
-        else:
-            dist = 2.0 - 2.0 * tl.exp(-sq * inv_two_sigma2)
+        dist = _distance_of_sq(_expanded_sq(g, na, nc), KERNEL, inv_two_sigma2)
     return dist
 
 
 @triton.jit
 def _coefficients(g, na, nc, KERNEL: tl.constexpr, inv_two_sigma2, EPS: tl.constexpr):
-    # P = ∂f/∂‖a‖² and Q = ∂f/∂g, both [BM, BN]
+    # P = ∂f/∂‖a‖² and Q = ∂f/∂g, both [BM, BN]. For the distance kernels (KERNEL 1..3) ``g`` holds the squared
+    # distance itself (the statistic ``_pd_exact_kernel`` keeps), and Q = −2P.
     if KERNEL == 0:
         eps = tl.full((), EPS, na.dtype)
         norm_a = tl.sqrt(na)
@@ -64,7 +89,7 @@ def _coefficients(g, na, nc, KERNEL: tl.constexpr, inv_two_sigma2, EPS: tl.const
         p = g / (2.0 * (ra * ra * ra)[:, None] * rc[None, :])
         p = tl.where((norm_a > eps)[:, None], p, 0.0)
     else:
-        sq = tl.maximum(na[:, None] + nc[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        sq = g
         if KERNEL == 1:
             d = tl.sqrt(sq)
             inv = 1.0 / tl.where(d == 0.0, 1.0, d)  # no division by zero even in the untaken branch
@@ -253,6 +278,132 @@ def _pd_epilogue_kernel(
 
 
 @triton.jit
+def _pd_exact_kernel(
+    x_ptr,
+    y_ptr,
+    g_ptr,
+    na_ptr,
+    nc_ptr,
+    sq_ptr,
+    out_ptr,
+    M,
+    N,
+    L,
+    D,
+    LP,
+    inv_ptr,
+    sxb,
+    sxm,
+    sxl,
+    sxd,
+    syb,
+    syn,
+    syl,
+    syd,
+    KERNEL: tl.constexpr,
+    POOL: tl.constexpr,
+    ACC: tl.constexpr,
+    RATIO: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Epilogue of the distance kernels: from the summed statistics (contiguous [B, M, N, LP], [B, M, LP], [B, N, LP])
+    # the squared distance of every pair, recomputed from differences in a tile that holds a pair where the
+    # expansion cancels (sq < RATIO·(‖a‖² + ‖c‖²)); writes it ([B, M, N, LP], for backward) and the distance.
+    pid_b = tl.program_id(0).to(tl.int64)
+    inv_two_sigma2 = tl.load(inv_ptr)
+    pid_mn = tl.program_id(1)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    offs_m = ((pid_mn // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = ((pid_mn % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    g_off = ((pid_b * M + offs_m[:, None]) * N + offs_n[None, :]) * LP
+    na_off = (pid_b * M + offs_m) * LP
+    nc_off = (pid_b * N + offs_n) * LP
+    x_rows = x_ptr + pid_b * sxb + offs_m[:, None] * sxm
+    y_rows = y_ptr + pid_b * syb + offs_n[:, None] * syn
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for l in range(0, LP):
+        g = tl.load(g_ptr + g_off + l, mask=mask_mn, other=0.0)
+        na = tl.load(na_ptr + na_off + l, mask=mask_m, other=0.0)
+        nc = tl.load(nc_ptr + nc_off + l, mask=mask_n, other=0.0)
+        sq = _expanded_sq(g, na, nc)
+        flag = (sq < RATIO * (na[:, None] + nc[None, :])) & mask_mn
+        if tl.max(flag.to(tl.int32)) > 0:
+            exact = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+                mask_d = offs_d < D
+                if POOL == 2:
+                    a = tl.load(
+                        x_rows + l * sxl + offs_d[None, :] * sxd, mask=mask_m[:, None] & mask_d[None, :], other=0.0
+                    ).to(ACC)
+                    c = tl.load(
+                        y_rows + l * syl + offs_d[None, :] * syd, mask=mask_n[:, None] & mask_d[None, :], other=0.0
+                    ).to(ACC)
+                else:
+                    a = _load_pooled(
+                        x_rows + offs_d[None, :] * sxd, sxl, L, mask_m[:, None] & mask_d[None, :], POOL, ACC
+                    )
+                    c = _load_pooled(
+                        y_rows + offs_d[None, :] * syd, syl, L, mask_n[:, None] & mask_d[None, :], POOL, ACC
+                    )
+                diff = a[:, None, :] - c[None, :, :]
+                exact += tl.sum(diff * diff, axis=2)
+            sq = tl.where(flag, exact, sq)
+        tl.store(sq_ptr + g_off + l, sq, mask=mask_mn)
+        total += _distance_of_sq(sq, KERNEL, inv_two_sigma2)
+    tl.store(out_ptr + (pid_b * M + offs_m[:, None]) * N + offs_n[None, :], total / LP, mask=mask_mn)
+
+
+@triton.jit
+def _exact_pairs(
+    acc,
+    go,
+    p,
+    q,
+    sq,
+    nr,
+    nc,
+    mask_rc,
+    rv,
+    c_cols,
+    scc,
+    scl,
+    L,
+    c0,
+    C,
+    mask_d,
+    POOL: tl.constexpr,
+    ACC: tl.constexpr,
+    RATIO: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Distance kernels: the pairs of this [rows, columns] tile where the expansion cancels (see the module docstring)
+    # leave the expansion (their P and Q are zeroed) and add 2·G·P·(a_i − c_j) to acc from differences, one column
+    # at a time; rv is the rows' pooled [BLOCK_R, BLOCK_D] tile, c_cols points at column 0's D tile.
+    flag = (sq < RATIO * (nr[:, None] + nc[None, :])) & mask_rc
+    if tl.max(flag.to(tl.int32)) > 0:
+        w = tl.where(flag, 2.0 * go * p, 0.0)
+        cols = tl.arange(0, BLOCK_C)
+        for j in range(0, BLOCK_C):
+            m = mask_d & (c0 + j < C)
+            col = c_cols + (c0 + j) * scc
+            if POOL == 2:
+                cj = tl.load(col, mask=m, other=0.0).to(ACC)
+            else:
+                cj = _load_pooled(col, scl, L, m, POOL, ACC)
+            wj = tl.sum(tl.where(cols[None, :] == j, w, 0.0), axis=1)
+            acc += wj[:, None] * (rv - cj[None, :])
+        p = tl.where(flag, 0.0, p)
+        q = tl.where(flag, 0.0, q)
+    return p, q, acc
+
+
+@triton.jit
 def _pd_bwd_kernel(
     r_ptr,
     c_ptr,
@@ -295,6 +446,7 @@ def _pd_bwd_kernel(
     POOL: tl.constexpr,
     ACC: tl.constexpr,
     EPS: tl.constexpr,
+    RATIO: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -309,8 +461,10 @@ def _pd_bwd_kernel(
     mask_rd = mask_r[:, None] & mask_d[None, :]
     r_tile = r_ptr + pid_b * srb + offs_r[:, None] * srr + offs_d[None, :] * srd
     grad_tile = grad_ptr + pid_b * sdb + offs_r[:, None] * sdr + offs_d[None, :] * sdd
+    c_cols = c_ptr + pid_b * scb + offs_d * scd  # + column · scc (+ token · scl)
     if POOL == 2:
         for l in range(0, L):
+            rv = tl.load(r_tile + l * srl, mask=mask_rd, other=0.0).to(ACC)
             rowcoef = tl.zeros((BLOCK_R,), dtype=ACC)
             acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
             nr = tl.load(nr_ptr + pid_b * snrb + offs_r * snrr + l * snrl, mask=mask_r, other=0.0)
@@ -328,17 +482,49 @@ def _pd_bwd_kernel(
                 )
                 nc = tl.load(nc_ptr + pid_b * sncb + offs_c * sncc + l * sncl, mask=mask_c, other=0.0)
                 p, q = _coefficients(g, nr, nc, KERNEL, inv_two_sigma2, EPS)
+                if KERNEL != 0:
+                    p, q, acc = _exact_pairs(
+                        acc,
+                        go,
+                        p,
+                        q,
+                        g,
+                        nr,
+                        nc,
+                        mask_rc,
+                        rv,
+                        c_cols + l * scl,
+                        scc,
+                        scl,
+                        L,
+                        c0,
+                        C,
+                        mask_d,
+                        POOL,
+                        ACC,
+                        RATIO,
+                        BLOCK_C,
+                    )
                 rowcoef += tl.sum(go * p, axis=1)
                 cv = tl.load(
-                    c_ptr + pid_b * scb + offs_c[:, None] * scc + l * scl + offs_d[None, :] * scd,
-                    mask=mask_c[:, None] & mask_d[None, :],
-                    other=0.0,
+                    c_cols[None, :] + offs_c[:, None] * scc + l * scl, mask=mask_c[:, None] & mask_d[None, :], other=0.0
                 ).to(ACC)
                 acc += tl.dot(go * q, cv, input_precision="ieee")
-            rv = tl.load(r_tile + l * srl, mask=mask_rd, other=0.0).to(ACC)
             grad = (2.0 * rowcoef[:, None] * rv + acc) / L
             tl.store(grad_tile + l * sdl, grad, mask=mask_rd)
     else:
+        if POOL == 0:
+            rv = _load_pooled(r_tile, srl, L, mask_rd, POOL, ACC)
+            arg = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.int32)
+        else:
+            # recompute the max and its first argmax token; the pooled gradient is routed there
+            rv = tl.load(r_tile, mask=mask_rd, other=0.0).to(ACC)
+            arg = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.int32)
+            for l in range(1, L):
+                t = tl.load(r_tile + l * srl, mask=mask_rd, other=0.0).to(ACC)
+                take = t > rv
+                rv = tl.where(take, t, rv)
+                arg = tl.where(take, l, arg)
         rowcoef = tl.zeros((BLOCK_R,), dtype=ACC)
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
         nr = tl.load(nr_ptr + pid_b * snrb + offs_r * snrr, mask=mask_r, other=0.0)
@@ -352,25 +538,21 @@ def _pd_bwd_kernel(
             g = tl.load(g_ptr + pid_b * sgb + offs_r[:, None] * sgr + offs_c[None, :] * sgc, mask=mask_rc, other=0.0)
             nc = tl.load(nc_ptr + pid_b * sncb + offs_c * sncc, mask=mask_c, other=0.0)
             p, q = _coefficients(g, nr, nc, KERNEL, inv_two_sigma2, EPS)
+            if KERNEL != 0:
+                p, q, acc = _exact_pairs(
+                    acc, go, p, q, g, nr, nc, mask_rc, rv, c_cols, scc, scl, L, c0, C, mask_d, POOL, ACC, RATIO, BLOCK_C
+                )
             rowcoef += tl.sum(go * p, axis=1)
-            c_base = c_ptr + pid_b * scb + offs_c[:, None] * scc + offs_d[None, :] * scd
-            cv = _load_pooled(c_base, scl, L, mask_c[:, None] & mask_d[None, :], POOL, ACC)
+            cv = _load_pooled(
+                c_cols[None, :] + offs_c[:, None] * scc, scl, L, mask_c[:, None] & mask_d[None, :], POOL, ACC
+            )
             acc += tl.dot(go * q, cv, input_precision="ieee")
         if POOL == 0:
-            rv = _load_pooled(r_tile, srl, L, mask_rd, POOL, ACC)
             grad = (2.0 * rowcoef[:, None] * rv + acc) / L
             for l in range(0, L):
                 tl.store(grad_tile + l * sdl, grad, mask=mask_rd)
         else:
-            # recompute the max and its first argmax token, then route the pooled gradient there
-            best = tl.load(r_tile, mask=mask_rd, other=0.0).to(ACC)
-            arg = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.int32)
-            for l in range(1, L):
-                t = tl.load(r_tile + l * srl, mask=mask_rd, other=0.0).to(ACC)
-                take = t > best
-                best = tl.where(take, t, best)
-                arg = tl.where(take, l, arg)
-            grad = 2.0 * rowcoef[:, None] * best + acc
+            grad = 2.0 * rowcoef[:, None] * rv + acc
             for l in range(0, L):
                 tl.store(grad_tile + l * sdl, tl.where(arg == l, grad, 0.0), mask=mask_rd)
 
@@ -411,9 +593,10 @@ def pairwise_distance_fwd(
     block_d: int | None = None,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distances [B, M, N] plus the statistics backward needs: Gram [B, M, N, L'], ‖x‖² [B, M, L'], ‖y‖² [B, N, L']
-    (L' = L for pool "none", else 1), all in fp32 (fp64 for fp64 inputs). ``block_d`` / ``splits`` override the
-    D tile and the number of split-D programs (tests use them to exercise every path on tiny shapes)."""
+    """Distances [B, M, N] plus the statistics backward needs: [B, M, N, L'] (cosine: the Gram a·c; the distance
+    kernels: the squared distance, exact where the expansion cancels), ‖x‖² [B, M, L'], ‖y‖² [B, N, L'] (L' = L for
+    pool "none", else 1), all in fp32 (fp64 for fp64 inputs). ``block_d`` / ``splits`` override the D tile and the
+    number of split-D programs (tests use them to exercise every path on tiny shapes)."""
     B, M, L, D = x.shape
     N = y.shape[1]
     acc_t, acc_tl = _acc_dtype(x.dtype)
@@ -458,14 +641,16 @@ def pairwise_distance_fwd(
             *nc.stride(),
             *out.stride(),
             POOL=POOLS[pool],
-            EPILOGUE=splits == 1,
+            EPILOGUE=splits == 1 and kernel == "cosine",
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             BLOCK_D=block_d,
             **meta,
         )
         if splits == 1:
-            return out, g[0], na[0], nc[0]
+            if kernel == "cosine":
+                return out, g[0], na[0], nc[0]
+            return out, _exact(x, y, g[0], na[0], nc[0], out, kernel, pool, inv, BLOCK_M, BLOCK_N), na[0], nc[0]
         g_sum = torch.empty(g.shape[1:], device=x.device, dtype=acc_t)
         na_sum = torch.empty(na.shape[1:], device=x.device, dtype=acc_t)
         nc_sum = torch.empty(nc.shape[1:], device=x.device, dtype=acc_t)
@@ -486,7 +671,45 @@ def pairwise_distance_fwd(
             BLOCK_N=BLOCK_N,
             **meta,
         )
+        if kernel != "cosine":
+            g_sum = _exact(x, y, g_sum, na_sum, nc_sum, out, kernel, pool, inv, BLOCK_M, BLOCK_N)
     return out, g_sum, na_sum, nc_sum
+
+
+def _exact(x, y, g, na, nc, out, kernel, pool, inv, BLOCK_M, BLOCK_N) -> torch.Tensor:
+    """Squared distances [B, M, N, L'] (exact where the expansion cancels) from the summed statistics; writes the
+    distances into ``out``. Launched on x's device by the caller."""
+    B, M, L, D = x.shape
+    N = y.shape[1]
+    sq = torch.empty_like(g)
+    acc_t, acc_tl = _acc_dtype(x.dtype)
+    # the [BLOCK_M, BLOCK_N, BLOCK_D] difference tile lives in registers on a GPU: a narrow D tile
+    block_d = 32 if _interpreted(x) else 8
+    _pd_exact_kernel[(B, triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N))](
+        x,
+        y,
+        g,
+        na,
+        nc,
+        sq,
+        out,
+        M,
+        N,
+        L,
+        D,
+        g.shape[-1],
+        inv,
+        *x.stride(),
+        *y.stride(),
+        KERNEL=KERNELS[kernel],
+        POOL=POOLS[pool],
+        ACC=acc_tl,
+        RATIO=EXACT_RATIO[acc_t],
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d,
+    )
+    return sq
 
 
 def _bwd_rows(rows, cols, grad_out_rc, g_rc, n_rows, n_cols, kernel, pool, sigma, block_d):
@@ -521,6 +744,7 @@ def _bwd_rows(rows, cols, grad_out_rc, g_rc, n_rows, n_cols, kernel, pool, sigma
         POOL=POOLS[pool],
         ACC=acc_tl,
         EPS=COSINE_EPS,
+        RATIO=EXACT_RATIO[_acc_dtype(rows.dtype)[0]],
         BLOCK_R=BLOCK_R,
         BLOCK_C=BLOCK_C,
         BLOCK_D=block_d,

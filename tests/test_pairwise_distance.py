@@ -5,7 +5,7 @@ import torch
 from conftest import backend_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tolerances import assert_close
+from tolerances import TOLERANCES, assert_close
 
 from silmm_fast import pairwise_distance, use_backend
 from silmm_fast.reference.pairwise_distance import pairwise_distance as reference
@@ -138,15 +138,66 @@ def test_identical_inputs_zero_distance(kernel, backend):
     for pool in POOLS:
         out, gx, gy = _run(backend, x, y, go, kernel=kernel, pool=pool)
         diag = torch.diagonal(out, dim1=1, dim2=2)
-        # the Gram expansion cancels to ~ε·‖a‖²; its square root for the euclidean distance
-        bound = 1e-7 if kernel == "euclidean" else 1e-12
+        # coincident points are where the expansion cancels: the distance kernels recompute them from differences
+        # (exactly 0); cosine keeps the expansion, ~ε
+        bound = 1e-12 if kernel == "cosine" else 0.0
         assert diag.abs().max() <= bound, (pool, diag)
         assert torch.isfinite(gx).all() and torch.isfinite(gy).all()
         ref, rgx, rgy = _expected(x, y, go, kernel=kernel, pool=pool)
-        # at coincident points the euclidean reference gradient is exactly 0 (the convention); the fast paths give
-        # (a − c)/d with a − c = 0, up to the rounding of the Gram expansion
-        assert_close(gx, rgx, torch.float64, scale=1e4 if kernel == "euclidean" else 100.0)
-        assert_close(gy, rgy, torch.float64, scale=1e4 if kernel == "euclidean" else 100.0)
+        assert_close(gx, rgx, torch.float64, scale=100.0)
+        assert_close(gy, rgy, torch.float64, scale=100.0)
+
+
+def _far_cluster(dtype, L, seed=11):
+    """x [1, 2, L, 40], y [1, 3, L, 40]: x0, y0, y1 within ~8e-3 of one point of norm 8e3 (where the Gram expansion
+    cancels: it gave distance 0 in fp32), x1 and y2 ordinary O(1) points (where it does not). ``dtype`` values,
+    returned as float64 leaves so the reference sees the very same numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    D = 40
+    centre = torch.randn(D, generator=gen, dtype=torch.float64)
+    centre = 8e3 * centre / centre.norm()
+    step = torch.randn(D, generator=gen, dtype=torch.float64)
+    step = 7.9e-3 * step / step.norm()
+    tokens = 1e-3 * torch.randn(L, D, generator=gen, dtype=torch.float64)  # per-token spread (pool "none" / "max")
+    x = torch.stack([centre + tokens, torch.randn(L, D, generator=gen, dtype=torch.float64)])[None]
+    y = torch.stack([centre + step + tokens, centre - 0.5 * step + tokens.flip(0), torch.randn(L, D, generator=gen)])
+    x, y = x.to(dtype).double(), y[None].to(dtype).double()
+    go = torch.randn(1, 2, 3, generator=gen, dtype=torch.float64)
+    return x.requires_grad_(), y.requires_grad_(), go
+
+
+@pytest.mark.parametrize("backend", (*FAST, "reference"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("kernel", ("euclidean", "sqeuclidean", "rbf"))
+def test_near_coincident_points_far_from_the_origin(kernel, dtype, backend):
+    # fp32 mean pooling over several tokens would round the pooled points by ~ε·8e3 itself: one token there
+    pools = (("mean", 1), ("max", 3), ("none", 3)) if dtype == torch.float32 else (("mean", 3), ("none", 2))
+    for pool, L in pools:
+        x, y, go = _far_cluster(dtype, L)
+        kw = dict(kernel=kernel, pool=pool, sigma=0.01)  # rbf: sq / (2σ²) ~ 0.3 at distance 8e-3
+        out, gx, gy = _run(backend, x.to(dtype), y.to(dtype), go, **kw)
+        ref, rgx, rgy = _expected(x, y, go, **kw)
+        assert out[0, 0, 0] > 0 and out[0, 0, 1] > 0, (pool, out)  # the expansion gave exactly 0 here
+        assert_close(out, ref, dtype, scale=10.0)
+        # gradients mix unit-size directions (a − c)/d with 2·(a − c) of size 1.6e4 (sqeuclidean) or 1/σ² (rbf):
+        # relative tolerance, atol floor sized to the largest entry
+        for got, want in ((gx, rgx), (gy, rgy)):
+            floor = TOLERANCES[dtype]["atol"] * max(1.0, want.abs().max().item())
+            torch.testing.assert_close(got.double(), want, rtol=TOLERANCES[dtype]["rtol"] * 10, atol=floor)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_near_coincident_points_split_d(pool):
+    # the split-D forward sums partial statistics before the exact epilogue recomputes the cancelled pairs
+    from silmm_fast.kernels import pairwise_distance as kern
+
+    x, y, _ = _far_cluster(torch.float64, 2)
+    xd, yd = (t.detach().to(backend_device("triton")) for t in (x, y))
+    for kernel in ("euclidean", "sqeuclidean", "rbf"):
+        out, sq, _, _ = kern.pairwise_distance_fwd(xd, yd, kernel, pool, 0.01, block_d=16, splits=3)
+        want = reference(x.detach(), y.detach(), kernel=kernel, pool=pool, sigma=0.01)
+        assert_close(out.cpu(), want, torch.float64, 10.0)
+        assert sq.shape == (1, 2, 3, 2 if pool == "none" else 1)
 
 
 @pytest.mark.parametrize("backend", (*FAST, "reference"))

@@ -7,7 +7,7 @@ Backends (``silmm_fast._backend.choose("pairwise_distance", device)``):
   (cosine: on the unit rows), the same epilogue and gradient conventions, differentiated by autograd; no tensor
   larger than the pooled rows and the [B, M, N(, L)] distances, never a [B, M, N, D] difference tensor. (A
   hand-written autograd Function here measured slower at small CPU shapes: its Python overhead outweighs the ops
-  it saves.)
+  it saves.) Pairs where the expansion cancels are recomputed from their differences (below).
 - ``reference``: ``silmm_fast.reference.pairwise_distance`` (explicit differences, plain autograd).
 """
 
@@ -22,6 +22,11 @@ from silmm_fast.reference import pairwise_distance as _reference
 KERNELS = ("cosine", "euclidean", "sqeuclidean", "rbf")
 POOLS = ("mean", "max", "none")
 COSINE_EPS = _reference.COSINE_EPS
+# The Gram expansion ‖a‖² + ‖c‖² − 2a·c has a rounding error of about ε·(‖a‖² + ‖c‖²): for two points of norm 8e3 at
+# distance 8e-3 it returns 0 in fp32. A pair whose expanded squared distance is below EXACT_RATIO·(‖a‖² + ‖c‖²)
+# (2^17·ε: fewer than ~17 correct bits left) is recomputed from its difference a − c, in every backend (the Triton
+# kernels use the same ratios).
+EXACT_RATIO = {torch.float32: 2.0**-6, torch.float64: 2.0**-35}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,7 +64,7 @@ def _torch_distance(x: torch.Tensor, y: torch.Tensor, kernel: str, pool: str, si
             sq = torch.baddbmm(base, a, c.transpose(1, 2), alpha=-2.0)
         else:
             sq = base - 2.0 * _gram(a, c)
-        sq = sq.clamp_min(0.0)
+        sq = _exact_where_cancelled(sq.clamp_min(0.0), base, a, c)
         if kernel == "euclidean":
             zero = sq == 0
             dist = torch.where(zero, 0.0, torch.where(zero, 1.0, sq).sqrt())  # gradient 0 at distance 0
@@ -68,6 +73,25 @@ def _torch_distance(x: torch.Tensor, y: torch.Tensor, kernel: str, pool: str, si
         else:
             dist = 2.0 - 2.0 * torch.exp(-sq / (2.0 * sigma**2))
     return dist.mean(1) if pool == "none" else dist
+
+
+def _exact_where_cancelled(sq: torch.Tensor, base: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``sq`` with every pair where the expansion cancelled (sq < EXACT_RATIO·(‖a‖² + ‖c‖²)) replaced by Σ(a − c)²,
+    differentiable through the differences. Only those pairs form a difference row ([pairs, D]); finding them costs
+    one host sync on CUDA (the Triton path decides inside its kernels instead)."""
+    with torch.no_grad():
+        flagged = (sq < EXACT_RATIO[sq.dtype] * base).nonzero()  # NaN compares False: a NaN pair stays NaN
+    if flagged.numel() == 0:
+        return sq
+    M, N, D = a.shape[-2], c.shape[-2], a.shape[-1]
+    k, i, j = (flagged[:, 0], flagged[:, 1], flagged[:, 2]) if sq.dim() == 3 else (None, None, None)
+    if sq.dim() == 4:  # pool "none": rows are [B, L, M|N, D]
+        lead = sq.shape[1]
+        k = flagged[:, 0] * lead + flagged[:, 1]
+        i, j = flagged[:, 2], flagged[:, 3]
+    diff = a.reshape(-1, M, D)[k, i] - c.reshape(-1, N, D)[k, j]
+    exact = (diff * diff).sum(-1)
+    return sq.reshape(-1, M, N).index_put((k, i, j), exact).reshape(sq.shape)
 
 
 class _TritonPairwiseDistance(torch.autograd.Function):
@@ -141,19 +165,25 @@ def pairwise_distance(
         [B, M, N], float32 (float64 for float64 inputs), differentiable in x and y (gradients in their dtypes).
 
     Precision and gradients: the fast paths use the Gram expansion ‖a‖² + ‖c‖² − 2a·c (clamped at 0) accumulated
-    in fp32 (fp64), so near-coincident points carry an absolute error of about ε·(‖a‖² + ‖c‖²) in the squared
-    distance (its square root for ``"euclidean"``). Conventions: ``"euclidean"`` has gradient 0 where the distance
-    is exactly 0; ``"cosine"`` clamps norms at 1e-8 (a zero vector is at distance 1 from everything and a norm below
-    1e-8 passes no gradient through the norm); ``"max"`` routes the gradient to the first maximal token.
+    in fp32 (fp64), whose absolute error is about ε·(‖a‖² + ‖c‖²). For ``"euclidean"``, ``"sqeuclidean"`` and
+    ``"rbf"`` every pair whose squared distance is below ``EXACT_RATIO`` (2^17·ε) times ‖a‖² + ‖c‖² (near-coincident
+    points far from the origin) is recomputed from its difference a − c, values and gradients, so the relative
+    error stays near 2^-17 (fp32) everywhere; the reference always uses differences. ``"cosine"`` keeps the
+    expansion: its error is ~ε absolute on a distance in [0, 2], whatever the norms. Conventions: ``"euclidean"``
+    has gradient 0 where the distance is exactly 0; ``"cosine"`` clamps norms at 1e-8 (a zero vector is at distance
+    1 from everything and a norm below 1e-8 passes no gradient through the norm); ``"max"`` routes the gradient to
+    the first maximal token.
     NaN / Inf inputs are not checked (that would cost a host sync on CUDA); a NaN feature makes every distance of
     its matrix NaN, also under max pooling.
 
     Memory: the Triton path keeps only [B, M, N, L'] statistics for backward (L' = L for pool ``"none"``, else 1),
-    the torch path pooled [B, M|N, D] rows; neither forms the [B, M, N, D] differences the reference does.
+    the torch path pooled [B, M|N, D] rows plus one D-row per recomputed pair; neither forms the [B, M, N, D]
+    differences the reference does.
 
     Raises:
         TypeError: non-tensor or non-floating input, x and y of different dtypes. ValueError: wrong ranks,
-        mismatched B / L / D, different devices, empty L or D, unknown ``kernel`` / ``pool``, ``sigma`` ≤ 0.
+        mismatched B / L / D, different devices, empty L or D, unknown ``kernel`` / ``pool``, ``sigma`` not a
+        finite number > 0.
     """
     sigma = _check(x, y, kernel, pool, sigma)
     backend = _backend.choose("pairwise_distance", x.device)
