@@ -1,16 +1,19 @@
 """The one place that decides which implementation serves an op call.
 
 Implementations, in the order `auto` prefers them:
-- ``triton``: the fused Triton kernels in ``silmm_fast.kernels``. Used for CUDA tensors when Triton is importable;
-  for CPU tensors only under ``TRITON_INTERPRET=1`` (how the test suite exercises the kernel code without a GPU).
+- ``triton``: the fused Triton kernels in ``silmm_fast.kernels`` (for the fused heads: vendor-BLAS products with
+  Triton row kernels). Used for CUDA tensors when Triton is importable; for CPU tensors only under
+  ``TRITON_INTERPRET=1`` (how the test suite exercises the kernel code without a GPU).
+- ``triton_gemm``: ``fused_linear_logprobs`` with the whole product in Triton tiles; never chosen by ``auto`` (cuBLAS
+  products were faster where measured), kept selectable to re-measure.
 - ``cpp``: the compiled extension ``silmm_fast._C`` (ops that have one, e.g. ``diverse_select``).
 - ``torch``: a vectorized, memory-lean PyTorch path (chunked where the naive form would materialize large tensors).
 - ``reference``: the readable pure-PyTorch reference in ``silmm_fast.reference``.
 
-``SILMM_FAST_BACKEND=auto|triton|cpp|torch|reference`` (or the ``use_backend`` context manager, which wins over the
-variable) forces a choice. A forced backend that an op does not have falls back to that op's ``auto`` choice; a forced
-backend that the op has but that cannot run on the tensor's device raises, so a forced choice is never silently
-ignored.
+``SILMM_FAST_BACKEND=auto|triton|triton_gemm|cpp|torch|reference`` (or the ``use_backend`` context manager, which wins
+over the variable) forces a choice. A forced backend that an op does not have falls back to that op's ``auto``
+choice; a forced backend that the op has but that cannot run on the tensor's device raises, so a forced choice is
+never silently ignored.
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
+BACKENDS = ("auto", "triton", "triton_gemm", "cpp", "torch", "reference")
 ENV_VAR = "SILMM_FAST_BACKEND"
 
 # op name -> implementations it offers, in auto's order of preference
 OPS: dict[str, tuple[str, ...]] = {
     "gather_logprobs": ("triton", "torch", "reference"),
     "sequence_logprobs": ("triton", "torch", "reference"),
-    "fused_linear_logprobs": ("triton", "torch", "reference"),
+    "fused_linear_logprobs": ("triton", "torch", "reference", "triton_gemm"),
     "fused_linear_dpo": ("triton", "torch", "reference"),
     "pairwise_distance": ("triton", "torch", "reference"),
     "diverse_select": ("cpp", "reference"),
@@ -106,6 +109,7 @@ def cpp_usable(device: torch.device) -> tuple[bool, str]:
 
 _CHECKS: dict[str, Callable[[torch.device], tuple[bool, str]]] = {
     "triton": triton_usable,
+    "triton_gemm": triton_usable,
     "cpp": cpp_usable,
     "torch": lambda device: (True, ""),
     "reference": lambda device: (True, ""),
@@ -125,7 +129,7 @@ def choose(op: str, device: torch.device | str) -> str:
             raise RuntimeError(f"{op}: backend {requested!r} was forced but cannot run on {device}: {why}")
         return requested
     for name in offered:
-        if name == "triton" and device.type == "cpu":
+        if name == "triton_gemm" or (name == "triton" and device.type == "cpu"):
             continue  # auto never picks the interpreter: it is a correctness tool, ~1000x slower than torch
         if _CHECKS[name](device)[0]:
             return name

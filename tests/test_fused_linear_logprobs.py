@@ -12,7 +12,7 @@ from silmm_fast import fused_linear_logprobs, use_backend
 from silmm_fast.ops import fused_linear_logprobs as op_module
 from silmm_fast.reference.fused_linear_logprobs import fused_linear_logprobs as reference
 
-BACKENDS = ("torch", "triton", "reference")
+BACKENDS = ("torch", "triton", "triton_gemm", "reference")
 # 3·7 = 21 tokens over token tiles of 16 (two tiles), V = 100 over vocabulary tiles of 32 (four, the last partial),
 # H = 40 over hidden tiles of 16 (three, the last partial); triton slabs of 16 rows (two), torch chunks of 4 rows (six).
 B, T, H, V = 3, 7, 40, 100
@@ -85,7 +85,7 @@ def test_matches_reference_float64(device, backend, reduction, head_grad):
         assert_close(g, rg, torch.float64)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_without_bias_and_single_token_tile(device, backend):
     hidden, weight, _, labels = make_inputs(device, b=2, t=5, v=33, bias=False)
     out, grads = run(backend, *leaves(hidden, weight, None)[:2], labels)
@@ -95,7 +95,7 @@ def test_without_bias_and_single_token_tile(device, backend):
         assert_close(g, rg, torch.float64)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_inputs_accumulate_in_fp32(device, backend, dtype):
     if dtype != torch.float32 and device.type == "cuda":
@@ -123,7 +123,7 @@ def test_torch_chunk_rule():
 
 
 # --- frozen head and partial gradients -------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_frozen_head_takes_fast_path(device, backend, monkeypatch):
     hidden, weight, bias, labels = make_inputs(device)
     h, w, b = leaves(hidden, weight, bias, head_grad=False)
@@ -138,7 +138,7 @@ def test_frozen_head_takes_fast_path(device, backend, monkeypatch):
 
     from silmm_fast.kernels import fused_linear_logprobs as kernels
 
-    monkeypatch.setattr(op_module, "_torch_backward", fail)
+    monkeypatch.setattr(op_module, "_blas_backward", fail)
     monkeypatch.setattr(kernels, "backward", fail)
     monkeypatch.setattr(kernels, "_flp_tile_kernel", None)
     upstream = torch.randn(out.shape, dtype=out.dtype, device=out.device)
@@ -149,7 +149,7 @@ def test_frozen_head_takes_fast_path(device, backend, monkeypatch):
     assert_close(h.grad, ref_h.grad, torch.float64)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_trainable_head_uses_recompute_path(device, backend):
     hidden, weight, bias, labels = make_inputs(device)
     with use_backend(backend):
@@ -158,14 +158,14 @@ def test_trainable_head_uses_recompute_path(device, backend):
     assert "_FusedLinearLogprobsBackward" in names and "_FrozenHeadLinearLogprobsBackward" not in names
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_bias_only_gradient_skips_weight_work(device, backend, monkeypatch):
     hidden, weight, bias, labels = make_inputs(device)
     calls = []
-    if backend == "torch":
-        real = op_module._torch_backward
-        spy = lambda *a: calls.append(a[-3:]) or real(*a)
-        monkeypatch.setattr(op_module, "_torch_backward", spy)
+    if backend != "triton_gemm":
+        real = op_module._blas_backward
+        spy = lambda *a: calls.append(a[8:11]) or real(*a)
+        monkeypatch.setattr(op_module, "_blas_backward", spy)
     else:
         from silmm_fast.kernels import fused_linear_logprobs as kernels
 
@@ -182,7 +182,7 @@ def test_bias_only_gradient_skips_weight_work(device, backend, monkeypatch):
     assert_close(db, ref_db, torch.float64)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_weight_only_gradient(device, backend):
     hidden, weight, bias, labels = make_inputs(device)
     w = weight.detach().clone().requires_grad_(True)
@@ -191,7 +191,7 @@ def test_weight_only_gradient(device, backend):
     assert_close(dw, ref_dw, torch.float64)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_no_grad_forward_equals_grad_forward_bitwise(device, backend):
     """Reference log-probs come from no_grad calls: they must be bit-identical to the policy's forward."""
     hidden, weight, bias, labels = make_inputs(device, torch.float32)
@@ -233,7 +233,7 @@ def test_everything_masked_and_custom_ignore_index(device, backend):
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_non_contiguous_inputs(device, backend):
     hidden, weight, bias, labels = make_inputs(device)
     # hidden as every other position of a longer sequence, weight as the transpose of an [H, V] matrix
@@ -253,7 +253,7 @@ def test_non_contiguous_inputs(device, backend):
         assert_close(g, rg, torch.float64)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_input_saved_by_previous_op_is_not_written(device, backend):
     """tanh saves its output for backward: if the op wrote into hidden, the tanh gradient would be wrong."""
     x = torch.randn(B, T, H, dtype=torch.float64, device=device, requires_grad=True)
@@ -294,7 +294,7 @@ def test_extreme_logits_stay_finite_and_exact(device, backend, dtype):
         assert_close(g.cpu(), rg, dtype, scale=1e3)  # gradients are sums of terms of size |W| ~ 2e3
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_deterministic(device, backend):
     hidden, weight, bias, labels = make_inputs(device, torch.float32)
     first = run(backend, *leaves(hidden, weight, bias)[:2], labels, leaves(hidden, weight, bias)[2])
@@ -319,7 +319,7 @@ def test_empty_batch(device, backend):
             assert torch.equal(w.grad, torch.zeros_like(weight)) and torch.equal(b.grad, torch.zeros_like(bias))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_gradcheck(device, backend):
     gen = torch.Generator().manual_seed(5)
     h = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
@@ -398,14 +398,15 @@ def test_bad_input(change, error, match):
 
 # --- GPU -------------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "triton_gemm"])
 @pytest.mark.parametrize("head_grad", [True, False], ids=["trainable-head", "frozen-head"])
-def test_gpu_bf16_janus_like(head_grad):
+def test_gpu_bf16_janus_like(head_grad, backend):
     """bf16 tensor-core products at a Janus-like shape (two sequences of 576 tokens, H=2048, V=16384). The frozen head
     takes the forward kernel's input-gradient path, whose first form Triton 3.6 failed to compile at these tiles."""
     op_module._TRITON_BLOCKS = op_module._TRITON_CHUNK_ROWS = None
     hidden, weight, bias, labels = make_inputs("cuda", torch.bfloat16, b=2, t=576, h=2048, v=16384, bias=False)
     h, w, _ = leaves(hidden, weight, None, head_grad=head_grad)
-    out, grads = run("triton", h, w, labels, reduction="mean")
+    out, grads = run(backend, h, w, labels, reduction="mean")
     exact = leaves(hidden.double(), weight.double(), None, head_grad=head_grad)
     ref_out, ref_grads = run("reference", *exact[:2], labels, reduction="mean")
     assert len(grads) == len(ref_grads) == (2 if head_grad else 1)
@@ -416,11 +417,12 @@ def test_gpu_bf16_janus_like(head_grad):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_default_tiles():
+@pytest.mark.parametrize("backend", ["triton", "triton_gemm"])
+def test_gpu_fp32_default_tiles(backend):
     op_module._TRITON_BLOCKS = op_module._TRITON_CHUNK_ROWS = None
     hidden, weight, bias, labels = make_inputs("cuda", torch.float32, b=4, t=300, h=520, v=3000)
     h, w, b = leaves(hidden, weight, bias)
-    out, grads = run("triton", h, w, labels, b)
+    out, grads = run(backend, h, w, labels, b)
     exact = leaves(hidden.double(), weight.double(), bias.double())
     ref_out, ref_grads = run("reference", *exact[:2], labels, exact[2])
     assert_close(out, ref_out, torch.float32, scale=300)

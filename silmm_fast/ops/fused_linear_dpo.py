@@ -38,6 +38,7 @@ import torch
 from silmm_fast import _backend
 from silmm_fast.losses.dpo import dpo_loss
 from silmm_fast.ops import fused_linear_logprobs as _flp
+from silmm_fast.ops import head_products as hp
 
 # Default slab budget per device type (bytes of the logit slab one chunk of pairs may hold). CPU: large enough for one
 # Janus pair (576 image tokens each side, V = 16,384, fp32: 72 MiB) and small enough that the slab plus the weight
@@ -119,71 +120,6 @@ def _plan(kept_per_pair: list[int], bytes_per_token: int, budget: int) -> list[t
     return chunks
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b (+ bias)`` into ``out`` through the vendor BLAS; a half-precision product into an fp32 ``out`` uses
-    cuBLAS's fp32-output GEMM."""
-    if out.dtype == a.dtype:
-        return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
-    out.copy_(torch.mm(a, b, out_dtype=out.dtype))
-    return out if bias is None else out.add_(bias)
-
-
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in fp32 / fp64 whatever the operands' dtype."""
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
-_FP32_OUT_MM: dict[torch.device, bool] = {}
-
-
-def _fp32_out_mm(device: torch.device) -> bool:
-    """Whether ``torch.mm(half, half, out_dtype=torch.float32)`` runs on ``device`` (CUDA builds of recent torch)."""
-    if device not in _FP32_OUT_MM:
-        a = torch.zeros(2, 2, dtype=torch.bfloat16, device=device)
-        try:
-            _FP32_OUT_MM[device] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-        except (RuntimeError, TypeError, NotImplementedError):
-            _FP32_OUT_MM[device] = False
-    return _FP32_OUT_MM[device]
-
-
-def _dtypes(dtype: torch.dtype, device: torch.device, backend: str) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
-    """(operand dtype of the products, slab dtype, accumulation dtype)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    if dtype in (torch.float16, torch.bfloat16) and backend == "triton" and device.type == "cuda":
-        return dtype, acc if _fp32_out_mm(device) else dtype, acc
-    return acc, acc, acc  # CPU products and the interpreter run in fp32 (its half-precision products are wrong)
-
-
-def _row_stats(backend: str, z: torch.Tensor, y: torch.Tensor):
-    """(logp, m, r) per row of the logit block ``z``; the torch backend leaves exp(z − m) in ``z``."""
-    if backend == "triton":
-        from silmm_fast.kernels import logprobs as kernels
-
-        return kernels.logprobs_forward(z, y, -1)
-    target = z.gather(1, y.unsqueeze(1)).squeeze(1)
-    m = z.amax(1)
-    total = z.sub_(m.unsqueeze(1)).exp_().sum(1)
-    r = total.log_()
-    return (target - m) - r, m, r
-
-
-def _write_dz(backend, z, y, m, r, c, out) -> torch.Tensor:
-    """dz = c · (onehot(y) − p) over the block ``z`` (as ``_row_stats`` left it), written into ``out``."""
-    if backend == "triton":
-        from silmm_fast.kernels import logprobs as kernels
-
-        return kernels.logprobs_backward(z, y, m, r, c, -1, out=out)
-    # z holds exp(z − m); p = that · exp(−r)
-    z.mul_((-c * torch.exp(-r)).unsqueeze(1)).scatter_add_(1, y.unsqueeze(1), c.unsqueeze(1))
-    return z
-
-
 class _Pass:
     """The forward over chunks of pairs shared by the loss and by the reference log-probs, so both take the same
     arithmetic (same chunks, same product blocks, same summation order: the margin at initialization is exactly 0).
@@ -198,7 +134,7 @@ class _Pass:
         B2, T, H = hidden.shape
         self.B, self.T, self.V = B2 // 2, T, weight.shape[0]
         self.backend, self.reduction, self.chunks = backend, reduction, chunks
-        self.prod, slab_dtype, self.acc = _dtypes(hidden.dtype, hidden.device, backend)
+        self.prod, slab_dtype, self.acc = hp.dtypes(hidden.dtype, hidden.device, backend)
         self.h_all, self.y_all, self.keep = hidden.reshape(B2 * T, H), labels.reshape(B2 * T), keep
         self.w = weight.to(self.prod)
         self.b = None if bias is None else bias.to(slab_dtype)
@@ -229,8 +165,8 @@ class _Pass:
             logp, self.m, self.r = (torch.empty(n, dtype=acc, device=device) for _ in range(3))
             step = self.step(n)
             for s in range(0, n, step):
-                z = _mm(self.h[s : s + step], wt, self.slab[s : s + step], self.b)
-                logp[s : s + step], self.m[s : s + step], self.r[s : s + step] = _row_stats(
+                z = hp.mm_into(self.h[s : s + step], wt, self.slab[s : s + step], self.b)
+                logp[s : s + step], self.m[s : s + step], self.r[s : s + step] = hp.row_stats(
                     self.backend, z, self.y[s : s + step]
                 )
             # a deterministic segmented sum (no atomics): scatter into [2P, T], then sum each row
@@ -247,7 +183,7 @@ class _Pass:
         step = self.step(n)
         for s in range(0, n, step):
             e = min(s + step, n)
-            yield slice(s, e), _write_dz(self.backend, self.slab[s:e], self.y[s:e], self.m[s:e], self.r[s:e],
+            yield slice(s, e), hp.write_dz(self.backend, self.slab[s:e], self.y[s:e], self.m[s:e], self.r[s:e],
                                          c[s:e], dz_all[s:e])  # fmt: skip
 
 
@@ -292,7 +228,7 @@ def _forward_with_grads(hidden, weight, bias, labels, ref_chosen, ref_rejected, 
             if need_h:
                 dh.index_copy_(0, run.tokens[rows], torch.mm(dz, run.w).to(dh.dtype))
             if need_w:
-                _accumulate(dw, dz.t(), run.h[rows])
+                hp.accumulate(dw, dz.t(), run.h[rows])
             if need_b:
                 db.add_(dz.sum(0, dtype=acc))
     return losses, logps, loss_grads, m_all, r_all, dh, dw, db
@@ -370,7 +306,7 @@ def _recompute(hidden, weight, bias, labels, keep, loss_grads, per_pair, m, r, c
 def _plan_for(hidden, weight, keep, backend, chunk_bytes):
     """(chunks or None, slab bytes of the largest pair, budget) for this call."""
     B = hidden.shape[0] // 2
-    _, slab_dtype, _ = _dtypes(hidden.dtype, hidden.device, backend)
+    _, slab_dtype, _ = hp.dtypes(hidden.dtype, hidden.device, backend)
     per_pair = (keep[:B].sum(1) + keep[B:].sum(1)).tolist()
     budget = default_chunk_bytes(hidden.device) if chunk_bytes is None else chunk_bytes
     bytes_per_token = weight.shape[0] * slab_dtype.itemsize

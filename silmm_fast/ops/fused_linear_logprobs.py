@@ -1,13 +1,16 @@
 """``fused_linear_logprobs``: a linear head fused with the per-token log-prob gather, logits never materialized.
 
 Backends (``silmm_fast._backend.choose("fused_linear_logprobs", device)``):
-- ``triton``: ``silmm_fast.kernels.fused_linear_logprobs`` (one kernel over token tiles × vocabulary tiles with the
-  matrix product inside: per-tile log-sum-exp partials in the forward; in the backward dz written per bounded slab of
-  tokens and multiplied out by cuBLAS; deterministic, no atomics).
-- ``torch``: the CPU path. Tokens in chunks of ``torch_chunk_rows(V)`` rows; each chunk's [rows, V] logit slab is
-  computed by one matmul into a reused buffer, reduced to two numbers per token, and recomputed in backward. Peak
-  extra memory is one slab (plus the [V, H] weight gradient when the head trains) instead of the [N, V] logits, their
-  log_softmax and their gradient. Ignored tokens are dropped before any product (prompt positions cost nothing).
+- ``torch`` (CPU) and ``triton`` (CUDA): tokens in chunks (``chunk_rows``); each chunk's [rows, V] logit slab is one
+  vendor-BLAS product into a reused buffer (``head_products``), reduced to two numbers per token by the row epilogue
+  (torch elementwise passes, or the Triton kernels of ``silmm_fast.kernels.logprobs``), and recomputed in the
+  backward, where dz feeds two more BLAS products. Peak extra memory is one slab (plus the [V, H] weight gradient when
+  the head trains) instead of the [N, V] logits, their log_softmax and their gradient. Ignored tokens are dropped
+  before any product (prompt positions cost nothing).
+- ``triton_gemm``: ``silmm_fast.kernels.fused_linear_logprobs``, the whole product in Triton tiles with the
+  log-sum-exp in their epilogue (logits never leave registers in the forward). Selectable, not chosen by ``auto``:
+  on an H200 its tiles ran at about 330 TFLOP/s where cuBLAS runs the same products at 390–500
+  (bench/results/suite-cuda-20261204-150241), which outweighs the slab's memory traffic.
 - ``reference``: ``silmm_fast.reference.fused_linear_logprobs`` (materialized logits, plain autograd).
 
 Frozen head (``hidden`` needs a gradient, ``weight`` and ``bias`` do not: LoRA without a head adapter, a frozen image
@@ -22,6 +25,7 @@ import torch
 
 from silmm_fast import _backend
 from silmm_fast._validate import check_choice, check_float, check_integer, check_ndim, check_same_device
+from silmm_fast.ops import head_products as hp
 from silmm_fast.reference import fused_linear_logprobs as _reference
 
 REDUCTIONS = ("sum", "mean", "none")
@@ -33,8 +37,9 @@ REDUCTIONS = ("sum", "mean", "none")
 # products lose their efficiency, whence the floor (a 94 MiB slab at V = 184,622, still O(chunk·V)).
 TORCH_SLAB_BYTES = 32 * 2**20
 TORCH_MIN_ROWS, TORCH_MAX_ROWS = 128, 4096
-# Overrides for tests: a fixed chunk (torch), fixed (block_n, block_v, block_h) tiles and slab height (triton);
-# None = the rules.
+GPU_SLAB_BYTES = 256 * 2**20  # GPU chunk: 4096 rows of fp32 logits at V = 16384
+# Overrides for tests: a fixed chunk (BLAS backends), fixed (block_n, block_v, block_h) tiles and slab height
+# (triton_gemm); None = the rules.
 _TORCH_CHUNK_ROWS: int | None = None
 _TRITON_BLOCKS: tuple[int, int, int] | None = None
 _TRITON_CHUNK_ROWS: int | None = None
@@ -47,8 +52,12 @@ def torch_chunk_rows(vocab: int) -> int:
     return max(TORCH_MIN_ROWS, min(TORCH_MAX_ROWS, TORCH_SLAB_BYTES // (4 * max(vocab, 1))))
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Token rows per chunk of the BLAS backends: ``torch_chunk_rows`` on the CPU (a cache-sized slab); on a GPU a
+    ``GPU_SLAB_BYTES`` slab, whose products are large enough to run at the GEMM's full rate."""
+    if _TORCH_CHUNK_ROWS is not None or device.type == "cpu":
+        return torch_chunk_rows(vocab)
+    return max(TORCH_MIN_ROWS, GPU_SLAB_BYTES // (4 * max(vocab, 1)))
 
 
 # --- torch backend --------------------------------------------------------------------------------------------------
@@ -60,48 +69,39 @@ def _compact(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     return keep.nonzero().squeeze(1)
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    if b is None:
-        return torch.mm(h, w.t(), out=out)
-    return torch.addmm(b, h, w.t(), out=out)
-
-
-def _torch_forward(
+def _blas_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
     ignore_index: int,
     input_grad: bool,
+    epilogue: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(logp [N], rows, m [n], r [n], u [n, H] or None)`` over the n kept tokens (``rows``: their indices or None)."""
-    acc = _acc(hidden.dtype)
+    """``(logp [N], rows, m [n], r [n], u [n, H] or None)`` over the n kept tokens (``rows``: their indices or None):
+    per chunk of tokens one BLAS product into the slab, then the ``epilogue``'s row statistics (``head_products``)."""
     N = hidden.shape[0]
     V = weight.shape[0]
+    prod, slab_dtype, acc = hp.dtypes(hidden.dtype, hidden.device, epilogue)
     rows = _compact(labels, ignore_index)
     h, y = (hidden, labels) if rows is None else (hidden.index_select(0, rows), labels.index_select(0, rows))
-    w = weight.to(acc)
-    b = None if bias is None else bias.to(acc)
+    y = y.long()
+    w = weight.to(prod)
+    b = None if bias is None else bias.to(slab_dtype)
     n = h.shape[0]
-    target = torch.empty(n, dtype=acc, device=h.device)
-    m = torch.empty(n, dtype=acc, device=h.device)
-    r = torch.empty(n, dtype=acc, device=h.device)
-    u = torch.empty(n, h.shape[1], dtype=acc, device=h.device) if input_grad else None
-    chunk = max(1, min(torch_chunk_rows(V), n))
-    slab = torch.empty(chunk, V, dtype=acc, device=h.device)
+    logp_kept, m, r = (torch.empty(n, dtype=acc, device=h.device) for _ in range(3))
+    u = torch.empty(n, h.shape[1], dtype=acc if prod != hidden.dtype else prod, device=h.device) if input_grad else None
+    chunk = max(1, min(chunk_rows(V, h.device), n))
+    slab = torch.empty(chunk, V, dtype=slab_dtype, device=h.device)
+    dz_slab = slab if slab_dtype == prod else torch.empty(chunk, V, dtype=prod, device=h.device)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        z = _logits(h[s:e].to(acc), w, b, slab[: e - s])
-        yc = y[s:e].unsqueeze(1)
-        torch.gather(z, 1, yc, out=target[s:e].unsqueeze(1))
-        torch.amax(z, 1, out=m[s:e])
-        z.sub_(m[s:e].unsqueeze(1)).exp_()  # z is now exp(z − m)
-        total = z.sum(1)
-        torch.log(total, out=r[s:e])
-        if input_grad:
-            uc = torch.mm(z, w, out=u[s:e])  # Σ_v exp(z_v − m)·W_v
-            uc.mul_(total.reciprocal_().neg_().unsqueeze(1)).add_(w.index_select(0, y[s:e]))
-    logp_kept = (target - m) - r
+        z = hp.mm_into(h[s:e].to(prod), w.t(), slab[: e - s], b)
+        logp_kept[s:e], m[s:e], r[s:e] = hp.row_stats(epilogue, z, y[s:e])
+        if input_grad:  # u = d logp / d h = (onehot − p) @ W: dz with c = 1, one more product
+            ones = torch.ones(e - s, dtype=acc, device=h.device)
+            dz = hp.write_dz(epilogue, z, y[s:e], m[s:e], r[s:e], ones, dz_slab[: e - s])
+            torch.mm(dz, w, out=u[s:e]) if u.dtype == prod else u[s:e].copy_(torch.mm(dz, w))
     if rows is None:
         return logp_kept, rows, m, r, u
     logp = torch.zeros(N, dtype=acc, device=h.device)
@@ -109,7 +109,7 @@ def _torch_forward(
     return logp, rows, m, r, u
 
 
-def _torch_backward(
+def _blas_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -121,43 +121,45 @@ def _torch_backward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    epilogue: str,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    acc = m.dtype
+    """Gradients of Σ grad · logp (in fp32 / fp64, or the operands' dtype for dh on CUDA half precision): per chunk,
+    the logits recomputed by one BLAS product, dz by the ``epilogue``, then dh = dz W, dW += dzᵀ h, db += Σ dz."""
     V, H = weight.shape
+    prod, slab_dtype, acc = hp.dtypes(hidden.dtype, hidden.device, epilogue)
     h, y, g = hidden, labels, grad.to(acc)
     if rows is not None:
         h, y, g = hidden.index_select(0, rows), labels.index_select(0, rows), g.index_select(0, rows)
-    w = weight.to(acc)
-    b = None if bias is None else bias.to(acc)
+    y = y.long()
+    w = weight.to(prod)
+    b = None if bias is None else bias.to(slab_dtype)
     n = h.shape[0]
-    dh = torch.empty(n, H, dtype=acc, device=h.device) if need_hidden else None
+    dh = torch.empty(n, H, dtype=acc if prod != hidden.dtype else prod, device=h.device) if need_hidden else None
     dw = torch.zeros(V, H, dtype=acc, device=h.device) if need_weight else None
     db = torch.zeros(V, dtype=acc, device=h.device) if need_bias else None
-    # dz = g·(onehot − p) with p = exp(z − m)·exp(−r): three elementwise passes over the slab after the product.
-    scale = -g * torch.exp(-r)
-    chunk = max(1, min(torch_chunk_rows(V), n))
-    slab = torch.empty(chunk, V, dtype=acc, device=h.device)
+    chunk = max(1, min(chunk_rows(V, h.device), n))
+    slab = torch.empty(chunk, V, dtype=slab_dtype, device=h.device)
+    dz_slab = slab if slab_dtype == prod else torch.empty(chunk, V, dtype=prod, device=h.device)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        hc = h[s:e].to(acc)
-        dz = _logits(hc, w, b, slab[: e - s])
-        dz.sub_(m[s:e].unsqueeze(1)).exp_().mul_(scale[s:e].unsqueeze(1))
-        dz.scatter_add_(1, y[s:e].unsqueeze(1), g[s:e].unsqueeze(1))
+        hc = h[s:e].to(prod)
+        z = hp.mm_into(hc, w.t(), slab[: e - s], b)
+        dz = hp.recompute_dz(epilogue, z, y[s:e], m[s:e], r[s:e], g[s:e], dz_slab[: e - s])
         if need_hidden:
-            torch.mm(dz, w, out=dh[s:e])
+            torch.mm(dz, w, out=dh[s:e]) if dh.dtype == prod else dh[s:e].copy_(torch.mm(dz, w))
         if need_weight:
-            dw.addmm_(dz.t(), hc)
+            hp.accumulate(dw, dz.t(), hc)
         if need_bias:
-            db.add_(dz.sum(0))
+            db.add_(dz.sum(0, dtype=acc))
     if need_hidden and rows is not None:
-        dh = torch.zeros(hidden.shape, dtype=acc, device=h.device).index_copy_(0, rows, dh)
+        dh = torch.zeros(hidden.shape, dtype=dh.dtype, device=h.device).index_copy_(0, rows, dh)
     return dh, dw, db
 
 
 # --- backend-independent autograd Functions ------------------------------------------------------------------------
 def _forward(hidden, weight, bias, labels, ignore_index, backend, input_grad):
-    """``(logp [N], rows, m, r, u)`` from the torch or triton backend."""
-    if backend == "triton":
+    """``(logp [N], rows, m, r, u)`` from the backend (``rows``: the kept tokens' indices on the BLAS backends)."""
+    if backend == "triton_gemm":
         from silmm_fast.kernels import fused_linear_logprobs as kernels
 
         blocks = _TRITON_BLOCKS or (None, None, None)
@@ -165,13 +167,13 @@ def _forward(hidden, weight, bias, labels, ignore_index, backend, input_grad):
             hidden, weight, bias, labels, ignore_index, input_grad, *blocks, _TRITON_CHUNK_ROWS
         )
         return logp, None, m, r, u
-    return _torch_forward(hidden, weight, bias, labels, ignore_index, input_grad)
+    return _blas_forward(hidden, weight, bias, labels, ignore_index, input_grad, backend)
 
 
 def _backward(backend, hidden, weight, bias, labels, rows, m, r, grad, ignore_index, need_h, need_w, need_b):
     """Gradients (in the inputs' dtypes, None where not needed) of Σ grad · logp, the logits recomputed. ``m`` / ``r``
-    are per kept token (``rows``: their indices, None for all) on the torch backend, per token on the triton one."""
-    if backend == "triton":
+    are per kept token (``rows``: their indices, None for all) on the BLAS backends, per token on triton_gemm."""
+    if backend == "triton_gemm":
         from silmm_fast.kernels import fused_linear_logprobs as kernels
 
         blocks = _TRITON_BLOCKS or (None, None, None)
@@ -180,7 +182,7 @@ def _backward(backend, hidden, weight, bias, labels, rows, m, r, grad, ignore_in
             hidden, weight, bias, labels, m, r, grad, ignore_index, *needs, *blocks, _TRITON_CHUNK_ROWS
         )
     else:
-        dh, dw, db = _torch_backward(hidden, weight, bias, labels, rows, m, r, grad, need_h, need_w, need_b)
+        dh, dw, db = _blas_backward(hidden, weight, bias, labels, rows, m, r, grad, need_h, need_w, need_b, backend)
     dh = None if dh is None else dh.to(hidden.dtype)
     dw = None if dw is None else dw.to(weight.dtype)
     db = None if db is None else db.to(bias.dtype)
@@ -191,7 +193,7 @@ def recompute_backward(backend, hidden, weight, bias, labels, m, r, grad, ignore
     """``_backward`` from per-token ``m`` / ``r`` [N] (any backend's statistics of the same logits): the two-pass
     backward that ``fused_linear_dpo`` falls back on. hidden [N, H], labels [N] int64, grad [N]."""
     rows = None
-    if backend == "torch":
+    if backend != "triton_gemm":
         rows = _compact(labels, ignore_index)
         if rows is not None:
             m, r = m.index_select(0, rows), r.index_select(0, rows)
@@ -336,7 +338,7 @@ def fused_linear_logprobs(
 
     h = hidden.reshape(B * T, H)
     y = labels.reshape(B * T)
-    y = y if backend == "triton" else y.long()
+    y = y if backend == "triton_gemm" else y.long()
     bias_grad = bias is not None and bias.requires_grad
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad or bias_grad):
         per_token = _forward(h, weight, bias, y, ignore_index, backend, False)[0]
