@@ -5,9 +5,14 @@ Ops: ``gather_logprobs`` / ``sequence_logprobs`` (logits [B, T, V] given), ``fus
 and a head weight [V, H]; ``head`` trainable or frozen), ``fused_linear_dpo`` (B = 2 × pairs sequences, reference
 log-probs given, as in DPO with cached reference log-probs).
 Providers: ``naive`` (materialized logits, fp32 ``log_softmax``, gather, mask: what TRL does by default),
+``gemm_floor`` (fused heads only: the bare matrix products over the kept tokens, logits and the gradients' products
+through the vendor BLAS with nothing else: the floor a fused head can approach),
 ``reference`` (``silmm_fast.reference``), ``torch_compile`` (the reference through ``torch.compile``), ``silmm``
 (the public API, auto backend), and peers when installed: ``trl`` (``selective_log_softmax``), ``cut_cross_entropy``
-(``linear_cross_entropy``, per-token), ``liger_kernel`` (fused linear cross-entropy / DPO; Triton, CUDA only).
+(``linear_cross_entropy``, per-token; ``torch_compile`` implementation off CUDA), ``liger_kernel`` (fused linear
+cross-entropy: Triton, CUDA only; chunked DPO with its reference model inside: PyTorch + ``torch.compile``, any
+device), ``trl`` (logits ops: ``selective_log_softmax``; fused heads: TRL's chunked log-prob function at the
+trainer's default chunk, DPO on top).
 A provider that is missing or fails (``torch.compile`` included) is skipped with a printed reason.
 Modes: ``forward`` (autograd recording, as in training), ``backward`` (on a retained graph), ``full`` (both).
 Metrics: median time and the peak memory one call adds (bench.common.measure), and the minimal cost of the case
@@ -47,11 +52,14 @@ from bench.common import (  # noqa: E402
 
 OPS = ("gather_logprobs", "sequence_logprobs", "fused_linear_logprobs", "fused_linear_dpo")
 SHAPES = HEAD_SHAPES  # the registry the suite runner picks --shapes names from
-PROVIDERS = ("naive", "reference", "torch_compile", "silmm", "trl", "cut_cross_entropy", "liger_kernel")
+PROVIDERS = ("naive", "gemm_floor", "reference", "torch_compile", "silmm", "trl", "cut_cross_entropy", "liger_kernel")
 MODES = ("forward", "backward", "full")
 HEADS = ("trainable", "frozen")
 IGNORE = -100
 BETA = 0.1
+# Fraction of a fused head's labels set to IGNORE (prompt positions, padding): an implementation that skips them
+# saves their products, and the floor is taken over the kept tokens.
+IGNORED_FRACTION = 0.1
 
 
 class Skip(Exception):
@@ -60,6 +68,10 @@ class Skip(Exception):
 
 class Unsupported(Skip):
     """A provider with no implementation of the op."""
+
+
+class ModeUnsupported(Unsupported):
+    """A provider that cannot be measured in one mode (the others still run)."""
 
 
 # --- the computations ------------------------------------------------------------------------------------------------
@@ -128,6 +140,19 @@ def _head_logps_fn(provider: str, device: torch.device) -> Callable:
 
         impl = "cce" if device.type == "cuda" else "torch_compile"
         return lambda h, w, y: -linear_cross_entropy(h, w, y, ignore_index=IGNORE, reduction="none", impl=impl).sum(-1)
+    if provider == "trl":
+        if why := peer_missing("trl.trainer.utils", "trl"):
+            raise Skip(why)
+        from trl.trainer import utils as trl_utils
+
+        def chunked(h, w, y):
+            mask = y != IGNORE
+            rows = trl_utils._ChunkedLogProbFunction.apply(
+                h[mask], w, None, y[mask], 1.0, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ()
+            )[0]
+            return h.new_zeros(y.shape, dtype=rows.dtype).masked_scatter(mask, rows).sum(-1)
+
+        return chunked
     if provider == "liger_kernel":
         if why := peer_missing("liger_kernel.transformers", "liger-kernel"):
             raise Skip(why)
@@ -150,21 +175,17 @@ def _dpo_fn(provider: str, device: torch.device) -> Callable:
     if provider == "liger_kernel":
         if why := peer_missing("liger_kernel.chunked_loss", "liger-kernel"):
             raise Skip(why)
-        if device.type != "cuda":
-            raise Skip("liger_kernel runs Triton kernels: CUDA only")
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-        # Liger computes its own reference term from a reference model; without one it scores the policy alone,
-        # which is the same head work.
-        module = LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=BETA, use_ref_model=False)
+        # Liger takes no precomputed reference log-probs: it scores the reference model's head inside every chunk
+        # (here the policy's own states and head, detached: the same work as a separate reference model).
+        module = LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=BETA, use_ref_model=True)
 
         def liger(h, w, y, rc, rr):
-            out = module(w, h, y)
+            out = module(w, h, y, ref_input=h.detach(), ref_weight=w.detach())
             return out[0] if isinstance(out, tuple) else out
 
         return liger
-    if provider == "trl":
-        raise Unsupported("trl has no fused DPO head (its DPO is the naive provider)")
     logps = _head_logps_fn(provider, device)
     return lambda h, w, y, rc, rr: _dpo(logps(h, w, y), rc, rr)
 
@@ -178,6 +199,8 @@ def _inputs(op: str, shape: HeadShape, head: str, device: torch.device, dtype: t
         logits = torch.randn(shape.sequences, shape.tokens, shape.vocab, generator=gen).to(device, dtype)
         logits.requires_grad_(True)
         return (logits, labels), [logits]
+    ignored = torch.rand(shape.sequences, shape.tokens, generator=gen) < IGNORED_FRACTION
+    labels = labels.masked_fill(ignored.to(device), IGNORE)
     hidden = torch.randn(shape.sequences, shape.tokens, shape.hidden, generator=gen).to(device, dtype)
     weight = (torch.randn(shape.vocab, shape.hidden, generator=gen) / shape.hidden**0.5).to(device, dtype)
     hidden.requires_grad_(True)
@@ -190,8 +213,25 @@ def _inputs(op: str, shape: HeadShape, head: str, device: torch.device, dtype: t
     return (hidden, weight, labels, ref[0], ref[1]), leaves
 
 
+def _gemm_floor(mode: str, trainable: bool) -> Callable:
+    """The bare products of a fused head over the kept tokens (no softmax, no autograd): the logits (forward), the
+    input gradient's product and, for a trainable head, the weight gradient's (backward)."""
+
+    def products(hidden, weight, labels, *_):
+        h = hidden.detach().reshape(-1, hidden.shape[-1])[(labels != IGNORE).reshape(-1)]
+        w = weight.detach()
+        z = h @ w.t()
+        if mode == "forward":
+            return z
+        return z @ w, (z.t() @ h if trainable else None)
+
+    return products
+
+
 def _provider_fn(op: str, provider: str, device: torch.device) -> Callable:
     """The provider's computation for ``op``: call arguments -> scalar (built once per case, shared by the copies)."""
+    if provider == "gemm_floor":
+        raise Unsupported("gemm_floor is built per mode (_callable)")
     if op in ("gather_logprobs", "sequence_logprobs"):
         return _logits_fn(op, provider, device)
     if op == "fused_linear_logprobs":
@@ -200,7 +240,10 @@ def _provider_fn(op: str, provider: str, device: torch.device) -> Callable:
     return _dpo_fn(provider, device)
 
 
-def _callable(fn: Callable, mode: str, args: tuple, leaves: list):
+def _callable(fn: Callable | None, mode: str, args: tuple, leaves: list):
+    if fn is None:  # the GEMM floor: its products are the whole call, in every mode
+        floor = _gemm_floor(mode, trainable=args[1].requires_grad)
+        return lambda: floor(*args)
     if mode == "forward":
         return lambda: fn(*args)
     if mode == "full":
@@ -209,8 +252,9 @@ def _callable(fn: Callable, mode: str, args: tuple, leaves: list):
     return lambda: torch.autograd.grad(loss, leaves, retain_graph=True)
 
 
-def cost(op: str, shape: HeadShape, head: str, mode: str, dtype: torch.dtype) -> Cost:
-    """The minimal cost of one case (N = B·T tokens, e bytes per element of logits / hidden / weight).
+def cost(op: str, shape: HeadShape, head: str, mode: str, dtype: torch.dtype, kept: int | None = None) -> Cost:
+    """The minimal cost of one case (N = B·T tokens, ``kept`` of them scored, e bytes per element of logits / hidden /
+    weight; FLOPs count the kept tokens, which are all a fused head needs to multiply).
 
     Bytes: every input read once, every output and gradient written once; int64 labels, fp32 outputs.
     - ``gather_logprobs`` / ``sequence_logprobs`` (memory-bound: FLOPs None): forward reads the logits (N·V·e);
@@ -231,7 +275,7 @@ def cost(op: str, shape: HeadShape, head: str, mode: str, dtype: torch.dtype) ->
         return Cost(n * shape.vocab * e * (2 if grads else 1) + labels + out)
     hidden, weight = n * shape.hidden * e, shape.vocab * shape.hidden * e
     written = (hidden + (weight if head == "trainable" else 0)) if grads else shape.sequences * 4
-    product = 2 * n * shape.hidden * shape.vocab
+    product = 2 * (n if kept is None else kept) * shape.hidden * shape.vocab
     backward = 2 * product if head == "trainable" else product
     flops = {"forward": product, "backward": backward, "full": product + backward}[mode]
     return Cost(hidden + weight + labels + written, flops)
@@ -282,17 +326,28 @@ def _sweep(rows, shapes, device, dtype, env, providers, modes, ops, heads, warmu
                 for provider in providers or PROVIDERS:
                     for mode in modes or MODES:
                         args, leaves = _inputs(op, shape, head, device, dtype)
+                        fused = op in ("fused_linear_logprobs", "fused_linear_dpo")
+                        kept = int((args[2] != IGNORE).sum()) if fused else None
                         copies = [(args, leaves)]
                         copies += [_inputs(op, shape, head, device, dtype)
                                    for _ in range(rotation_copies(tensor_bytes(args), device) - 1)]  # fmt: skip
                         label = case_label(op, provider, shape.name, mode, head)
                         try:
-                            fn = _provider_fn(op, provider, device)
+                            if provider == "gemm_floor" and op in ("gather_logprobs", "sequence_logprobs"):
+                                raise Unsupported("gemm_floor measures fused heads only")
+                            in_forward = op == "fused_linear_dpo" and provider in ("silmm", "liger_kernel")
+                            if mode == "backward" and in_forward:
+                                raise ModeUnsupported("gradients are formed in the forward (one backward per "
+                                                      "forward): compare the full mode")  # fmt: skip
+                            fn = None if provider == "gemm_floor" else _provider_fn(op, provider, device)
                             calls = [_callable(fn, mode, a, lv) for a, lv in copies]
                             m = measure(calls, device, warmup=warmup, repeats=repeats, label=label)
                         except Skip as why:
                             kind = "unsupported" if isinstance(why, Unsupported) else "unavailable"
-                            note_skip(op, provider, str(why), kind)
+                            note_skip(op, provider, f"{mode}: {why}" if isinstance(why, ModeUnsupported) else str(why),
+                                      kind)  # fmt: skip
+                            if isinstance(why, ModeUnsupported):
+                                continue
                             break
                         except Exception as err:  # noqa: BLE001 - a peer or torch.compile failing must not stop the suite
                             note_skip(op, provider, f"{mode} failed with {type(err).__name__}: {err}", "failed")
@@ -305,7 +360,7 @@ def _sweep(rows, shapes, device, dtype, env, providers, modes, ops, heads, warmu
                         if provider == "silmm":
                             key = "fused_linear_logprobs" if op == "fused_linear_dpo" else op
                             extra["backend"] = _backend.choose(key, device)
-                        case_cost = cost(op, shape, head, mode, dtype)
+                        case_cost = cost(op, shape, head, mode, dtype, kept)
                         rows.append(row(op, provider, mode, shape_doc, m, env, cost=case_cost, **extra))
                         del calls, fn
 
