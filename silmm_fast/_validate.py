@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -57,16 +59,35 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value!r}")
-    return float(value)
+def check_number(name: str, value: object, expected: str = "a finite number") -> float:
+    """A real, finite number (int, float or a numpy scalar; not bool) as float. NaN and ±inf are refused: a loss
+    scaled by an infinite or NaN setting gives NaN everywhere downstream instead of an error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return out
+
+
+def check_positive(name: str, value: object) -> float:
+    """A finite number > 0, as float."""
+    out = check_number(name, value, "a finite positive number")
+    if not out > 0:
+        raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
+    return out
+
+
+def has_data(t: torch.Tensor) -> bool:
+    """False for meta tensors (shape and dtype only): value checks are skipped for them, never ``.item()``-ed."""
+    return not t.is_meta
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
     """NaN / Inf check. On CUDA this costs one host sync; callers use it only where a non-finite value would
-    otherwise corrupt a result silently (e.g. a similarity matrix feeding a greedy selection)."""
-    if not bool(torch.isfinite(x).all()):
+    otherwise corrupt a result silently (e.g. a similarity matrix feeding a greedy selection). Skipped for meta
+    tensors (no values)."""
+    if has_data(x) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains NaN or Inf")
 
 
@@ -92,9 +113,9 @@ def check_count(name: str, n: object) -> int:
 
 
 def check_sampling(temperature: object, top_p: object) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if check_number("temperature", temperature, "a finite number >= 0 (0 = greedy)") < 0:
+        raise ValueError(f"temperature: expected a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 < check_number("top_p", top_p, "a number in (0, 1]") <= 1:
         raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
 
 

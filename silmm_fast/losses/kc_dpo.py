@@ -80,12 +80,16 @@ def kc_dpo_loss(
         One fused distance launch ([B, 2, L, D] against [B, Kw + Kl, L, D]); inputs are stacked once for it.
 
     Raises:
-        TypeError: non-tensor, non-floating or mixed dtypes. ValueError: shapes or devices differ, no candidate,
-        ``gamma`` / ``sigma`` ≤ 0, unknown ``kernel`` / ``pool``.
+        TypeError: non-tensor, non-floating or mixed dtypes. ValueError: shapes or devices differ, an empty batch
+        (B, L or D = 0), no candidate, ``gamma`` / ``sigma`` not a finite number > 0, unknown ``kernel`` / ``pool``.
     """
     gamma, kernel, pool, sigma = _check_config(gamma, kernel, pool, sigma)
     policy = check_float("policy", policy)
     check_ndim("policy", policy, 3, "[B, L, D]")
+    if policy.numel() == 0:
+        # an empty batch would average zero losses into NaN; dpo_loss refuses it the same way
+        raise ValueError(f"policy: expected at least one prompt, token and feature ([B, L, D], each ≥ 1), "
+                         f"got shape {tuple(policy.shape)}")  # fmt: skip
     reference = check_float("reference", reference)
     if reference.shape != policy.shape:
         raise ValueError(

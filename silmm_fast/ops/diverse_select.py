@@ -24,7 +24,7 @@ import threading
 import torch
 
 from silmm_fast import _backend, _ext
-from silmm_fast._validate import check_choice, check_float, check_ndim, check_same_device
+from silmm_fast._validate import check_choice, check_float, check_ndim, check_same_device, has_data
 from silmm_fast.reference import diverse_select as _reference
 
 METHODS = _reference.METHODS
@@ -71,8 +71,8 @@ def _check_n(n: object, K: int) -> int:
 
 
 def _skip_data_checks(x: torch.Tensor) -> bool:
-    # a data-dependent check cannot run inside torch.compile tracing or CUDA graph capture
-    if torch.compiler.is_compiling():
+    # a data-dependent check cannot run inside torch.compile tracing or CUDA graph capture, nor on a meta tensor
+    if not has_data(x) or torch.compiler.is_compiling():
         return True
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 

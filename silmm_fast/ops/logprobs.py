@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from silmm_fast import _backend
-from silmm_fast._validate import check_choice, check_float, check_integer, check_ndim, check_same_device
+from silmm_fast._validate import check_choice, check_float, check_integer, check_ndim, check_same_device, has_data
 from silmm_fast.reference import logprobs as _reference
 
 # torch backend: fp32 working set per chunk, in elements (rows per chunk = this // V, at least 1). 2^19 fp32 values
@@ -34,8 +34,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # --- validation -----------------------------------------------------------------------------------------------------
 def _skip_label_check(labels: torch.Tensor) -> bool:
     # Inside torch.compile tracing or CUDA graph capture a data-dependent check cannot run; the kernels then give NaN
-    # for an out-of-range label (never an out-of-bounds read), so the error stays visible downstream.
-    if torch.compiler.is_compiling():
+    # for an out-of-range label (never an out-of-bounds read), so the error stays visible downstream. Meta tensors
+    # have no values to check.
+    if not has_data(labels) or torch.compiler.is_compiling():
         return True
     return labels.is_cuda and torch.cuda.is_current_stream_capturing()
 

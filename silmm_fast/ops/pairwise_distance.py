@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 
 from silmm_fast import _backend
-from silmm_fast._validate import check_choice, check_float, check_ndim, check_positive, check_same_device
+from silmm_fast._validate import (
+    check_choice,
+    check_float,
+    check_ndim,
+    check_positive,
+    check_same_device,
+    has_data,
+)
 from silmm_fast.reference import pairwise_distance as _reference
 
 KERNELS = ("cosine", "euclidean", "sqeuclidean", "rbf")
@@ -78,7 +85,14 @@ def _torch_distance(x: torch.Tensor, y: torch.Tensor, kernel: str, pool: str, si
 def _exact_where_cancelled(sq: torch.Tensor, base: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``sq`` with every pair where the expansion cancelled (sq < EXACT_RATIO·(‖a‖² + ‖c‖²)) replaced by Σ(a − c)²,
     differentiable through the differences. Only those pairs form a difference row ([pairs, D]); finding them costs
-    one host sync on CUDA (the Triton path decides inside its kernels instead)."""
+    one host sync on CUDA (the Triton path decides inside its kernels instead). Meta tensors have no values to
+    look at; inside torch.compile tracing the data-dependent selection cannot run, so there every pair uses its
+    difference ([..., M, N, D]: exact, more memory)."""
+    if not has_data(sq):
+        return sq
+    if torch.compiler.is_compiling():
+        exact = (a.unsqueeze(-2) - c.unsqueeze(-3)).pow(2).sum(-1)
+        return torch.where(sq < EXACT_RATIO[sq.dtype] * base, exact, sq)
     with torch.no_grad():
         flagged = (sq < EXACT_RATIO[sq.dtype] * base).nonzero()  # NaN compares False: a NaN pair stays NaN
     if flagged.numel() == 0:

@@ -87,7 +87,10 @@ def _validate(
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-        if noise is None and generator.device.type != logits.device.type:
+        if noise is not None:
+            # the generator would be silently unused: refuse the ambiguity, as the model adapters do
+            raise ValueError("noise, generator: pass one source of randomness (noise or generator), not both")
+        if generator.device.type != logits.device.type:
             raise ValueError(f"generator: expected a generator on {logits.device.type} (like logits), got one on "
                              f"{generator.device}")  # fmt: skip
     if noise is not None:
@@ -244,8 +247,8 @@ def sample_tokens(
         top_p: keep the smallest set of most probable tokens whose probability reaches top_p (ties at the threshold
             kept; never empty); 1 keeps all.
         generator: drives ``torch.rand`` on the logits' device (one float64 uniform per row) when ``noise`` is None.
-        noise: [B] uniforms in [0, 1) (any float dtype, read as float64) to use instead of the generator: the same
-            logits and noise give the same tokens on every backend.
+        noise: [B] uniforms in [0, 1) (any float dtype, read as float64) to use instead of a generator (passing both
+            raises): the same logits and noise give the same tokens on every backend.
 
     Returns:
         LongTensor [B] on the logits' device. A row with a NaN or +inf logit (in either input, or after mixing) or
@@ -263,7 +266,7 @@ def sample_tokens(
             is not a ``torch.Generator``.
         ValueError: logits not [B, V], V = 0 or V > 2^22, uncond_logits or noise of the wrong shape or device,
             a non-finite cfg_scale or temperature, temperature < 0, top_k < 0, top_p outside (0, 1], CPU noise
-            outside [0, 1).
+            outside [0, 1), ``noise`` together with ``generator``.
     """
     cfg32, inv_t, top_k, top_p32 = _validate(
         logits, uncond_logits, cfg_scale, temperature, top_k, top_p, generator, noise
