@@ -341,3 +341,17 @@ def test_bad_chunk_bytes():
         with pytest.raises(ValueError, match="chunk_bytes"):
             FusedLinearDPOLoss(chunk_bytes=bad)
     assert "chunk_bytes=None" in repr(FusedLinearDPOLoss())
+
+
+def test_chunk_plan():
+    """Pairs (kept tokens each) grouped under the budget and spread evenly; a pair above the budget alone in its
+    chunk while under the limit; None past the limit."""
+    from silmm_fast.ops.fused_linear_dpo import _plan, default_budget
+
+    assert _plan([10, 10, 10, 10], 1, budget=25, limit=25) == [(0, 2), (2, 4)]
+    assert _plan([10, 10, 10, 10, 10], 1, budget=40, limit=40) == [(0, 3), (3, 5)]  # 2 chunks: 3 + 2 pairs
+    assert _plan([10, 50, 10], 1, budget=25, limit=60) == [(0, 1), (1, 2), (2, 3)]
+    assert _plan([10, 70, 10], 1, budget=25, limit=60) is None
+    assert _plan([4, 4], 8, budget=64, limit=64) == [(0, 2)]  # bytes per token scale the token counts
+    group, limit = default_budget("cpu")
+    assert group == 96 * 2**20 and limit == 512 * 2**20

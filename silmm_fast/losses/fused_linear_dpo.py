@@ -61,8 +61,9 @@ class FusedLinearDPOLoss(nn.Module):
             loss (DPO + NLL on the chosen, as in iterative RPO). DPO alone may lower the chosen sequences'
             likelihood along with the rejected ones', moving probability to sequences neither holds; the NLL term
             holds the chosen ones up. 0 (default) is plain DPO.
-        chunk_bytes: the most bytes of logits one chunk of pairs may hold (None: ``default_chunk_bytes(device)``,
-            96 MiB on CPU, 512 MiB on CUDA). Larger chunks make larger products; each pair must fit on its own.
+        chunk_bytes: the most bytes of logits one chunk of pairs may hold; a pair that needs more falls back to the
+            two-pass path. None (default): pairs grouped up to 96 MiB (CPU) / 128 MiB (CUDA), a larger pair alone
+            up to 512 MiB (CPU) / a sixteenth of the GPU's memory (``silmm_fast.ops.fused_linear_dpo.default_budget``).
     """
 
     def __init__(

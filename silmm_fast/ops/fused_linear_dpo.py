@@ -19,10 +19,12 @@ Triton kernels of ``silmm_fast.kernels.logprobs`` on the ``triton`` backend. On 
 fp32 logit slab where the installed torch can write one from the product (``torch.mm(..., out_dtype=)``), and dz is
 written in the input dtype for the tensor-core products.
 
-Memory: one chunk's slab, at most ``chunk_bytes`` (``DEFAULT_CHUNK_BYTES`` per device type), plus the stored
-gradients (dh [2B·T, H], dW [V, H], db [V]: what the backward would produce anyway). A pair whose slab alone exceeds
-the budget makes the call fall back to the two-pass path (``fused_linear_logprobs``, logits recomputed in the
-backward), with a warning the first time.
+Memory: one chunk's slab, at most ``chunk_bytes``, plus the stored gradients (dh [2B·T, H], dW [V, H], db [V]: what
+the backward would produce anyway). A pair whose slab alone exceeds the budget makes the call fall back to the
+two-pass path (``fused_linear_logprobs``, logits recomputed in the backward), with a warning the first time. The
+default (``chunk_bytes=None``, ``default_budget``) groups pairs up to ``GROUP_BYTES`` per device type and still gives a
+larger pair a chunk of its own while its slab stays under ``single_pair_limit`` (a Lumina pair, 2 × 1024 tokens at
+V = 65,536, on a GPU); only beyond that (an Emu3 pair: 12 GB of fp32 logits) does it fall back.
 
 A gradient that reaches the per-pair ``losses`` output with unequal weights (not just through ``loss``, their mean)
 cannot be applied by a rescale: that backward recomputes the logits (the two-pass backward) with per-pair weights.
@@ -40,11 +42,12 @@ from silmm_fast.losses.dpo import dpo_loss
 from silmm_fast.ops import fused_linear_logprobs as _flp
 from silmm_fast.ops import head_products as hp
 
-# Default slab budget per device type (bytes of the logit slab one chunk of pairs may hold). CPU: large enough for one
-# Janus pair (576 image tokens each side, V = 16,384, fp32: 72 MiB) and small enough that the slab plus the weight
-# gradient stay far below the materialized logits; CUDA: a few pairs per chunk keep the products large.
-DEFAULT_CHUNK_BYTES = {"cpu": 96 * 2**20, "cuda": 512 * 2**20}
-FALLBACK_CHUNK_BYTES = 96 * 2**20  # other device types
+# Default grouping budget per device type (bytes of logit slab a chunk of several pairs may hold): about one Janus
+# pair (576 image tokens each side, V = 16,384, fp32: 72 MiB), so the slab plus the stored gradients stay under a
+# quarter of what materialized logits take, while each product still has a thousand rows or more.
+GROUP_BYTES = {"cpu": 96 * 2**20, "cuda": 128 * 2**20}
+OTHER_GROUP_BYTES = 96 * 2**20  # other device types
+CPU_SINGLE_PAIR_LIMIT = 512 * 2**20
 _fallback_warned = False
 
 
@@ -58,9 +61,15 @@ class FusedDPOResult(NamedTuple):
     rejected_logps: torch.Tensor
 
 
-def default_chunk_bytes(device: torch.device | str) -> int:
-    """The slab budget ``fused_linear_dpo`` uses on ``device`` when ``chunk_bytes`` is None."""
-    return DEFAULT_CHUNK_BYTES.get(torch.device(device).type, FALLBACK_CHUNK_BYTES)
+def default_budget(device: torch.device | str) -> tuple[int, int]:
+    """``(group_bytes, single_pair_limit)`` that ``chunk_bytes=None`` stands for on ``device``: pairs are grouped into
+    chunks of at most ``group_bytes`` of logits; a pair larger than that runs alone up to ``single_pair_limit`` (a
+    sixteenth of a GPU's memory; 512 MiB on a CPU). An explicit ``chunk_bytes`` is both."""
+    device = torch.device(device)
+    group = GROUP_BYTES.get(device.type, OTHER_GROUP_BYTES)
+    if device.type == "cuda":
+        return group, max(group, torch.cuda.get_device_properties(device).total_memory // 16)
+    return group, max(group, CPU_SINGLE_PAIR_LIMIT)
 
 
 def pair_losses(
@@ -98,11 +107,12 @@ def _pair_grads(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, cfg: 
     return losses.detach(), torch.stack(grads)
 
 
-def _plan(kept_per_pair: list[int], bytes_per_token: int, budget: int) -> list[tuple[int, int]] | None:
-    """Chunks of pairs ``[(p0, p1), ...]`` whose slabs fit ``budget`` bytes: as few chunks as greedy filling needs,
-    then pairs spread evenly over them; None when one pair alone does not fit."""
+def _plan(kept_per_pair: list[int], bytes_per_token: int, budget: int, limit: int) -> list[tuple[int, int]] | None:
+    """Chunks of pairs ``[(p0, p1), ...]`` whose slabs fit ``budget`` bytes (a pair larger than that alone in its
+    chunk, up to ``limit`` bytes): as few chunks as greedy filling needs, then pairs spread evenly over them; None
+    when a pair exceeds ``limit``."""
     cap = budget // max(bytes_per_token, 1)
-    if any(k > cap for k in kept_per_pair):
+    if any(k * bytes_per_token > limit for k in kept_per_pair):
         return None
     count, filled = 1, 0
     for k in kept_per_pair:
@@ -308,9 +318,9 @@ def _plan_for(hidden, weight, keep, backend, chunk_bytes):
     B = hidden.shape[0] // 2
     _, slab_dtype, _ = hp.dtypes(hidden.dtype, hidden.device, backend)
     per_pair = (keep[:B].sum(1) + keep[B:].sum(1)).tolist()
-    budget = default_chunk_bytes(hidden.device) if chunk_bytes is None else chunk_bytes
+    budget, limit = default_budget(hidden.device) if chunk_bytes is None else (chunk_bytes, chunk_bytes)
     bytes_per_token = weight.shape[0] * slab_dtype.itemsize
-    return _plan(per_pair, bytes_per_token, budget), max(per_pair) * bytes_per_token, budget
+    return _plan(per_pair, bytes_per_token, budget, limit), max(per_pair) * bytes_per_token, limit
 
 
 def sequence_logps(
@@ -366,7 +376,7 @@ def fused_linear_dpo(
         FusedDPOResult(losses.mean(), losses, logps[:B].detach(), logps[B:].detach())
 
     Arguments are validated by the caller (``FusedLinearDPOLoss``); ``chunk_bytes`` is the slab budget (None: the
-    device's ``default_chunk_bytes``). Outputs are float32 (float64 for float64 inputs).
+    device's ``default_budget``). Outputs are float32 (float64 for float64 inputs).
     """
     B2, T, H = hidden.shape
     B = B2 // 2
@@ -409,8 +419,8 @@ def _warn_fallback(pair_bytes: int, budget: int) -> None:
     if not _fallback_warned:
         _fallback_warned = True
         warnings.warn(
-            f"fused_linear_dpo: one preference pair's logit slab needs {pair_bytes / 2**20:.1f} MiB, more than "
-            f"chunk_bytes={budget} ({budget / 2**20:.1f} MiB); using the two-pass path (logits recomputed in the "
-            "backward). Raise chunk_bytes to form the gradients in the forward.",
+            f"fused_linear_dpo: one preference pair's logit slab needs {pair_bytes / 2**20:.1f} MiB, more than the "
+            f"{budget / 2**20:.1f} MiB allowed (chunk_bytes); using the two-pass path (logits recomputed in the "
+            "backward). Pass a larger chunk_bytes to form the gradients in the forward.",
             stacklevel=3,
         )
