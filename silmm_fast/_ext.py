@@ -4,12 +4,19 @@ unchanged one loads in about a second. A failed build leaves the package working
 one warning.
 
 Cache root: ``$SILMM_FAST_CACHE`` or ``~/.cache/silmm_fast``. ``SILMM_FAST_NO_EXT=1`` disables the extension.
+
+Loading a shared library runs its code: whoever can write into the cache can run code in this process. So the
+extension is neither built nor loaded from a cache whose folders (the cache root down to the build folder) are
+writable by group or others, whose library is writable by others, or where either belongs to another user; the
+package then works through the reference path, with one warning naming the path (docs/trust.md). Missing folders
+are created private (0700).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 import warnings
 from pathlib import Path
@@ -53,6 +60,38 @@ def build_dir(files: list[Path]) -> Path:
     return cache_root() / "ext" / tag
 
 
+def unsafe_cache_path(out: Path) -> str | None:
+    """Why the build folder ``out`` (under ``cache_root()``) is not safe to load compiled code from, or None.
+
+    Every existing folder from the cache root down to ``out`` must belong to the current user and be writable by
+    no one else; a built library there must belong to the user and not be writable by others (a group-writable file
+    in a private folder is out of the group's reach). POSIX only (elsewhere: None)."""
+    if os.name != "posix":
+        return None
+    folders = _cache_folders(out)
+    libraries = sorted(out.glob("*.so")) if out.is_dir() else []
+    for path in [*folders, *libraries]:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_mode & (stat.S_IWOTH if path in libraries else stat.S_IWGRP | stat.S_IWOTH):
+            return (
+                f"{path} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run 'chmod go-w {path}' or set SILMM_FAST_CACHE to a "
+                "private folder"
+            )
+        if st.st_uid != os.getuid():
+            return f"{path} belongs to another user (uid {st.st_uid}); set SILMM_FAST_CACHE to a folder of your own"
+    return None
+
+
+def _cache_folders(out: Path) -> list[Path]:
+    """The cache root and every folder below it down to ``out``, outermost first."""
+    root = cache_root()
+    return [root, *(p for p in reversed(out.parents) if root in p.parents), out]
+
+
 def load(verbose: bool = False) -> ModuleType | None:
     """Build (if needed) and load the extension; None (with one warning) when it cannot be built."""
     with _lock:
@@ -66,11 +105,23 @@ def load(verbose: bool = False) -> ModuleType | None:
         if not files:
             _state["error"] = f"no C++ sources under {source_dir()}"
             return None
+        out = build_dir(files)
+        unsafe = unsafe_cache_path(out)
+        if unsafe is not None:
+            _state["error"] = f"unsafe cache: {unsafe}"
+            warnings.warn(
+                f"silmm_fast: the C++ extension is not loaded ({_state['error']}); "
+                "falling back to the pure-PyTorch reference implementations.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
         try:
             from torch.utils.cpp_extension import load as cpp_load
 
-            out = build_dir(files)
-            out.mkdir(parents=True, exist_ok=True)
+            cache_root().parent.mkdir(parents=True, exist_ok=True)  # above the cache root: the user's own folders
+            for folder in _cache_folders(out):
+                folder.mkdir(mode=0o700, exist_ok=True)
             cuda = any(f.suffix == ".cu" for f in files)
             module = cpp_load(
                 name="silmm_fast_C",
