@@ -105,10 +105,13 @@ def load(verbose: bool = False) -> ModuleType | None:
         if not files:
             _state["error"] = f"no C++ sources under {source_dir()}"
             return None
-        out = build_dir(files)
-        unsafe = unsafe_cache_path(out)
+        try:
+            out = build_dir(files)
+            unsafe = unsafe_cache_path(out)
+        except OSError as err:  # sources or cache unreadable: degrade like a failed build
+            out, unsafe = None, f"{type(err).__name__}: {err}"
         if unsafe is not None:
-            _state["error"] = f"unsafe cache: {unsafe}"
+            _state["error"] = f"unsafe cache: {unsafe}" if out is not None else unsafe
             warnings.warn(
                 f"silmm_fast: the C++ extension is not loaded ({_state['error']}); "
                 "falling back to the pure-PyTorch reference implementations.",
