@@ -201,8 +201,6 @@ def test_fresh_venv_with_only_the_core_dependencies(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # run outside the checkout so the installed package, not the source tree, is imported
     code = "import os; os.chdir('/'); " + textwrap.dedent(EXERCISE) + LOOP_GUARD
-    result = subprocess.run(
-        [python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
-    )
+    result = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "ok" in result.stdout.splitlines()
