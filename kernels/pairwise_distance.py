@@ -24,9 +24,9 @@ of norm 8e3 at distance 8e-3 would come out at distance 0 (or ~4) in fp32. For t
 sqeuclidean, rbf) a third kernel (``_pd_exact_kernel``, the epilogue of those kernels) therefore flags every pair
 with sq < EXACT_RATIO·(‖a‖² + ‖c‖²), where the expansion keeps fewer than ~17 correct bits, and recomputes the
 tiles holding one from the differences, sq = Σ_d (a_d − c_d)² (a second read of those tiles' rows); tiles without
-a flagged pair cost only a read of their statistics. Backward then uses that squared distance and, for flagged pairs only, the difference form of the
-gradient, ∂/∂a_i = Σ_j 2·G_ij·P_ij·(a_i − c_j), which does not cancel either. Cosine needs no such path: its error
-is absolute (~ε on a distance in [0, 2]) whatever the norms.
+a flagged pair cost only a read of their statistics. Backward then uses that squared distance and, for flagged
+pairs only, the difference form of the gradient, ∂/∂a_i = Σ_j 2·G_ij·P_ij·(a_i − c_j), which does not cancel
+either. Cosine needs no such path: its error is absolute (~ε on a distance in [0, 2]) whatever the norms.
 """
 
 from __future__ import annotations
