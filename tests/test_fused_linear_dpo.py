@@ -355,3 +355,12 @@ def test_chunk_plan():
     assert _plan([4, 4], 8, budget=64, limit=64) == [(0, 2)]  # bytes per token scale the token counts
     group, limit = default_budget("cpu")
     assert group == 96 * 2**20 and limit == 512 * 2**20
+
+
+def test_meta_tensors_give_shapes():
+    hidden, weight, bias, labels, ref_c, ref_r = (x.to("meta") for x in make_batch("cpu"))
+    module = FusedLinearDPOLoss()
+    out = module(hidden, weight, labels, ref_c, ref_r, bias=bias)
+    assert [tuple(x.shape) for x in out] == [(), (PAIRS,), (PAIRS,), (PAIRS,)] and out.loss.is_meta
+    chosen, rejected = module.reference_logps(hidden, weight, labels, bias)
+    assert chosen.shape == rejected.shape == (PAIRS,) and chosen.is_meta

@@ -336,6 +336,9 @@ def sequence_logps(
     """Sequence log-probs [2B] of ``hidden`` [2B, T, H] without gradients, by the same arithmetic as
     ``fused_linear_dpo``'s forward with the same ``chunk_bytes`` (reference log-probs: a policy equal to its
     reference gets a margin of exactly 0). Equivalent to ``fused_linear_logprobs(...).detach()``."""
+    if hidden.is_meta:
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        return hidden.new_empty((hidden.shape[0],), dtype=acc)
     backend = _backend.choose("fused_linear_dpo", hidden.device)
     keep = labels != ignore_index
     if backend != "reference":
@@ -380,6 +383,9 @@ def fused_linear_dpo(
     """
     B2, T, H = hidden.shape
     B = B2 // 2
+    if hidden.is_meta:  # shapes and dtypes only
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        return FusedDPOResult(*(hidden.new_empty(shape, dtype=acc) for shape in ((), (B,), (B,), (B,))))
     cfg = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
                nll_weight=nll_weight)  # fmt: skip
     backend = _backend.choose("fused_linear_dpo", hidden.device)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from silmm_fast import _backend
-from silmm_fast._validate import check_choice, check_float, check_integer, check_ndim, check_same_device
+from silmm_fast._validate import check_choice, check_float, check_integer, check_ndim, check_same_device, has_data
 from silmm_fast.ops import head_products as hp
 from silmm_fast.reference import fused_linear_logprobs as _reference
 
@@ -246,7 +246,7 @@ class _FrozenHeadLinearLogprobs(torch.autograd.Function):
 def _check_label_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
     """One reduction over the O(N) labels (one host sync of a bool on CUDA): a label outside [0, V) would index
     outside the head's weight, so it is rejected before any kernel runs."""
-    if labels.numel() == 0:
+    if labels.numel() == 0 or not has_data(labels):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
     if bool(bad.any()):
@@ -330,6 +330,9 @@ def fused_linear_logprobs(
     """
     _validate(hidden, weight, labels, bias, ignore_index, reduction)
     B, T, H = hidden.shape
+    if not has_data(hidden):  # meta tensors: the output's shape and dtype only
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        return hidden.new_empty((B, T) if reduction == "none" else (B,), dtype=acc)
     backend = _backend.choose("fused_linear_logprobs", hidden.device)
     if backend == "reference":
         return _reference.fused_linear_logprobs(
