@@ -74,6 +74,7 @@ HEAD_SHAPES = {
     "janus-7b": HeadShape("janus-7b", 8, 576, 4096, 16384, "Janus-Pro-7B"),
     "lumina": HeadShape("lumina", 4, 1024, 4096, 65536, "Chameleon / Lumina-mGPT"),
     "emu3": HeadShape("emu3", 1, 8190, 4096, 184622, "Emu3: one image, 184,622-way vocab"),
+    "emu3-pair": HeadShape("emu3-pair", 2, 8190, 4096, 184622, "Emu3: one preference pair (DPO)"),
     # CPU-sized
     "cpu-xs": HeadShape("cpu-xs", 2, 256, 256, 4096, "smallest step of the CPU size sweep"),
     "cpu-small": HeadShape("cpu-small", 4, 256, 512, 8192, "quick CPU check"),

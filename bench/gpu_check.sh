@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should check, in one call (run from the repository root):
 #
-#     OUT=/some/folder BUDGET=540 bash bench/gpu_check.sh
+#     OUT=/some/folder BUDGET=450 bash bench/gpu_check.sh
 #
+# 0. the peer libraries (Liger-Kernel, Cut Cross-Entropy, TRL) are installed offline from the pure-Python wheels that
+#    bench/fetch_peer_wheels.sh downloads into .whl/ on a development machine (carry .whl with the tree);
 # 1. the C++ / CUDA extension is built with the machine's nvcc;
 # 2. the kernel tests run on CUDA (compiled Triton, not the interpreter), `gpu`-marked tests included;
-# 3. the benchmark suite runs per (op, shapes) at GPU shapes, most wanted first.
+# 3. the benchmark suite runs per (op, shapes) at GPU shapes, most wanted first: the DPO head at the Janus shape
+#    beside its floor and the peers, then Lumina and Emu3 vocabularies, KC-DPO, the other ops.
 #
 # Every step has its own time limit and the whole run keeps to BUDGET seconds; a step that would start with too little
 # time left is skipped and says so. After each step the logs and result folders are packed into $OUT/results.tgz, so
@@ -17,7 +20,7 @@
 # from (the links are made here, on that machine's copy).
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
-BUDGET=${BUDGET:-540}
+BUDGET=${BUDGET:-450}  # the whole prepared check keeps under 8 minutes
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}  # cpu only to try the script's own plumbing on a machine without a GPU
 RES=$(mktemp -d)
@@ -57,6 +60,12 @@ bench() {
     step "$name" "$limit" "$PY" -m silmm_fast.bench --device "$DEVICE" --out "$RES/$name" "$@"
 }
 
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$RES/site" .whl/*.whl \
+        && export PYTHONPATH=$RES/site${PYTHONPATH:+:$PYTHONPATH} || echo "[gpu_check] peer wheels failed to install"
+else
+    echo "[gpu_check] no .whl/ folder: peers will be skipped (run bench/fetch_peer_wheels.sh and carry .whl)"
+fi
 ln -sfn ../kernels silmm_fast/kernels
 ln -sfn ../csrc silmm_fast/csrc
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -82,24 +91,16 @@ PYTEST_OPTS=()
 TESTS=${TESTS:-tests/test_gather_logprobs.py tests/test_fused_linear_logprobs.py tests/test_fused_linear_dpo.py \
 tests/test_pairwise_distance.py tests/test_sample_tokens.py tests/test_diverse_select.py}
 # shellcheck disable=SC2086
-step tests 180 "$PY" -m pytest -q -rfEs "${PYTEST_OPTS[@]}" $TESTS
-# the GPU floors of the op issues first: the DPO head at Janus shapes (the one op and its baseline, as a script run,
-# then the whole logprobs sweep), KC-DPO at DreamLLM shapes, the sampler
-step dpo_janus 90 "$PY" bench/bench_logprobs.py --device "$DEVICE" --shapes janus --ops fused_linear_dpo \
-    --providers naive silmm --out "$RES/dpo_janus"
-# which tiles / warps / stages run the fused head fastest (rows in tune_head/; GPU_TILES is then set by hand)
-TUNE_OPTS=(--budget 220)
-[[ $DEVICE == cpu ]] && TUNE_OPTS=(--quick)
-step tune_head 300 env TRITON_INTERPRET=$([[ $DEVICE == cpu ]] && echo 1 || echo 0) "$PY" bench/tune_fused_head.py \
-    --device "$DEVICE" "${TUNE_OPTS[@]}" --out "$RES/tune_head/tune_fused_head.jsonl"
-bench kernel_similarity 70 --ops kernel_similarity --providers reference silmm
-# the suite writes its rows when a run ends: our op and its baseline first, the other providers in their own step
-bench logprobs_janus 150 --ops logprobs --shapes janus --providers naive silmm
-bench sampler 50 --ops sampler --providers naive reference silmm
-bench diverse_select 60 --ops diverse_select --providers silmm reference torch.bmm
-bench janus_generate 90 --ops janus_generate
-bench logprobs_more 120 --ops logprobs --shapes janus-7b seed-llama lumina --providers naive silmm
-bench logprobs_peers 100 --ops logprobs --shapes janus --providers reference trl liger_kernel cut_cross_entropy
-bench compile_kc 60 --ops kernel_similarity --shapes dreamllm-1k --providers torch_compile
-bench compile_logprobs 90 --ops logprobs --shapes janus --providers torch_compile
+step tests 150 "$PY" -m pytest -q -rfEs "${PYTEST_OPTS[@]}" $TESTS
+# The DPO head at the Janus-Pro-1B shape: silmm, its baseline, the bare cuBLAS products and every peer, side by side in
+# one script run (trainable and frozen head, forward+backward), then the large vocabularies
+step dpo_janus 120 "$PY" bench/bench_logprobs.py --device "$DEVICE" --shapes janus --ops fused_linear_dpo \
+    --modes forward full --providers naive gemm_floor silmm liger_kernel cut_cross_entropy trl --out "$RES/dpo_janus"
+step dpo_large 70 "$PY" bench/bench_logprobs.py --device "$DEVICE" --shapes lumina emu3-pair --ops fused_linear_dpo \
+    --modes full --heads trainable --providers naive gemm_floor silmm --out "$RES/dpo_large"
+bench kernel_similarity 50 --ops kernel_similarity --providers reference torch_compile silmm
+bench logprobs_janus 60 --ops logprobs --shapes janus --providers naive gemm_floor silmm
+bench sampler 40 --ops sampler --providers naive reference silmm
+bench diverse_select 40 --ops diverse_select --providers silmm reference torch.bmm
+bench janus_generate 50 --ops janus_generate
 cat "$RES/steps.txt"
