@@ -122,7 +122,8 @@ class _LargestTensors(TorchDispatchMode):
 
 
 def test_no_tokens_by_vocab_logits_are_produced_or_saved(tmp_path):
-    vocab = 65536  # large enough that one slab (32 MiB of fp32) holds fewer rows than a batch scores
+    vocab = 65536
+    budget = 128 * vocab * 4  # 128 rows of fp32 logits: one pair per chunk, fewer rows than a batch scores
     tokenizer = word_tokenizer(vocab_size=vocab)
     data = preference_dataset(4, seed=1, completion_words=(40, 48))
     model = tiny_llama(vocab, hidden=8, layers=1)
@@ -132,6 +133,7 @@ def test_no_tokens_by_vocab_logits_are_produced_or_saved(tmp_path):
         args=dpo_config(tmp_path, max_steps=1, optim="sgd"),
         train_dataset=data,
         processing_class=tokenizer,
+        chunk_bytes=budget,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     scored = int(batch["completion_mask"][:, 1:].sum())
@@ -147,7 +149,7 @@ def test_no_tokens_by_vocab_logits_are_produced_or_saved(tmp_path):
         trainer.train()
     assert watch.shapes, "the head never ran"
     rows = [math.prod(s) // vocab for s in watch.shapes]
-    assert max(rows) < scored, f"a [{max(rows)}, {vocab}] tensor was produced ({scored} scored tokens)"
+    assert max(rows) <= 128 < scored, f"a [{max(rows)}, {vocab}] tensor was produced ({scored} scored tokens)"
     assert all(math.prod(s) < scored * vocab for s in saved), "a tokens x vocab tensor was saved for backward"
 
 
@@ -202,14 +204,8 @@ def test_token_statistics_match_materialized_logits():
     z = hidden.double() @ weight.double().T + bias.double()
     labels = torch.randint(0, V, (n,))
     labels[:5] = z[:5].argmax(-1)  # some exact top-1 hits
-    import silmm_fast.integrations.trl as mod
-
-    old = mod.STATS_SLAB_BYTES
-    mod.STATS_SLAB_BYTES = 16 * 4 * V  # 16-row slabs: several slabs, the last one partial
-    try:
-        entropy, mean, top1 = token_statistics(hidden, weight, bias, labels)
-    finally:
-        mod.STATS_SLAB_BYTES = old
+    # 16-row slabs: several slabs, the last one partial
+    entropy, mean, top1 = token_statistics(hidden, weight, bias, labels, slab_bytes=16 * 8 * V)
     expected_entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     torch.testing.assert_close(entropy.double(), expected_entropy, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mean.double(), z.mean(-1), rtol=1e-5, atol=1e-5)
