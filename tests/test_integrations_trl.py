@@ -309,3 +309,35 @@ def test_janus_reference_through_the_same_path_gives_zero_margin_with_precompute
     trainer.train()
     first = next(r for r in trainer.state.log_history if "loss" in r)
     assert first["rewards/margins"] == 0.0 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+# --- DDP ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_ddp_processes_train_like_one(tmp_path):
+    """torchrun, 2 CPU processes (gloo) with 1 pair each against 1 process with 2 pairs: the gradient all-reduce must
+    fire (the fused head's gradients flow outside the model's forward), so weights and metrics agree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).resolve().parent / "trl_ddp_worker.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    results = {}
+    for nproc, per_device in ((1, 2), (2, 1)):
+        out = tmp_path / f"world{nproc}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        proc = subprocess.run(
+            cmd + [str(worker), str(out), str(per_device)], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        results[nproc] = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+    single, (rank0, rank1) = results[1][0], results[2]
+    for name, p in single["weights"].items():
+        torch.testing.assert_close(rank0["weights"][name], rank1["weights"][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(rank0["weights"][name], p, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(single["weights"]["lm_head.weight"], tiny_llama(len(word_tokenizer())).lm_head.weight)
+    for one, two in zip(single["rows"], rank0["rows"], strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (one["step"], key)
