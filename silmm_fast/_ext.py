@@ -1,7 +1,9 @@
-"""The C++ extension ``silmm_fast._C``: compiled on first use (or by ``python -m silmm_fast.build_ext``) into a cache
-folder keyed by the torch version and a hash of the sources, so a new torch or an edited source rebuilds and an
-unchanged one loads in about a second. A failed build leaves the package working through the reference path, with
-one warning.
+"""The C++ extension ``silmm_fast._C``: built at install time where the build environment has torch (setup.py; a
+wheel carries it, with ``_C_build.json`` saying which torch and whether CUDA kernels are in), else compiled on first
+use (or by ``python -m silmm_fast.build_ext``) into a cache folder keyed by the torch version and a hash of the
+sources, so a new torch or an edited source rebuilds and an unchanged one loads in about a second. The installed
+library is used when it was built against this torch (and has the CUDA kernels where they are wanted); otherwise the
+build on first use. A failed build leaves the package working through the reference path, with one warning.
 
 Cache root: ``$SILMM_FAST_CACHE`` or ``~/.cache/silmm_fast``. ``SILMM_FAST_NO_EXT=1`` disables the extension.
 
@@ -15,6 +17,8 @@ are created private (0700).
 from __future__ import annotations
 
 import hashlib
+import importlib
+import json
 import os
 import stat
 import threading
@@ -92,6 +96,24 @@ def _cache_folders(out: Path) -> list[Path]:
     return [root, *(p for p in reversed(out.parents) if root in p.parents), out]
 
 
+def load_installed(files: list[Path]) -> ModuleType | None:
+    """``silmm_fast._C`` as installed with the package (setup.py), when its ``_C_build.json`` matches this torch
+    and it has CUDA kernels if ``files`` has CUDA sources; None otherwise (then the build on first use serves)."""
+    info_path = Path(__file__).with_name("_C_build.json")
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("torch") != torch.__version__:
+        return None
+    if any(f.suffix == ".cu" for f in files) and not info.get("cuda"):
+        return None
+    try:
+        return importlib.import_module("silmm_fast._C")
+    except ImportError:
+        return None
+
+
 def load(verbose: bool = False) -> ModuleType | None:
     """Build (if needed) and load the extension; None (with one warning) when it cannot be built."""
     with _lock:
@@ -105,6 +127,10 @@ def load(verbose: bool = False) -> ModuleType | None:
         if not files:
             _state["error"] = f"no C++ sources under {source_dir()}"
             return None
+        installed = load_installed(files)
+        if installed is not None:
+            _state["module"] = installed
+            return installed
         try:
             out = build_dir(files)
             unsafe = unsafe_cache_path(out)

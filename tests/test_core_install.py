@@ -204,3 +204,39 @@ def test_fresh_venv_with_only_the_core_dependencies(tmp_path):
     result = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "ok" in result.stdout.splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SILMM_FAST_FRESH_VENV") != "1",
+    reason="opt-in (SILMM_FAST_FRESH_VENV=1): compiles the C++ extension into a wheel (about 1-2 min)",
+)
+def test_wheel_built_with_torch_carries_the_extension_and_loads_it(tmp_path):
+    """``pip wheel --no-build-isolation`` compiles silmm_fast._C into the wheel; installed, ``_ext.load`` uses it
+    instead of building into the cache."""
+    wheel_dir = tmp_path / "wheel"
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps"]
+    build = subprocess.run(
+        [*pip_wheel, str(ROOT), "-w", str(wheel_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    (wheel,) = wheel_dir.glob("silmm_fast-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("silmm_fast/_C") and n.endswith(".so") for n in names), names
+    assert "silmm_fast/_C_build.json" in names
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    code = (
+        "import silmm_fast, torch; from silmm_fast import _ext\n"
+        "m = _ext.load(); assert m is not None and m.__name__ == 'silmm_fast._C', m\n"
+        "print(silmm_fast.diverse_select(torch.randn(1, 5, 3), 2).tolist())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(target), SILMM_FAST_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not (tmp_path / "cache" / "ext").exists()  # nothing compiled on first use
