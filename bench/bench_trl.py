@@ -8,7 +8,9 @@ backward and the optimizer). Memory is the process's resident-set peak over the 
 after the warm-up (glibc heap trimmed, peak reset through ``/proc/self/clear_refs``), i.e. what a step adds on top
 of the model, optimizer state and data.
 
-Providers: ``stock`` (``trl.DPOTrainer``: TRL's chunked log-prob head), ``fused`` (``FusedDPOTrainer``), and
+Providers: ``stock`` (``trl.DPOTrainer``: TRL's chunked log-prob head), ``fused`` (``FusedDPOTrainer``, every metric
+``DPOTrainer`` logs), ``fused-lean`` (``FusedDPOTrainer(token_metrics=False)``: no entropy / token accuracy / mean
+logits, one head pass less), and
 ``liger`` (``DPOConfig(use_liger_kernel=True)``; TRL 1.x applies only Liger's layer kernels there, Triton: CUDA only).
 Providers run interleaved for ``--rounds`` rounds; the summary compares the fastest step of each (wall clock and
 process CPU time: on a shared machine the CPU time is the steadier figure), and rows record every step.
@@ -34,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PROVIDERS = ("stock", "fused", "liger")
+PROVIDERS = ("stock", "fused", "fused-lean", "liger")
 
 
 def _tokenizer(vocab: int):
@@ -131,12 +133,20 @@ def worker(args: argparse.Namespace) -> dict:
             self.times.append(time.perf_counter() - self.start)
             self.cpu_times.append(time.process_time() - self.cpu_start)
 
-    cls = DPOTrainer
-    if args.worker == "fused":
+    cls, extra = DPOTrainer, {}
+    if args.worker.startswith("fused"):
         from silmm_fast.integrations.trl import FusedDPOTrainer as cls
+
+        extra = {"token_metrics": args.worker == "fused"}
     clock = Clock()
     trainer = cls(
-        model, ref_model=ref_model, args=dpo_args, train_dataset=data, processing_class=tokenizer, callbacks=[clock]
+        model,
+        ref_model=ref_model,
+        args=dpo_args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[clock],
+        **extra,
     )
     trainer.train()
     peak = _rss_bytes("VmHWM")
@@ -170,7 +180,9 @@ def worker(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--providers", nargs="+", default=["stock", "fused", "liger"], choices=PROVIDERS)
+    parser.add_argument(
+        "--providers", nargs="+", default=["stock", "fused", "fused-lean", "liger"], choices=PROVIDERS, help="what runs"
+    )
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps after one warm-up (default 4)")
     parser.add_argument("--vocab", type=int, default=32768, help="vocabulary size V (default 32768)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size H (default 256)")
@@ -220,16 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         values = [v for r in rows if r["provider"] == provider for v in r[key]]
         return min(values) if values else None
 
-    stock_ms, fused_ms = best("stock", "step_ms_all"), best("fused", "step_ms_all")
-    if stock_ms and fused_ms:
-        stock_cpu, fused_cpu = best("stock", "step_cpu_ms_all"), best("fused", "step_cpu_ms_all")
-        mem = max(r["peak_step_mem_bytes"] for r in rows if r["provider"] == "fused") / max(
-            1, max(r["peak_step_mem_bytes"] for r in rows if r["provider"] == "stock")
-        )
-        print(
-            f"fused vs stock (fastest step of each): {stock_ms / fused_ms:.2f}x faster per optimizer step "
-            f"(CPU time {stock_cpu / fused_cpu:.2f}x), {mem:.2f}x the step's peak memory"
-        )
+    stock_ms, stock_cpu = best("stock", "step_ms_all"), best("stock", "step_cpu_ms_all")
+    stock_mem = max((r["peak_step_mem_bytes"] for r in rows if r["provider"] == "stock"), default=0)
+    for provider in ("fused", "fused-lean"):
+        ms, cpu = best(provider, "step_ms_all"), best(provider, "step_cpu_ms_all")
+        if stock_ms and ms:
+            mem = max(r["peak_step_mem_bytes"] for r in rows if r["provider"] == provider) / max(1, stock_mem)
+            print(
+                f"{provider} vs stock (fastest step of each): {stock_ms / ms:.2f}x faster per optimizer step "
+                f"(CPU time {stock_cpu / cpu:.2f}x), {mem:.2f}x the step's peak memory"
+            )
     print(f"rows appended to {path}")
     return 0
 

@@ -341,3 +341,26 @@ def test_two_ddp_processes_train_like_one(tmp_path):
     for one, two in zip(single["rows"], rank0["rows"], strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen", "entropy", "mean_token_accuracy", "num_tokens"):
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (one["step"], key)
+
+
+def test_token_metrics_off_skips_only_the_full_vocabulary_metrics(tmp_path, tokenizer, dataset):
+    base = tiny_llama(len(tokenizer))
+    rows = {}
+    for token_metrics in (True, False):
+        trainer = FusedDPOTrainer(
+            copy.deepcopy(base),
+            ref_model=copy.deepcopy(base),
+            args=dpo_config(tmp_path / str(token_metrics), max_steps=2, optim="sgd", learning_rate=0.5),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            token_metrics=token_metrics,
+        )
+        trainer.train()
+        rows[token_metrics] = [r for r in trainer.state.log_history if "loss" in r]
+    skipped = {"entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected"}
+    for full, lean in zip(rows[True], rows[False], strict=True):
+        assert set(full) - set(lean) == skipped
+        for key in set(lean) - {"train_runtime", "train_samples_per_second", "train_steps_per_second"}:
+            assert lean[key] == pytest.approx(full[key], rel=1e-6), key
+    with pytest.raises(TypeError, match="token_metrics"):
+        FusedDPOTrainer(base, args=_dpo(tmp_path), train_dataset=dataset, processing_class=tokenizer, token_metrics=1)

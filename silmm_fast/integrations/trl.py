@@ -272,7 +272,9 @@ class FusedDPOTrainer(DPOTrainer):
     logged metrics and values (to float tolerance, step by step). ``head``: ``None`` (the model's
     ``get_output_embeddings()``), ``"janus"`` (``JanusForConditionalGeneration``'s image head) or a ``FusedHead``.
     ``chunk_bytes``: the most bytes of [rows, V] logits the head may hold at once (``FusedLinearDPOLoss``'s budget,
-    and the metrics pass's); None: silmm_fast's defaults. Options silmm_fast does not implement raise ``ValueError``
+    and the metrics pass's); None: silmm_fast's defaults. ``token_metrics=False`` skips the metrics that need every
+    logit (``entropy``, ``mean_token_accuracy``, ``logits/chosen``, ``logits/rejected``): one no-grad pass over the
+    head per step less; the other metrics are unchanged. Options silmm_fast does not implement raise ``ValueError``
     here, naming them (see the module docstring).
     """
 
@@ -293,12 +295,16 @@ class FusedDPOTrainer(DPOTrainer):
         *,
         head: str | FusedHead | None = None,
         chunk_bytes: int | None = None,
+        token_metrics: bool = True,
     ) -> None:
         self.fused_head = _resolve_head(head)
         if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                         or chunk_bytes <= 0):  # fmt: skip
             raise ValueError(f"chunk_bytes: expected a positive int (bytes) or None, got {chunk_bytes!r}")
         self.chunk_bytes = chunk_bytes
+        if not isinstance(token_metrics, bool):
+            raise TypeError(f"token_metrics: expected a bool, got {type(token_metrics).__name__}")
+        self.token_metrics = token_metrics
         _refuse_unsupported(args, model, train_dataset, peft_config, quantization_config)
         if not isinstance(model, str):
             self.fused_head.check(model)
@@ -432,15 +438,17 @@ class FusedDPOTrainer(DPOTrainer):
             hidden, labels, linear, ref_chosen_logps, ref_rejected_logps, completion_mask
         )
 
-        # per-token statistics of the policy (no grad), zero outside the completions as in DPOTrainer
-        keep = labels != -100
-        entropy_kept, mean_kept, top1_kept = token_statistics(
-            hidden.detach()[keep], linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
-            labels[keep], self.chunk_bytes,
-        )  # fmt: skip
-        entropy = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_scatter(keep, entropy_kept)
-        mean_logits = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_scatter(keep, mean_kept)
-        is_top1 = torch.zeros(keep.shape, dtype=torch.bool, device=keep.device).masked_scatter(keep, top1_kept)
+        entropy = mean_logits = is_top1 = None
+        if self.token_metrics:  # per-token statistics of the policy (no grad), zero outside the completions
+            keep = labels != -100
+            entropy_kept, mean_kept, top1_kept = token_statistics(
+                hidden.detach()[keep], linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
+                labels[keep], self.chunk_bytes,
+            )  # fmt: skip
+            zeros = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+            entropy = zeros.masked_scatter(keep, entropy_kept)
+            mean_logits = zeros.masked_scatter(keep, mean_kept)
+            is_top1 = torch.zeros_like(keep).masked_scatter(keep, top1_kept)
         self._log_metrics(
             mode, inputs, shift_mask, entropy, mean_logits, is_top1, chosen_logps, rejected_logps,
             ref_chosen_logps, ref_rejected_logps,
@@ -465,25 +473,27 @@ class FusedDPOTrainer(DPOTrainer):
         """The metrics ``DPOTrainer`` logs, with its names, reductions and cross-process gathers."""
         gather, gather_m = self.accelerator.gather, self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
-        entropy_sum = gather_m((entropy * shift_mask).sum()).sum()
-        total_tokens = gather_m(shift_mask.sum()).sum()
-        metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
+        if entropy is not None:
+            entropy_sum = gather_m((entropy * shift_mask).sum()).sum()
+            total_tokens = gather_m(shift_mask.sum()).sum()
+            metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
         if mode == "train":
             num_tokens = gather_m(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
 
-        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
-        chosen_mean, rejected_mean = mean_logits.chunk(2, dim=0)
-        for name, values, mask in (("chosen", chosen_mean, chosen_mask), ("rejected", rejected_mean, rejected_mask)):
-            total = gather_m(values[mask.bool()].sum()).sum().item()
-            count = gather_m(mask.sum()).sum().item()
-            metrics[f"logits/{name}"].append(total / count if count > 0 else 0.0)
-
-        chosen_top1, _ = is_top1.chunk(2, dim=0)
-        correct = gather_m((chosen_top1 & chosen_mask.bool()).sum())
-        counted = gather_m(chosen_mask.sum()).sum()
-        metrics["mean_token_accuracy"].append((correct.sum() / counted).item() if counted > 0 else 0.0)
+        if mean_logits is not None:
+            chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
+            chosen_mean, rejected_mean = mean_logits.chunk(2, dim=0)
+            sides = (("chosen", chosen_mean, chosen_mask), ("rejected", rejected_mean, rejected_mask))
+            for name, values, mask in sides:
+                total = gather_m(values[mask.bool()].sum()).sum().item()
+                count = gather_m(mask.sum()).sum().item()
+                metrics[f"logits/{name}"].append(total / count if count > 0 else 0.0)
+            chosen_top1, _ = is_top1.chunk(2, dim=0)
+            correct = gather_m((chosen_top1 & chosen_mask.bool()).sum())
+            counted = gather_m(chosen_mask.sum()).sum()
+            metrics["mean_token_accuracy"].append((correct.sum() / counted).item() if counted > 0 else 0.0)
 
         chosen_rewards = self.beta * (chosen_logps - ref_chosen).detach()
         rejected_rewards = self.beta * (rejected_logps - ref_rejected).detach()
