@@ -143,6 +143,13 @@ for name in ("silmm_fast.train", "silmm_fast.models", "silmm_fast.adapters", "si
         print("guarded", name)
     else:
         raise AssertionError(f"{name} imported without the [loop] extra")
+try:
+    import silmm_fast.integrations.trl
+except ImportError as err:
+    assert "[trl]" in str(err) and "pip install 'silmm_fast[trl]'" in str(err), str(err)
+    print("guarded silmm_fast.integrations.trl")
+else:
+    raise AssertionError("silmm_fast.integrations.trl imported without the [trl] extra")
 """
 
 
@@ -157,8 +164,8 @@ def test_core_imports_and_runs_every_op_without_the_optional_dependencies():
     code += "\nleaked = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)\nassert not leaked, leaked\n"
     result = _run(code)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.splitlines()[-5] == "ok"
-    assert result.stdout.count("guarded ") == 4
+    assert result.stdout.splitlines()[-6] == "ok"
+    assert result.stdout.count("guarded ") == 5
 
 
 def test_loop_guard_lets_loop_packages_import_when_the_extra_is_installed():

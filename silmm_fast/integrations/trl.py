@@ -13,8 +13,8 @@ Supported: loss types ``sigmoid``, ``hinge``, ``ipo`` (TRL's length-normalized f
 weighted (``loss_weights``); ``precompute_ref_log_probs`` on and off; an explicit ``ref_model`` or none;
 ``sync_ref_model``; gradient accumulation; DDP (``torchrun``). Refused when the trainer is built, with a message that
 names them: other loss types, ``ld_alpha``, ``f_divergence_type`` other than ``reverse_kl``, ``use_weighting``,
-``use_liger_kernel``, PEFT, quantization, DeepSpeed, FSDP, vision datasets, MoE router losses and models whose logits
-are scaled or soft-capped after the head.
+``use_liger_kernel``, PEFT, quantization, DeepSpeed, FSDP, vision datasets, MoE router losses, models whose logits
+are scaled or soft-capped after the head, and ``head="janus"`` under DDP.
 
 Pre-tokenized datasets (columns ``prompt_ids``, ``chosen_ids``, ``rejected_ids``) are used as they are: that is how
 image-token completions reach the trainer (their ids index the image codebook, not the text vocabulary).
@@ -134,6 +134,7 @@ class JanusImageHead(FusedHead):
     Prompt positions are embedded by the text embedding, completion positions (image-codebook ids) by
     ``prepare_embeddings_for_image_generation``; the language model runs through the model's forward; the head's
     first Linear and activation run here and its last Linear (``vision_head``, with bias) is the fused one.
+    One process only: under DDP the first Linear would run outside the wrapped forward (refused).
     """
 
     name = "janus"
@@ -329,6 +330,10 @@ class FusedDPOTrainer(DPOTrainer):
         if isinstance(model, str):
             self.fused_head.check(self.model)
         self._fused = self._fused_losses()
+        if isinstance(self.fused_head, JanusImageHead) and self.args.world_size > 1:
+            # the image head's first Linear runs after the wrapped forward, where DDP's unused-parameter search
+            # (which Janus's unused vision tower needs) cannot see it
+            raise ValueError("FusedDPOTrainer does not support: head='janus' with several processes (DDP)")
         if self.aux_loss_enabled:
             raise ValueError(
                 "FusedDPOTrainer does not support: the MoE router auxiliary loss (router_aux_loss_coef="
