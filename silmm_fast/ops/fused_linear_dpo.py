@@ -12,11 +12,11 @@ pairs, over its n kept tokens (label != ignore_index), with head W [V, H], bias 
     dW += dzᵀ h,  db += Σ_t dz  (the head trains; accumulated in fp32, fp64 for fp64 inputs)    2·n·H·V
 
 The backward multiplies the stored gradients by the incoming gradient of the loss: 6·N·H·V matrix FLOPs in all with
-a trainable head and 4 with a frozen one, where recomputing the logits in the backward costs 8 (6). The products go
-through the vendor BLAS (``torch.mm`` / ``addmm``: MKL / oneDNN, cuBLAS); the row statistics and dz are torch
-elementwise passes on the ``torch`` backend (over cache-sized row blocks, right after each block's product) and the
-Triton kernels of ``silmm_fast.kernels.logprobs`` on the ``triton`` backend. On CUDA, half-precision inputs give an
-fp32 logit slab where the installed torch can write one from the product (``torch.mm(..., out_dtype=)``), and dz is
+a trainable head and 4 with a frozen one, where recomputing the logits in the backward costs 8 (6). Each product
+covers a whole chunk and goes through the vendor BLAS (``torch.mm`` / ``addmm``: MKL / oneDNN, cuBLAS;
+``head_products``); the row statistics and dz are torch elementwise passes on the ``torch`` backend and the Triton
+kernels of ``silmm_fast.kernels.logprobs`` on the ``triton`` backend. On CUDA, half-precision inputs give an fp32
+logit slab where the installed torch can write one from the product (``torch.mm(..., out_dtype=)``), and dz is
 written in the input dtype for the tensor-core products.
 
 Memory: one chunk's slab, at most ``chunk_bytes``, plus the stored gradients (dh [2B·T, H], dW [V, H], db [V]: what
@@ -154,11 +154,6 @@ class _Pass:
         # CUDA half precision with an fp32 slab: dz goes to its own buffer in the operands' dtype
         self.dz_buf = None if slab_dtype == self.prod else torch.empty_like(self.slab_buf, dtype=self.prod)
 
-    def step(self, n: int) -> int:
-        """Rows per product block: cache-sized on the torch backend (``fused_linear_logprobs.torch_chunk_rows``), the
-        whole chunk otherwise (large products for the GPU)."""
-        return max(1, min(_flp.torch_chunk_rows(self.V), n)) if self.backend == "torch" else max(n, 1)
-
     def __iter__(self):
         device, acc, B, T, V = self.h_all.device, self.acc, self.B, self.T, self.V
         wt = self.w.t()
@@ -166,35 +161,27 @@ class _Pass:
             P = p1 - p0
             self.rows = torch.cat([torch.arange(p0, p1), torch.arange(B + p0, B + p1)]).to(device)
             self.local, pos = self.keep.index_select(0, self.rows).nonzero(as_tuple=True)
-            local = self.local
-            self.tokens = self.rows[local] * T + pos
+            self.tokens = self.rows[self.local] * T + pos
             n = self.tokens.numel()
             self.h = self.h_all.index_select(0, self.tokens).to(self.prod)
             self.y = self.y_all.index_select(0, self.tokens)
             self.slab = self.slab_buf[: n * V].view(n, V)
-            logp, self.m, self.r = (torch.empty(n, dtype=acc, device=device) for _ in range(3))
-            step = self.step(n)
-            for s in range(0, n, step):
-                z = hp.mm_into(self.h[s : s + step], wt, self.slab[s : s + step], self.b)
-                logp[s : s + step], self.m[s : s + step], self.r[s : s + step] = hp.row_stats(
-                    self.backend, z, self.y[s : s + step]
-                )
+            # one product over the whole chunk: on the CPU as on the GPU, the larger product (and one weight-gradient
+            # accumulation per chunk) beats cache-sized row blocks (docs/performance.md)
+            z = hp.mm_into(self.h, wt, self.slab, self.b)
+            logp, self.m, self.r = hp.row_stats(self.backend, z, self.y)
             # a deterministic segmented sum (no atomics): scatter into [2P, T], then sum each row
-            per_token = torch.zeros(2 * P, T, dtype=acc, device=device).index_put_((local, pos), logp)
+            per_token = torch.zeros(2 * P, T, dtype=acc, device=device).index_put_((self.local, pos), logp)
             self.seq = per_token.sum(1)
             if self.reduction == "mean":
                 self.seq = self.seq / self.counts.index_select(0, self.rows).clamp(min=1).to(acc)
             yield p0, p1
 
-    def dz_blocks(self, c: torch.Tensor):
-        """Per product block of the current chunk: (rows slice, dz) with dz = c · (onehot − p), c per token."""
+    def dz(self, c: torch.Tensor) -> torch.Tensor:
+        """dz = c · (onehot − p) over the current chunk, c per token: over the slab (or into the dz buffer)."""
         n = self.tokens.numel()
-        dz_all = self.slab if self.dz_buf is None else self.dz_buf[: n * self.V].view(n, self.V)
-        step = self.step(n)
-        for s in range(0, n, step):
-            e = min(s + step, n)
-            yield slice(s, e), hp.write_dz(self.backend, self.slab[s:e], self.y[s:e], self.m[s:e], self.r[s:e],
-                                         c[s:e], dz_all[s:e])  # fmt: skip
+        out = self.slab if self.dz_buf is None else self.dz_buf[: n * self.V].view(n, self.V)
+        return hp.write_dz(self.backend, self.slab, self.y, self.m, self.r, c, out)
 
 
 def _sequence_logps(hidden, weight, bias, labels, keep, chunks, backend, reduction) -> torch.Tensor:
@@ -233,14 +220,13 @@ def _forward_with_grads(hidden, weight, bias, labels, ref_chosen, ref_rejected, 
         c_seq = torch.cat([chunk_grads[0], chunk_grads[1]]) / B  # d mean loss / d sequence log-prob
         if cfg["reduction"] == "mean":
             c_seq = c_seq / run.counts.index_select(0, run.rows).clamp(min=1).to(acc)
-        c = c_seq.index_select(0, run.local)
-        for rows, dz in run.dz_blocks(c):
-            if need_h:
-                dh.index_copy_(0, run.tokens[rows], torch.mm(dz, run.w).to(dh.dtype))
-            if need_w:
-                hp.accumulate(dw, dz.t(), run.h[rows])
-            if need_b:
-                db.add_(dz.sum(0, dtype=acc))
+        dz = run.dz(c_seq.index_select(0, run.local))
+        if need_h:
+            dh.index_copy_(0, run.tokens, torch.mm(dz, run.w).to(dh.dtype))
+        if need_w:
+            hp.accumulate(dw, dz.t(), run.h)
+        if need_b:
+            db.add_(dz.sum(0, dtype=acc))
     return losses, logps, loss_grads, m_all, r_all, dh, dw, db
 
 
