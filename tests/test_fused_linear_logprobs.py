@@ -428,3 +428,47 @@ def test_gpu_fp32_default_tiles(backend):
     assert_close(out, ref_out, torch.float32, scale=300)
     for g, rg in zip(grads, ref_grads):
         assert_close(g, rg, torch.float32, scale=10)
+
+
+# --- keep_logits: the forward's slab serves the backward --------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_keep_logits_matches_the_reference(device, backend, with_bias):
+    hidden, weight, bias, labels = make_inputs(device)
+    bias = bias if with_bias else None
+    h, w, b = leaves(hidden, weight, bias)
+    upstream = torch.randn(B, dtype=torch.float64, device=device)
+    with use_backend(backend):
+        out = fused_linear_logprobs(h, w, labels, bias=b, keep_logits=True)
+    assert "_KeptLogitsLinearLogprobsBackward" in graph_names(out)
+    (out * upstream).sum().backward()
+    rh, rw, rb = leaves(hidden, weight, bias)
+    ((reference(rh, rw, labels, bias=rb) * upstream).sum()).backward()
+    assert_close(out, reference(hidden, weight, labels, bias=bias), torch.float64)
+    for got, want in ((h, rh), (w, rw), (b, rb)):
+        if got is not None:
+            assert_close(got.grad, want.grad, torch.float64)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        with use_backend(backend):
+            again = fused_linear_logprobs(*leaves(hidden, weight, None)[:2], labels, keep_logits=True).sum()
+        again.backward(retain_graph=True)
+        again.backward()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_trainable_head_matrix_flops(keep):
+    """A trainable head: 8·N·H·V matrix FLOPs when the backward recomputes the logits, 6 when they are kept."""
+    from matmul_flops import count_matmul_flops
+
+    hidden, weight, bias, labels = make_inputs("cpu", torch.float32)
+    h, w, b = leaves(hidden, weight, bias)
+    n = int((labels != -100).sum())
+    with use_backend("torch"), count_matmul_flops() as counter:
+        fused_linear_logprobs(h, w, labels, bias=b, keep_logits=keep).sum().backward()
+    assert counter.flops == pytest.approx((6 if keep else 8) * n * H * V, rel=0.01), counter.calls
+
+
+def test_keep_logits_must_be_a_bool():
+    hidden, weight, bias, labels = make_inputs("cpu")
+    with pytest.raises(ValueError, match="keep_logits"):
+        fused_linear_logprobs(hidden, weight, labels, keep_logits="yes")
