@@ -364,3 +364,23 @@ def test_token_metrics_off_skips_only_the_full_vocabulary_metrics(tmp_path, toke
             assert lean[key] == pytest.approx(full[key], rel=1e-6), key
     with pytest.raises(TypeError, match="token_metrics"):
         FusedDPOTrainer(base, args=_dpo(tmp_path), train_dataset=dataset, processing_class=tokenizer, token_metrics=1)
+
+
+def test_evaluate_matches_stock_dpo_trainer(tmp_path, tokenizer, dataset):
+    base = tiny_llama(len(tokenizer))
+    held_out = preference_dataset(4, seed=5)
+    results = {}
+    for cls in (DPOTrainer, FusedDPOTrainer):
+        trainer = cls(
+            copy.deepcopy(base),
+            args=dpo_config(tmp_path / cls.__name__, max_steps=1, precompute_ref_log_probs=True),
+            train_dataset=dataset,
+            eval_dataset=held_out,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        results[cls] = trainer.evaluate()
+    stock, fused = results[DPOTrainer], results[FusedDPOTrainer]
+    assert {k for k in stock if "runtime" not in k and "per_second" not in k} <= set(fused)
+    for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen", "eval_entropy", "eval_logits/rejected"):
+        assert fused[key] == pytest.approx(stock[key], rel=2e-5, abs=2e-6), key
