@@ -76,12 +76,15 @@ CASES = [
     pytest.param({**ALL_TYPES, "label_smoothing": 0.1, "gradient_accumulation_steps": 2}, True, id="all-grad-accum"),
     pytest.param({**ALL_TYPES, "label_smoothing": 0.2, "precompute_ref_log_probs": True}, False, id="all-precompute"),
     pytest.param({"loss_type": ["ipo"], "precompute_ref_log_probs": True}, True, id="ipo-precompute-ref"),
+    # "_tie": a model whose head shares its weight with the input embedding
+    pytest.param({"loss_type": ["hinge"], "_tie": True}, True, id="hinge-tied-head"),
 ]
 
 
 @pytest.mark.parametrize("overrides, explicit_ref", CASES)
 def test_metrics_and_weights_match_stock_dpo_trainer(tmp_path, tokenizer, dataset, overrides, explicit_ref):
-    base = tiny_llama(len(tokenizer))
+    overrides = dict(overrides)
+    base = tiny_llama(len(tokenizer), tie=overrides.pop("_tie", False))
     # SGD: final weights comparable to float tolerance (Adam magnifies rounding in near-zero gradients)
     args = dict(optim="sgd", learning_rate=0.5, max_steps=2, **overrides)
     models = {}
