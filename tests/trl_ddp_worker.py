@@ -18,8 +18,8 @@ from tiny_preference import dpo_config, preference_dataset, tiny_llama, word_tok
 from silmm_fast.integrations.trl import FusedDPOTrainer  # noqa: E402
 
 
-def main(out: str, per_device: int) -> None:
-    torch.set_num_threads(1)
+def train(out: str, per_device: int) -> None:
+    """Train and write ``OUT/rank{RANK}.pt`` (also called in-process by the test, for the one-process run)."""
     tokenizer = word_tokenizer()
     model = tiny_llama(len(tokenizer))
     args = dpo_config(
@@ -46,4 +46,5 @@ def main(out: str, per_device: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    torch.set_num_threads(1)
+    train(sys.argv[1], int(sys.argv[2]))
