@@ -4,8 +4,9 @@ Same constructor and ``trl.DPOConfig`` as ``trl.DPOTrainer``, plus ``head=`` for
 ``get_output_embeddings()`` (``head="janus"`` for ``JanusForConditionalGeneration``'s image head). The trainer
 overrides ``compute_loss`` and ``compute_ref_log_probs``: the policy and the reference model run their backbone
 through the model's own forward with ``logits_to_keep`` selecting no position (so ``torch.nn.parallel`` wrappers see
-the forward and DDP synchronizes gradients), the activations entering the head's last Linear go to
-``fused_linear_logprobs``, and the DPO loss to ``dpo_loss``; the ``[tokens, vocab]`` logits are never formed. It logs
+the forward and DDP synchronizes gradients), and the activations entering the head's last Linear go to
+``FusedLinearDPOLoss`` (one loss type: gradients formed in the forward) or to ``fused_linear_logprobs`` and
+``dpo_loss`` (several weighted loss types); the ``[tokens, vocab]`` logits are never formed. It logs
 the metrics ``DPOTrainer`` logs, under the same names and with the same values (entropy, token accuracy and mean
 logits come from a no-grad pass over vocabulary slabs).
 
@@ -54,9 +55,9 @@ _LOGIT_TRANSFORMS = (
     "logits_scaling",
 )
 # token-statistics pass: rows per vocabulary slab = STATS_SLAB_BYTES / (8·V) (two fp32 [rows, V] buffers: the logits
-# and their exponentials), clamped to [16, 4096]: 128 MiB in flight instead of the [tokens, V] logits. On a 2-core
-# CPU at H = 256, V = 32,768 the pass took 1.5 s with 128-row slabs and 0.8 s with 512-row ones (the products of a
-# small H need tall blocks to run at speed).
+# and their exponentials), clamped to [16, 4096]: 128 MiB in flight instead of the [tokens, V] logits. Tall slabs
+# because at a small H the products need many rows to run at speed (512 rows at bench/bench_trl.py's V = 32,768 ran
+# the pass about twice as fast as 128).
 STATS_SLAB_BYTES = 128 * 2**20
 
 
