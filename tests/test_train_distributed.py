@@ -311,7 +311,7 @@ def test_single_process_crash_then_resumed_with_two(tmp_path, cache, two, monkey
 
 @pytest.mark.slow
 def test_continuous_two_processes_equal_one(tmp_path, cache):
-    # gamma 1 rather than the default 100: gamma multiplies the feature distances inside the loss, and with them the
+    # gamma 1 rather than the default 10: gamma multiplies the feature distances inside the loss, and with them the
     # float rounding of one vs two processes' sums, which TOL bounds at gamma 1
     args = ("--mode", "continuous", "--optim.gamma", "1")
     run_single(tmp_path / "one", cache, *args)

@@ -39,7 +39,7 @@ class ModelConfig:
         "tokens, a word shift inside questions, a reading stage, (discrete) a factored image-token head and "
         "(continuous) features regressed under light dropout: a judge that reads its images and binds attributes to "
         "nouns, and a model that can draw attribute pairs it never drew (seed 0, self feedback: discrete +50 "
-        "percent, continuous +2 percent; random feedback -1 and -7 percent). plain: unpaired VQA and atomic image "
+        "percent, random feedback -1 percent; continuous: docs/continuous.md). plain: unpaired VQA and atomic image "
         "tokens (its judge answers mostly from the question text; discrete +23 percent, continuous -31 percent). "
         "pairs: plain with balanced VQA pairs. See silmm_fast.models.bootstrap.RECIPES",
     )
@@ -62,8 +62,19 @@ class SampleConfig:
         "model's 16 samples decode to 1.0-1.4 distinct scenes per prompt with its last 2 of 4 layers at p = 0.1, too "
         "few to compare; 5.7 with all 4 at p = 0.5)",
     )
-    dropdiv_p: float = _f(0.5, "continuous mode: DropDiv dropout rate (also used to sample the held-out images)")
+    dropdiv_p: float = _f(
+        0.3,
+        "continuous mode: DropDiv dropout rate (also used to sample the held-out images with eval.decode dropdiv); "
+        "a higher rate gives more varied candidates whose features lie further from the policy's own image",
+    )
     select_method: str = _f("dpp", "continuous mode: diverse selection method, 'dpp' or 'fps'")
+    deterministic_candidate: bool = _f(
+        True,
+        "continuous mode: candidate 0 of each prompt is the policy's dropout-free image (what eval.decode "
+        "deterministic shows), the other N - 1 DropDiv samples chosen by diverse selection; when the judge scores it "
+        "as high as the best sample it is the winner, so KC-DPO keeps an image that is already right where it is "
+        "instead of pulling it toward another sample's layout",
+    )
     chunk: int = _f(
         32,
         "prompts per batched call (prompt writing, generation, questions, held-out eval); also the unit of work "
@@ -89,19 +100,22 @@ class OptimConfig:
         "seed 0, +61 percent with it, +4 without), 0 in continuous mode, where it does not apply",
     )
     gamma: float = _f(
-        100.0,
-        "KC-DPO gamma; with the sqeuclidean kernel the loss pulls the features along winner minus loser without "
-        "bound until it saturates, so gamma sets how far one iteration moves them (ground-truth feedback, built-in "
-        "model: at gamma 1 the feature norm went 0.54 -> 1.30 in one iteration and accuracy 0.309 -> 0.206; at 10-100 "
-        "it rose every iteration)",
+        10.0,
+        "KC-DPO gamma: the margin's scale, so how far the features move before the sigmoid saturates (with the "
+        "sqeuclidean kernel the margin is linear in the features and never stops pulling along winner minus loser; "
+        "docs/continuous.md)",
     )
     kernel: str = _f(
-        "sqeuclidean",
-        "KC-DPO distance: cosine, euclidean, sqeuclidean or rbf (the built-in model's empty cells are near-zero "
-        "feature rows, whose cosine distance is direction noise: with cosine, even ground-truth feedback gained at "
-        "most 2.4 percent)",
+        "rbf",
+        "KC-DPO distance: cosine, euclidean, sqeuclidean or rbf. rbf (2 - 2 exp(-|a - b|^2 / (2 sigma^2)) per token) "
+        "attracts the features to a winner within about sigma and lets a far-away loser go, so the loss has an "
+        "optimum near the winner; sqeuclidean pushes along winner minus loser without bound; the built-in model's "
+        "empty cells are near-zero rows, whose cosine distance is direction noise",
     )
-    pool: str = _f("none", "KC-DPO pooling over tokens: mean, max or none")
+    pool: str = _f("none", "KC-DPO pooling over tokens: mean, max or none (mean and max lose the cell positions)")
+    sigma: float = _f(
+        0.5, "KC-DPO rbf kernel width, near the built-in model's feature-row distances; other kernels ignore it"
+    )
     lr: float | None = _f(
         None,
         "AdamW learning rate; none: 5e-5 in both modes (discrete, reading recipe, NLL weight 1, seeds 0-2: 2e-5 gained "
@@ -117,7 +131,14 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     heldout_per_category: int = _f(40, "held-out prompts per category (ground-truth evaluation, never trained on)")
-    samples: int = _f(4, "images sampled per held-out prompt")
+    samples: int = _f(4, "images sampled per held-out prompt (continuous mode: with eval.decode dropdiv only)")
+    decode: str = _f(
+        "deterministic",
+        "continuous mode: how a held-out image is drawn. deterministic: the policy's dropout-free features, one image "
+        "per prompt (the image a continuous LMM shows; DropDiv only samples the candidates it learns from); dropdiv: "
+        "eval.samples DropDiv samples per prompt at sample.dropdiv_p, drawn like the candidates, with the same masks "
+        "at every iteration. docs/continuous.md compares the two",
+    )
 
 
 @dataclass
@@ -136,6 +157,7 @@ EXECUTION_SECTIONS = ("dist",)
 
 
 FEEDBACKS = ("self", "random", "oracle")
+EVAL_DECODES = ("deterministic", "dropdiv")
 # Fields whose default depends on the mode: None in their dataclass ("none" on the command line), resolved by
 # TrainConfig.validate to this table's value for the run's mode.
 MODE_DEFAULTS = {
@@ -224,7 +246,7 @@ class TrainConfig:
             bad("optim.kernel", "cosine, euclidean, sqeuclidean or rbf", o.kernel)
         if o.pool not in ("mean", "max", "none"):
             bad("optim.pool", "mean, max or none", o.pool)
-        for name in ("beta", "gamma", "lr"):
+        for name in ("beta", "gamma", "lr", "sigma"):
             if not getattr(o, name) > 0:
                 bad(f"optim.{name}", "a positive number", getattr(o, name))
         if isinstance(o.nll_weight, bool) or not isinstance(o.nll_weight, (int, float)) or not o.nll_weight >= 0:
@@ -236,6 +258,8 @@ class TrainConfig:
                 bad(f"optim.{name}", "an integer >= 1", getattr(o, name))
         if e.heldout_per_category < 1 or e.samples < 1:
             bad("eval", "heldout_per_category >= 1 and samples >= 1", (e.heldout_per_category, e.samples))
+        if e.decode not in EVAL_DECODES:
+            bad("eval.decode", "'deterministic' or 'dropdiv'", e.decode)
         if self.dist.strategy not in ("ddp", "fsdp2"):
             bad("dist.strategy", "'ddp' or 'fsdp2'", self.dist.strategy)
         if self.dist.device not in ("auto", "cpu", "cuda"):

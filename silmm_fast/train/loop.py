@@ -254,10 +254,15 @@ class Run:
         return dropdiv(model, last_layers=s.dropdiv_layers or None, p=s.dropdiv_p, row_seeds=row_seeds)
 
     # --- evaluation ------------------------------------------------------------------------------------------------
+    def eval_samples(self) -> int:
+        """Images per held-out prompt: ``eval.samples``, or 1 for the continuous model's deterministic decode."""
+        cfg = self.cfg
+        return 1 if cfg.mode == "continuous" and cfg.eval.decode == "deterministic" else cfg.eval.samples
+
     @torch.no_grad()
     def evaluate(self, model: ModelAdapter, it: int) -> dict | None:
         """Held-out alignment (ground-truth evaluator), the prompts sharded over the ranks; the result on rank 0."""
-        cfg, texts, s = self.cfg, [p.text for p in self.heldout], self.cfg.eval.samples
+        cfg, texts, s = self.cfg, [p.text for p in self.heldout], self.eval_samples()
         desc = f"iter {it} eval"
         if cfg.mode == "discrete":
             seq = model.image_seq_len
@@ -269,6 +274,12 @@ class Run:
                     texts[u], s, top_p=cfg.sample.top_p, temperature=cfg.sample.temperature, noise=noise
                 )
                 return tokens.cpu()
+
+        elif cfg.eval.decode == "deterministic":
+
+            def sample(u: slice) -> torch.Tensor:
+                # the model's image of a prompt: its features without dropout (DropDiv only samples candidates)
+                return model.generate_features(texts[u], 1).float().cpu()
 
         else:
 
@@ -477,14 +488,21 @@ class Run:
         from silmm_fast import diverse_select
 
         k, n = cfg.sample.oversample, cfg.sample.candidates
+        own = cfg.sample.deterministic_candidate
 
         def sample_features(u: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             # one DropDiv stream per (prompt, sample): a prompt's K feature matrices are its own
             row_seeds = [stream_seed(cfg.seed, it, "generate", i, j) for i in ids[u] for j in range(k)]
             with self.dropdiv(policy, row_seeds):
                 feats = policy.generate_features(prompts[u], k)  # [u, K, L, D]
-            picked = diverse_select(feats, n, method=cfg.sample.select_method)  # [u, n]
-            chosen = torch.gather(feats, 1, picked[:, :, None, None].expand(-1, -1, *feats.shape[2:])).cpu()
+            picked = diverse_select(feats, n - own, method=cfg.sample.select_method)  # [u, n - own]
+            chosen = torch.gather(feats, 1, picked[:, :, None, None].expand(-1, -1, *feats.shape[2:]))
+            if own:
+                # candidate 0: the policy's own (dropout-free) image; selected index -1 marks it. Ties in score go
+                # to the lower index (make_pairs), so a sample that shows the same scene never displaces it
+                chosen = torch.cat([policy.generate_features(prompts[u], 1), chosen], dim=1)
+                picked = torch.cat([torch.full_like(picked[:, :1], -1), picked], dim=1)
+            chosen = chosen.cpu()
             scenes = self.codec.decode_batch(chosen.reshape(-1, *feats.shape[2:]).float(), strict=False)
             tokens = self.tokenizer.encode_batch(scenes).view(len(chosen), n, -1)
             return tokens, chosen, picked.cpu()
@@ -601,7 +619,7 @@ class Run:
             ref_c, ref_r = ref[0], ref[1]
         else:
             feats = cands["features"]
-            loss_fn = KCDPOLoss(gamma=o.gamma, kernel=o.kernel, pool=o.pool)
+            loss_fn = KCDPOLoss(gamma=o.gamma, kernel=o.kernel, pool=o.pool, sigma=o.sigma)
             ref_feats = torch.cat(
                 self.map_units(
                     len(prompts),
