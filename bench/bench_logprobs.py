@@ -397,7 +397,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep (shared machines)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--cpu-clock", choices=("wall", "process"), default=None,
+                        help="CPU timing: wall time, or this process's CPU time (shared machines; with --threads 1)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_clock:
+        import bench.common as common
+
+        common.CPU_CLOCK = args.cpu_clock
     device = torch.device(args.device)
     shapes = args.shapes or (["janus", "janus-7b", "seed-llama", "lumina"] if device.type == "cuda" else ["cpu-small"])
     dtype = getattr(torch, args.dtype) if args.dtype else None

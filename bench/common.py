@@ -110,6 +110,10 @@ FEATURE_SHAPES = {
 
 
 # --- measuring ----------------------------------------------------------------------------------------------------
+# How CPU calls are timed: "wall" (perf_counter) or "process" (this process's CPU time, all its threads). On a machine
+# shared with other work, time-slicing inflates wall time but not CPU time; measure "process" with one thread
+# (torch.set_num_threads(1)), or threads waiting for each other count too. SILMM_BENCH_CPU_CLOCK sets it.
+CPU_CLOCK = os.environ.get("SILMM_BENCH_CPU_CLOCK", "wall")
 CUDA_MIN_REPEATS = 20
 CUDA_TIMED_SECONDS = 0.5
 MAX_COPIES = 8
@@ -208,7 +212,7 @@ def _sync(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call: CUDA events on CUDA, wall time on CPU."""
+    """Milliseconds of one call: CUDA events on CUDA; on CPU wall time, or CPU time when ``CPU_CLOCK`` is "process"."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -216,9 +220,10 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end)
-    t0 = time.perf_counter()
+    clock = time.process_time if CPU_CLOCK == "process" else time.perf_counter
+    t0 = clock()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, str | None]:
@@ -498,6 +503,7 @@ def row(
         "copies": m.copies,
         "peak_mem_bytes": m.peak_bytes,
         "mem_metric": m.mem_metric,
+        "clock": "cuda_events" if env.get("device_type") == "cuda" else CPU_CLOCK,
         **env,
     }
     if cost is not None:

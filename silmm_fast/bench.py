@@ -28,7 +28,8 @@ roofline, ``copies``, ``mem_metric`` and skip fields):
 - identity: ``op`` (the benchmarked computation), ``provider``, ``mode`` (``forward`` / ``backward`` / ``full`` =
   forward + backward, or a method such as ``dpp`` / ``fps`` / ``gram``), ``shape`` (registry ``name`` plus its
   dimensions), op-specific tags (``head``, ``dtype``, ``kernel``, ``pool``, ``round``, ``backend``).
-- metrics: ``time_ms`` (median), ``min_ms``, ``repeats``, ``copies`` (inputs rotated among), ``peak_mem_bytes`` and
+- metrics: ``time_ms`` (median), ``min_ms``, ``clock`` (how calls were timed: ``wall`` or ``process`` CPU time on a
+  CPU, ``cuda_events``), ``repeats``, ``copies`` (inputs rotated among), ``peak_mem_bytes`` and
   ``mem_metric`` (how it was taken: bench/common.py), ``min_bytes`` and ``flops`` (the script's cost model), ``gbps``
   and ``tflops`` (achieved on that cost), ``roofline`` (fraction of the ceiling-bound time, ``roofline_bound``
   memory or compute) with ``ceiling_gbps`` / ``ceiling_tflops`` / ``ceiling_matmul_dtype`` (measured at the start
