@@ -193,19 +193,35 @@ def _not_measured(rows: list[dict]) -> str:
         key = (r["device"], r["op"], r["provider"])
         latest[key] = max(latest.get(key, ""), r["timestamp"])
     reasons: dict[str, list[str]] = {}
+    ops: dict[str, list[str]] = {}
     for s in rows:
         if "skipped" not in s or s.get("skip_kind") == "unsupported":
             continue
         if latest.get((s.get("device"), s["op"], s["provider"]), "") > s.get("timestamp", ""):
             continue
-        why = reasons.setdefault(s["provider"], [])
+        key = f"`{s['provider']}` ({s.get('device', 'unknown device')}"
+        why = reasons.setdefault(key, [])
         short = _short(s["skipped"])
         if short not in why:
             why.append(short)
+        if s["op"] not in ops.setdefault(key, []):
+            ops[key].append(s["op"])
     if reasons:
-        listed = "; ".join(f"`{p}` ({' / '.join(why)})" for p, why in sorted(reasons.items()))
+        listed = "; ".join(
+            f"{key}, {', '.join(sorted(ops[key]))}: {' / '.join(why)})" for key, why in sorted(reasons.items())
+        )
         parts.append(f"providers skipped on the measuring machine: {listed}")
     return "Not measured: " + "; ".join(parts) + "." if parts else ""
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
+def _how(how: tuple) -> str:
+    """A run's threads and clock: ", 1 thread, CPU time" (process CPU time: bench/common.py CPU_CLOCK)."""
+    threads, clock = how or (None, "wall")
+    return (f", {_threads(threads)}" if threads else "") + (", CPU time" if clock == "process" else "")
 
 
 def section(rows: list[dict]) -> str:
@@ -222,15 +238,22 @@ def section(rows: list[dict]) -> str:
         if not lines:
             continue
         first = max(dev_rows, key=lambda r: r["timestamp"])
-        threads = f", {first['threads']} thread{'s' if first['threads'] > 1 else ''}" if first.get("threads") else ""
-        # the rows shown may come from runs on different machines of one device type: name each run's CPU
+        # the rows shown may come from runs on different machines of one device type, with other thread counts and
+        # clocks: name each run's CPU, and its threads and clock where runs differ
         cpu_of = {r["timestamp"]: r.get("cpu_model") for r in dev_rows}
+        how_of = {r["timestamp"]: (r.get("threads"), r.get("clock", "wall")) for r in dev_rows}
         in_order = sorted(runs, key=lambda run: run[1])  # by time, so regenerating writes the same text
         models = list(dict.fromkeys(cpu_of.get(stamp) for _, stamp in in_order if cpu_of.get(stamp)))
         model = f" — {' / '.join(models)}" if models else ""
-        dates = list(dict.fromkeys((git, stamp[:10], cpu_of.get(stamp)) for git, stamp in in_order))
+        hows = list(dict.fromkeys(how_of.get(stamp) for _, stamp in in_order))
+        threads = ""
+        if len(hows) == 1 and hows[0][0]:
+            threads = f", {_threads(hows[0][0])}" + (", CPU time" if hows[0][1] == "process" else "")
+        dates = list(dict.fromkeys((git, stamp[:10], cpu_of.get(stamp), how_of.get(stamp)) for git, stamp in in_order))
         run_text = ", ".join(
-            f"git {git} ({date}{', ' + cpu if cpu and len(models) > 1 else ''})" for git, date, cpu in dates
+            f"git {git} ({date}{', ' + cpu if cpu and len(models) > 1 else ''}"
+            f"{_how(how) if len(hows) > 1 else ''})"
+            for git, date, cpu, how in dates
         )
         loads = [r.get("load_average_1min") for r in dev_rows if r["timestamp"] in {s for _, s in runs}]
         loads = [x for x in loads if x is not None]
@@ -257,7 +280,9 @@ def section(rows: list[dict]) -> str:
         "",
         "Ratios are silmm ÷ the other provider, so below 1 silmm is faster or uses less memory; each figure is its "
         "case's fastest round in one run where the providers were measured side by side, so ratios hold even where "
-        "other work shared the machine, absolute times less so. Peak memory is what one call adds (bench/common.py "
+        "other work shared the machine, absolute times less so; runs marked CPU time were timed by the process's "
+        "CPU time (one thread), which other work on a shared machine does not inflate. Peak memory is what one call "
+        "adds (bench/common.py "
         "says how it is taken); roofline is the share of the time the device's measured copy and matmul ceilings "
         "allow for the case's minimal bytes and FLOPs. Raw rows: `bench/results/*.jsonl`; plots: "
         "`bench/results/suite-<device>-<op>.png`.",

@@ -169,7 +169,8 @@ def test_readme_section_is_generated_from_results(tmp_path):
     assert "| fwd+bwd, frozen head | tiny: B=2 T=16 H=32 V=96, float32 | 5 ms | 0.5× naive |" in line
     assert "| 0.25× (100 vs 400 MiB) | reference 0.625× | 25 % |" in line
     assert "no GPU has been available" in body
-    assert "`liger_kernel` (liger-kernel is not installed)" in body and "no gather" not in body
+    assert "`liger_kernel` (cpu: test x2, fused_linear_logprobs: liger-kernel is not installed)" in body
+    assert "no gather" not in body
     bench.main(["--readme", str(readme), "--out", str(results)])
     assert readme.read_text() == text  # regenerating is stable
 
