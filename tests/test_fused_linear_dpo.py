@@ -364,3 +364,34 @@ def test_meta_tensors_give_shapes():
     assert [tuple(x.shape) for x in out] == [(), (PAIRS,), (PAIRS,), (PAIRS,)] and out.loss.is_meta
     chosen, rejected = module.reference_logps(hidden, weight, labels, bias)
     assert chosen.shape == rejected.shape == (PAIRS,) and chosen.is_meta
+
+
+# --- GPU -------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_grad", [True, False], ids=["trainable-head", "frozen-head"])
+def test_gpu_bf16_janus_like(head_grad):
+    """bf16 at a Janus-like shape (two pairs of 576 image tokens, H = 2048, V = 16,384): cuBLAS products (fp32 logit
+    slab where torch can write one), the Triton row kernels, dz in bf16 for the gradient products; against float64."""
+    gen = torch.Generator().manual_seed(0)
+    pairs, t, hid, vocab = 2, 576, 2048, 16384
+    hidden = torch.randn(2 * pairs, t, hid, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, hid, generator=gen, dtype=torch.float64) / hid**0.5
+    labels = torch.randint(0, vocab, (2 * pairs, t), generator=gen)
+    labels = labels.cuda()
+    h = hidden.to("cuda", torch.bfloat16).requires_grad_(True)
+    w = weight.to("cuda", torch.bfloat16).requires_grad_(head_grad)
+    # the float64 reference (on the GPU) sees the bf16-rounded inputs; reference log-probs near the policy's
+    rh, rw = leaves(h.detach().double(), w.detach().double())
+    rw.requires_grad_(head_grad)
+    with torch.no_grad():
+        noise = torch.randn(2, pairs, generator=gen, dtype=torch.float64).cuda()
+        ref_c, ref_r = reference_logprobs(rh, rw, labels).view(2, pairs) + noise
+    out = FusedLinearDPOLoss(beta=0.1)(h, w, labels, ref_c, ref_r)
+    out.loss.backward()
+    expected = reference_losses(rh, rw, None, labels, ref_c, ref_r, beta=0.1)
+    expected.mean().backward()
+    torch.testing.assert_close(out.losses.double(), expected.detach(), rtol=1.6e-2, atol=2e-2)
+    grads = [(h.grad, rh.grad)] + ([(w.grad, rw.grad)] if head_grad else [])
+    for got, want in grads:
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=1.6e-2, atol=2e-2 * scale)
