@@ -16,21 +16,40 @@ from __future__ import annotations
 
 import torch
 
-_FP32_OUT_MM: dict[torch.device, bool] = {}
 # The torch epilogue skips the max shift when every row maximum lies within ±UNSHIFTED_MAX: exp(±40) stays far inside
 # fp32's range (±88), and log Σ exp(z) then loses at most |m|·2⁻²⁴ ≈ 2.4e-6 against the shifted form.
 UNSHIFTED_MAX = 40.0
+_FP32_OUT_MM: dict[torch.device, str | None] = {}
+
+
+def _fp32_out_kind(device: torch.device) -> str | None:
+    """How half-precision products with fp32 outputs run on ``device``: "out" (``mm`` / ``addmm`` write an fp32
+    ``out=`` tensor, accumulation in place included), "copy" (only a new fp32 result), or None (neither: CPU builds).
+    Probed once per device on small random matrices against an fp32 product."""
+    if device not in _FP32_OUT_MM:
+        gen = torch.Generator().manual_seed(0)
+        a, b, c = (torch.randn(8, 8, generator=gen).to(device) for _ in range(3))
+        ah, bh = a.bfloat16(), b.bfloat16()
+        want = c + ah.float() @ bh.float()
+        kind = None
+        try:
+            if torch.allclose(torch.mm(ah, bh, out_dtype=torch.float32), want - c, atol=1e-3):
+                kind = "copy"
+                acc = c.clone()
+                torch.ops.aten.addmm.dtype_out(acc, ah, bh, torch.float32, out=acc)
+                out = torch.empty_like(c)
+                torch.ops.aten.mm.dtype_out(ah, bh, torch.float32, out=out)
+                if torch.allclose(acc, want, atol=1e-3) and torch.allclose(out, want - c, atol=1e-3):
+                    kind = "out"
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+        _FP32_OUT_MM[device] = kind
+    return _FP32_OUT_MM[device]
 
 
 def fp32_out_mm(device: torch.device) -> bool:
     """Whether ``torch.mm(half, half, out_dtype=torch.float32)`` runs on ``device`` (CUDA builds of recent torch)."""
-    if device not in _FP32_OUT_MM:
-        a = torch.zeros(2, 2, dtype=torch.bfloat16, device=device)
-        try:
-            _FP32_OUT_MM[device] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-        except (RuntimeError, TypeError, NotImplementedError):
-            _FP32_OUT_MM[device] = False
-    return _FP32_OUT_MM[device]
+    return _fp32_out_kind(device) is not None
 
 
 def dtypes(dtype: torch.dtype, device: torch.device, epilogue: str) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -45,7 +64,10 @@ def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Ten
     """``a @ b (+ bias)`` into ``out``; half-precision operands into an fp32 ``out`` use the fp32-output GEMM."""
     if out.dtype == a.dtype:
         return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
-    out.copy_(torch.mm(a, b, out_dtype=out.dtype))
+    if _fp32_out_kind(a.device) == "out":
+        torch.ops.aten.mm.dtype_out(a, b, out.dtype, out=out)
+    else:
+        out.copy_(torch.mm(a, b, out_dtype=out.dtype))
     return out if bias is None else out.add_(bias)
 
 
@@ -53,7 +75,9 @@ def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with ``acc`` in fp32 / fp64 whatever the operands' dtype."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda:
+    elif _fp32_out_kind(a.device) == "out":
+        torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
+    elif _fp32_out_kind(a.device) == "copy":
         acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
