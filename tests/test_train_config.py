@@ -1,5 +1,7 @@
 """The loop's configuration: defaults, YAML, command-line overrides, and bad values rejected by name."""
 
+import re
+
 import pytest
 
 from silmm_fast.train import config
@@ -88,6 +90,77 @@ def test_yaml_then_cli_overrides(tmp_path):
 def test_bad_values_are_rejected_by_name(overrides, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         config.load(overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optim.beta", "inf"], "optim.beta: expected a number > 0 (finite), got inf"),
+        (["--optim.beta", "0"], "optim.beta: expected a number > 0 (finite), got 0.0"),
+        (["--optim.lr", "nan"], "optim.lr: expected a number > 0 (finite), got nan"),
+        (["--optim.lr=-inf"], "optim.lr: expected a number > 0 (finite), got -inf"),
+        (["--optim.lr", "0"], "optim.lr: expected a number > 0 (finite), got 0.0"),
+        (["--pairs.min_margin", "nan"], "pairs.min_margin: expected a number >= 0 (finite), got nan"),
+        (["--pairs.min_margin", "-0.5"], "pairs.min_margin: expected a number >= 0 (finite), got -0.5"),
+        (["--optim.grad_clip", "-1"], "optim.grad_clip: expected a number >= 0 (finite), got -1.0"),
+        (["--optim.grad_clip", "inf"], "optim.grad_clip: expected a number >= 0 (finite), got inf"),
+        (["--optim.weight_decay", "-5"], "optim.weight_decay: expected a number >= 0 (finite), got -5.0"),
+        (["--optim.weight_decay", "nan"], "optim.weight_decay: expected a number >= 0 (finite), got nan"),
+        (["--sample.temperature", "inf"], "sample.temperature: expected a number > 0 (finite), got inf"),
+        (["--sample.temperature", "0"], "sample.temperature: expected a number > 0 (finite), got 0.0"),
+        (["--sample.top_p", "nan"], "sample.top_p: expected a number in (0, 1] (finite), got nan"),
+        (["--sample.top_p", "0"], "sample.top_p: expected a number in (0, 1] (finite), got 0.0"),
+        (["--sample.dropdiv_p", "1"], "sample.dropdiv_p: expected a number in [0, 1) (finite), got 1.0"),
+        (["--sample.dropdiv_layers", "-1"], "sample.dropdiv_layers: expected an integer >= 0, got -1"),
+        (["--sample.chunk", "0"], "sample.chunk: expected an integer >= 1, got 0"),
+        (["--sample.judge_chunk", "-4"], "sample.judge_chunk: expected an integer >= 1, got -4"),
+        (["--sample.prompts_per_category", "0"], "sample.prompts_per_category: expected an integer >= 1, got 0"),
+        (["--sample.candidates", "1"], "sample.candidates: expected an integer >= 2, got 1"),
+        (["--pairs.k", "0"], "pairs.k: expected an integer >= 1, got 0"),
+        (["--optim.gamma", "inf"], "optim.gamma: expected a number > 0 (finite), got inf"),
+        (["--optim.sigma", "nan"], "optim.sigma: expected a number > 0 (finite), got nan"),
+        (["--optim.nll_weight", "inf"], "optim.nll_weight: expected a number >= 0 (finite), got inf"),
+        (["--optim.epochs", "0"], "optim.epochs: expected an integer >= 1, got 0"),
+        (["--optim.epochs", "2.5"], "optim.epochs: expected int, got '2.5'"),
+        (["--optim.batch_size", "0"], "optim.batch_size: expected an integer >= 1, got 0"),
+        (["--eval.heldout_per_category", "0"], "eval.heldout_per_category: expected an integer >= 1, got 0"),
+        (["--eval.samples", "0"], "eval.samples: expected an integer >= 1, got 0"),
+        (["--model.cfg_scale", "-1"], "model.cfg_scale: expected a number >= 0 (finite), got -1.0"),
+        (["--model.cfg_scale", "nan"], "model.cfg_scale: expected a number >= 0 (finite), got nan"),
+        (["--iterations", "0"], "iterations: expected an integer >= 1, got 0"),
+        (["--threads", "-2"], "threads: expected an integer >= 0, got -2"),
+        (["--seed", "nan"], "seed: expected int, got 'nan'"),
+    ],
+)
+def test_bad_numbers_on_the_command_line_are_refused_with_status_2(argv, message, tmp_path, capsys):
+    from silmm_fast.train.__main__ import main
+
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: config {message}\n"
+    assert not out.exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("optim: {beta: .inf}", "inf", "optim.beta: expected a number > 0 (finite)"),
+        ("pairs: {min_margin: .nan}", "nan", "pairs.min_margin: expected a number >= 0 (finite)"),
+        ("optim: {epochs: yes}", "True", "optim.epochs: expected int"),
+        ("sample: {temperature: no}", "False", "sample.temperature: expected float"),
+    ],
+)
+def test_bad_numbers_in_a_yaml_file_are_refused_by_name(tmp_path, field, value, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(field + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"config {message}, got {value}")):
+        config.parse_args(["--config", str(path)])
+
+
+def test_every_numeric_field_declares_its_range():
+    for dotted, f, hint in config._dotted_fields():
+        if config._base(hint) in (int, float) and dotted != "seed":  # any integer is a seed
+            assert {"gt", "ge", "lt", "le"} & set(f.metadata), f"{dotted} has no range"
 
 
 def test_missing_config_file(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,35 @@ import yaml
 from silmm_fast.models.bootstrap import RECIPES
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default: Any, help: str, **bounds: float) -> Any:
+    """A field with its help text and the range of its values (``gt`` / ``ge`` / ``lt`` / ``le``: >, >=, <, <=),
+    which ``TrainConfig.validate`` checks for every numeric field, together with finiteness."""
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+_BOUNDS = {"gt": (">", float.__gt__), "ge": (">=", float.__ge__), "lt": ("<", float.__lt__), "le": ("<=", float.__le__)}
+
+
+def _base(hint: Any) -> Any:
+    """The type of a field, without ``| None``."""
+    args = typing.get_args(hint)
+    return next((a for a in args if a is not type(None)), hint) if args else hint
+
+
+def _check_number(name: str, value: Any, base: type, bounds: dict) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a finite ``base`` (int or float) within ``bounds``."""
+    kind = "an integer" if base is int else "a number"
+    limits = sorted(((_BOUNDS[k][0], float(v), _BOUNDS[k][1]) for k, v in bounds.items()), key=lambda b: b[0][0] != ">")
+    if len(limits) == 2:
+        (op_lo, lo, _), (op_hi, hi, _) = limits
+        expected = f"{kind} in {'(' if op_lo == '>' else '['}{lo:g}, {hi:g}{')' if op_hi == '<' else ']'}"
+    else:
+        expected = " ".join([kind] + [f"{op} {v:g}" for op, v, _ in limits])
+    if base is float:
+        expected += " (finite)"
+    typed = isinstance(value, int if base is int else (int, float)) and not isinstance(value, bool)
+    if not (typed and math.isfinite(value) and all(test(float(value), v) for _, v, test in limits)):
+        raise ValueError(f"config {name}: expected {expected}, got {value!r}")
 
 
 @dataclass
@@ -30,7 +58,7 @@ class ModelConfig:
     path: str | None = _f(
         None, "janus: local checkpoint directory (config.json, weights, tokenizer files); nothing is downloaded"
     )
-    cfg_scale: float = _f(5.0, "janus: classifier-free guidance scale of image generation")
+    cfg_scale: float = _f(5.0, "janus: classifier-free guidance scale of image generation", ge=0)
     cache_dir: str | None = _f(None, "where bootstrapped base models are cached (default ~/.cache/silmm_fast)")
     tiny: bool = _f(False, "use a tiny model and a short bootstrap (tests, smoke runs)")
     recipe: str = _f(
@@ -51,21 +79,25 @@ class SampleConfig:
         96,
         "prompts the model writes per category per iteration (discrete: about 60 of the 576 then yield a pair past "
         "the default margin; at 24, 9-17; continuous: at 24 even ground-truth feedback passes only about 30 pairs)",
+        ge=1,
     )
-    candidates: int = _f(8, "N: candidate images kept per prompt")
-    oversample: int = _f(16, "K: continuous mode samples per prompt before diverse selection (K >= N)")
-    top_p: float = _f(0.95, "nucleus sampling threshold for image tokens (discrete) and prompts")
-    temperature: float = _f(1.0, "sampling temperature for image tokens")
+    candidates: int = _f(8, "N: candidate images kept per prompt", ge=2)
+    oversample: int = _f(16, "K: continuous mode samples per prompt before diverse selection (K >= N)", ge=2)
+    top_p: float = _f(0.95, "nucleus sampling threshold for image tokens (discrete) and prompts", gt=0, le=1)
+    temperature: float = _f(1.0, "sampling temperature for image tokens", gt=0)
     dropdiv_layers: int = _f(
         0,
         "continuous mode: DropDiv acts on the MLPs of this many last decoder layers, 0 for all of them (the built-in "
         "model's 16 samples decode to 1.0-1.4 distinct scenes per prompt with its last 2 of 4 layers at p = 0.1, too "
         "few to compare; 5.7 with all 4 at p = 0.5)",
+        ge=0,
     )
     dropdiv_p: float = _f(
         0.3,
         "continuous mode: DropDiv dropout rate (also used to sample the held-out images with eval.decode dropdiv); "
         "a higher rate gives more varied candidates whose features lie further from the policy's own image",
+        ge=0,
+        lt=1,
     )
     select_method: str = _f("dpp", "continuous mode: diverse selection method, 'dpp' or 'fps'")
     deterministic_candidate: bool = _f(
@@ -79,31 +111,36 @@ class SampleConfig:
         32,
         "prompts per batched call (prompt writing, generation, questions, held-out eval); also the unit of work "
         "shared out among processes, so results do not depend on their number",
+        ge=1,
     )
-    judge_chunk: int = _f(256, "images per batched judge call, rounded down to whole prompts (at least one prompt)")
+    judge_chunk: int = _f(
+        256, "images per batched judge call, rounded down to whole prompts (at least one prompt)", ge=1
+    )
 
 
 @dataclass
 class PairConfig:
-    k: int = _f(1, "pairs per prompt: top-k winners x bottom-k losers (k <= N/2)")
-    min_margin: float = _f(0.1, "drop pairs whose score difference is below this")
+    k: int = _f(1, "pairs per prompt: top-k winners x bottom-k losers (k <= N/2)", ge=1)
+    min_margin: float = _f(0.1, "drop pairs whose score difference is below this", ge=0)
 
 
 @dataclass
 class OptimConfig:
-    beta: float = _f(0.1, "discrete DPO beta")
+    beta: float = _f(0.1, "discrete DPO beta", gt=0)
     loss_type: str = _f("sigmoid", "discrete DPO loss: sigmoid, ipo, hinge or robust")
     nll_weight: float | None = _f(
         None,
         "discrete: weight of the chosen image's negative log-likelihood per token added to DPO (0: plain DPO); none: "
         "1 in discrete mode (it keeps DPO from lowering the chosen images along with the rejected ones: at lr 5e-5, "
         "seed 0, +61 percent with it, +4 without), 0 in continuous mode, where it does not apply",
+        ge=0,
     )
     gamma: float = _f(
         10.0,
         "KC-DPO gamma: the margin's scale, so how far the features move before the sigmoid saturates (with the "
         "sqeuclidean kernel the margin is linear in the features and never stops pulling along winner minus loser; "
         "docs/continuous.md)",
+        gt=0,
     )
     kernel: str = _f(
         "rbf",
@@ -114,24 +151,27 @@ class OptimConfig:
     )
     pool: str = _f("none", "KC-DPO pooling over tokens: mean, max or none (mean and max lose the cell positions)")
     sigma: float = _f(
-        0.5, "KC-DPO rbf kernel width, near the built-in model's feature-row distances; other kernels ignore it"
+        0.5, "KC-DPO rbf kernel width, near the built-in model's feature-row distances; other kernels ignore it", gt=0
     )
     lr: float | None = _f(
         None,
         "AdamW learning rate; none: 5e-5 in both modes (discrete, reading recipe, NLL weight 1, seeds 0-2: 2e-5 gained "
         "50-54 percent, 5e-5 50-69 percent; continuous with ground-truth feedback at gamma 100: 5e-5 gained 20 "
         "percent on seeds 0 and 1)",
+        gt=0,
     )
-    epochs: int = _f(2, "passes over the iteration's pairs")
-    batch_size: int = _f(16, "pairs per optimizer step")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "gradient norm clip (0 disables)")
+    epochs: int = _f(2, "passes over the iteration's pairs", ge=1)
+    batch_size: int = _f(16, "pairs per optimizer step", ge=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    grad_clip: float = _f(1.0, "gradient norm clip (0 disables)", ge=0)
 
 
 @dataclass
 class EvalConfig:
-    heldout_per_category: int = _f(40, "held-out prompts per category (ground-truth evaluation, never trained on)")
-    samples: int = _f(4, "images sampled per held-out prompt (continuous mode: with eval.decode dropdiv only)")
+    heldout_per_category: int = _f(
+        40, "held-out prompts per category (ground-truth evaluation, never trained on)", ge=1
+    )
+    samples: int = _f(4, "images sampled per held-out prompt (continuous mode: with eval.decode dropdiv only)", ge=1)
     decode: str = _f(
         "deterministic",
         "continuous mode: how a held-out image is drawn. deterministic: the policy's dropout-free features, one image "
@@ -170,14 +210,14 @@ MODE_DEFAULTS = {
 class TrainConfig:
     out: str | None = _f(None, "run directory (default runs/<mode>-<feedback>-seed<seed>)")
     mode: str = _f("discrete", "discrete (image tokens + DPO) or continuous (features + DropDiv + KC-DPO)")
-    iterations: int = _f(3, "SILMM iterations; each trained policy becomes the next reference")
+    iterations: int = _f(3, "SILMM iterations; each trained policy becomes the next reference", ge=1)
     seed: int = _f(0, "run seed: every random stream derives from it, the iteration and the phase")
     feedback: str = _f(
         "self",
         "'self' (the model judges its own images), 'random' (control: random scores) or 'oracle' (control, built-in "
         "world only: the ground-truth evaluator scores the candidates, the feedback a perfect judge would give)",
     )
-    threads: int = _f(0, "torch CPU threads (0: leave torch's default)")
+    threads: int = _f(0, "torch CPU threads (0: leave torch's default)", ge=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     pairs: PairConfig = field(default_factory=PairConfig)
@@ -194,13 +234,15 @@ class TrainConfig:
         for (section, name), per_mode in MODE_DEFAULTS.items():
             if getattr(getattr(self, section), name) is None:
                 setattr(getattr(self, section), name, per_mode[self.mode])
-        if isinstance(self.optim.lr, bool) or not isinstance(self.optim.lr, (int, float)) or not self.optim.lr > 0:
-            bad("optim.lr", "a number > 0 (or none for the mode's default)", self.optim.lr)
+        # every numeric field: its type, finite, within the bounds declared beside its default
+        for dotted, f, hint in _dotted_fields():
+            if _base(hint) in (int, float):
+                section, _, leaf = dotted.rpartition(".")
+                value = getattr(getattr(self, section) if section else self, leaf)
+                bounds = {k: v for k, v in f.metadata.items() if k in _BOUNDS}
+                _check_number(dotted, value, _base(hint), bounds)
         if self.feedback not in FEEDBACKS:
             bad("feedback", "'self', 'random' or 'oracle'", self.feedback)
-        for name in ("iterations",):
-            if getattr(self, name) < 1:
-                bad(name, "an integer >= 1", getattr(self, name))
         if self.model.name not in ("shapes", "janus"):
             bad("model.name", "'shapes' (the built-in world's model) or 'janus'", self.model.name)
         if self.model.recipe not in RECIPES:
@@ -212,52 +254,21 @@ class TrainConfig:
                 bad("mode", "'discrete' with model.name 'janus' (Janus generates image tokens)", self.mode)
             if self.feedback == "oracle":
                 bad("feedback", "'self' or 'random' with model.name 'janus' (no ground truth for its images)", "oracle")
-            if not self.model.cfg_scale >= 0:
-                bad("model.cfg_scale", "a number >= 0", self.model.cfg_scale)
-        if self.threads < 0:
-            bad("threads", "an integer >= 0", self.threads)
         s, p, o, e = self.sample, self.pairs, self.optim, self.eval
-        if s.prompts_per_category < 1:
-            bad("sample.prompts_per_category", "an integer >= 1", s.prompts_per_category)
-        if s.candidates < 2:
-            bad("sample.candidates", "an integer >= 2 (a pair needs two candidates)", s.candidates)
         if s.oversample < s.candidates:
             bad("sample.oversample", f"an integer >= sample.candidates ({s.candidates})", s.oversample)
-        if not 0 < s.top_p <= 1:
-            bad("sample.top_p", "a number in (0, 1]", s.top_p)
-        if not s.temperature > 0:
-            bad("sample.temperature", "a positive number", s.temperature)
-        if not 0 <= s.dropdiv_p < 1:
-            bad("sample.dropdiv_p", "a number in [0, 1)", s.dropdiv_p)
-        if s.dropdiv_layers < 0:
-            bad("sample.dropdiv_layers", "an integer >= 0 (0: every layer)", s.dropdiv_layers)
         if s.select_method not in ("dpp", "fps"):
             bad("sample.select_method", "'dpp' or 'fps'", s.select_method)
-        for name in ("chunk", "judge_chunk"):
-            if getattr(s, name) < 1:
-                bad(f"sample.{name}", "an integer >= 1", getattr(s, name))
-        if p.k < 1 or 2 * p.k > s.candidates:
+        if 2 * p.k > s.candidates:
             bad("pairs.k", f"an integer in [1, sample.candidates/2 = {s.candidates // 2}]", p.k)
-        if p.min_margin < 0:
-            bad("pairs.min_margin", "a number >= 0", p.min_margin)
         if o.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
             bad("optim.loss_type", "sigmoid, ipo, hinge or robust", o.loss_type)
         if o.kernel not in ("cosine", "euclidean", "sqeuclidean", "rbf"):
             bad("optim.kernel", "cosine, euclidean, sqeuclidean or rbf", o.kernel)
         if o.pool not in ("mean", "max", "none"):
             bad("optim.pool", "mean, max or none", o.pool)
-        for name in ("beta", "gamma", "lr", "sigma"):
-            if not getattr(o, name) > 0:
-                bad(f"optim.{name}", "a positive number", getattr(o, name))
-        if isinstance(o.nll_weight, bool) or not isinstance(o.nll_weight, (int, float)) or not o.nll_weight >= 0:
-            bad("optim.nll_weight", "a number >= 0 (or none for the mode's default)", o.nll_weight)
         if self.mode == "continuous" and o.nll_weight:
             bad("optim.nll_weight", "0 in continuous mode (KC-DPO has no chosen-image likelihood)", o.nll_weight)
-        for name in ("epochs", "batch_size"):
-            if getattr(o, name) < 1:
-                bad(f"optim.{name}", "an integer >= 1", getattr(o, name))
-        if e.heldout_per_category < 1 or e.samples < 1:
-            bad("eval", "heldout_per_category >= 1 and samples >= 1", (e.heldout_per_category, e.samples))
         if e.decode not in EVAL_DECODES:
             bad("eval.decode", "'deterministic' or 'dropdiv'", e.decode)
         if self.dist.strategy not in ("ddp", "fsdp2"):
@@ -303,9 +314,8 @@ def from_dict(data: dict, cls: type = TrainConfig, prefix: str = "") -> Any:
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    optional = type(None) in typing.get_args(hint)
+    base = _base(hint)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -318,6 +328,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 return True
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
+            raise ValueError
+        if base in (int, float) and isinstance(value, bool):  # YAML's yes / no are not numbers
             raise ValueError
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
