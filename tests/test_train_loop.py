@@ -230,3 +230,49 @@ def test_plain_recipe_base_model_runs_the_loop(tmp_path):
     assert not isinstance(model.lm.model.embed_tokens, ImageEmbedding)
     assert not isinstance(model.lm.lm_head, FactoredImageHead)
     assert [it["iteration"] for it in summary["iterations"]] == [0, 1]
+
+
+def test_diverging_training_stops_before_saving_and_corrected_settings_resume(tmp_path, model_cache):
+    run_dir = tmp_path / "diverged"
+    # lr 1e30: the first update sends the weights so far that the second step's loss is NaN
+    with pytest.raises(
+        FloatingPointError, match=r"iteration 1, train step 1 \(epoch 0\): the loss is nan; .*lr = 1e\+30"
+    ):
+        Run(tiny_config(run_dir, cache=model_cache, optim={"lr": 1e30})).run()
+    done = store.read_json(run_dir / "state.json")["done"]
+    assert done[-1] == "iter1/pairs" and "iter1/train" not in done
+    assert not (run_dir / "iter1" / "metrics.jsonl").exists() and not (run_dir / "iter1" / "checkpoint").exists()
+    # the optimizer settings were used by no completed step: the corrected command resumes at the train step
+    summary = Run(tiny_config(run_dir, cache=model_cache)).run()
+    assert [it["iteration"] for it in summary["iterations"]] == [0, 1]
+    assert store.read_json(run_dir / "config.json")["optim"]["lr"] == pytest.approx(5e-5)
+    metrics = store.read_jsonl(run_dir / "iter1" / "metrics.jsonl")
+    assert metrics and all(m["loss"] == m["loss"] for m in metrics)  # finite, not NaN
+    # once a train step is done, the optimizer settings are part of the run: another lr is refused, by field
+    with pytest.raises(ValueError, match=r"another configuration \(optim\.lr: 5e-05 there, 0\.001 now\)"):
+        Run(tiny_config(run_dir, cache=model_cache, optim={"lr": 1e-3})).run()
+
+
+def test_non_finite_gradient_stops_the_step(tmp_path, model_cache, monkeypatch):
+    # a NaN gradient with a finite loss (injected after backward): named as the gradient norm, before the update
+    original = torch.nn.utils.clip_grad_norm_
+
+    def poisoned(params, max_norm):
+        params = list(params)
+        params[0].grad.view(-1)[0] = float("nan")
+        return original(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    with pytest.raises(FloatingPointError, match=r"iteration 1, train step 0 \(epoch 0\): the gradient norm is nan"):
+        Run(tiny_config(tmp_path / "run", cache=model_cache)).run()
+    assert "iter1/train" not in store.read_json(tmp_path / "run" / "state.json")["done"]
+
+
+def test_failed_start_does_not_block_the_corrected_command(tmp_path, model_cache):
+    run_dir = tmp_path / "run"
+    with pytest.raises(FileNotFoundError):
+        Run(
+            tiny_config(run_dir, cache=model_cache, model={"name": "janus", "path": str(tmp_path / "nonexistent")})
+        ).run()
+    summary = Run(tiny_config(run_dir, cache=model_cache)).run()  # nothing was computed: the new settings apply
+    assert summary["model"] == "shapes" and store.read_json(run_dir / "config.json")["model"]["name"] == "shapes"

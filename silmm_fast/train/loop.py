@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,19 @@ def seeded(seed: int, *parts: object) -> torch.Generator:
 def uniforms(shape: tuple[int, ...], seed: int, *parts: object) -> torch.Tensor:
     """float32 uniforms in [0, 1) of one stream (a prompt's noise for its token draws)."""
     return torch.rand(shape, generator=seeded(seed, *parts))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (FSDP2's gradient norm), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def log(msg: str) -> None:
@@ -142,20 +156,32 @@ class Run:
             )
 
     def check_config(self) -> None:
-        """A resumed run must use the configuration it started with (the run identity: ``dist`` may change)."""
+        """A resumed run must use the configuration it started with (the run identity: ``dist`` may change), except
+        where no completed step used what changed: anything before the first step is done (a start that failed, say
+        on a wrong model path), and the optimizer settings before any train step is done (a run whose training
+        diverged). Then the new configuration replaces the saved one."""
         path = self.dir / "config.json"
         current = self.cfg.run_identity()
         error = None
         if self.main:
-            if path.exists():
-                saved = store.read_json(path)
-                if saved != current:
-                    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            saved = store.read_json(path) if path.exists() else None
+            if saved is not None and saved != current:
+                old, new = _flatten(saved), _flatten(current)
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                done = self.state.done
+                unused = not done or (
+                    all(k.startswith("optim.") for k in diff) and not any(s.endswith("/train") for s in done)
+                )
+                if unused:
+                    self.log(f"note: no completed step of {self.dir} used {', '.join(diff)}; the new settings apply")
+                    saved = None
+                else:
+                    changes = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
                     error = (
-                        f"out: {self.dir} holds a run with another configuration (differs in {diff}); "
+                        f"out: {self.dir} holds a run with another configuration ({changes}); "
                         "use another --out, or the same settings to resume it"
                     )
-            else:
+            if saved is None:
                 store.write_json(path, current)
                 import yaml
 
@@ -660,11 +686,18 @@ class Run:
                 opt.zero_grad(set_to_none=True)
                 (out.losses.sum() * weight).backward()
                 if o.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                opt.step()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm(
+                        [p.grad for p in model.parameters() if p.grad is not None]
+                    )
                 margin = (out.chosen_rewards - out.rejected_rewards).float()
                 sums = torch.stack([out.losses.detach().float().sum(), margin.sum(), (margin > 0).float().sum()])
                 sums = self.dist.all_reduce_sum(sums * live).cpu() / len(batch)
+                # the same values on every rank (reduced above; gradients are averaged), so all ranks stop together
+                self.check_finite(it, len(history), epoch, "loss", float(sums[0]))
+                self.check_finite(it, len(history), epoch, "gradient norm", float(_full(grad_norm)))
+                opt.step()
                 history.append(
                     {
                         "epoch": epoch,
@@ -677,9 +710,35 @@ class Run:
                 bar.update(1)
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         bar.close()
+        # finite losses and gradients leave finite weights unless an update overflows: checked once, before anything
+        # is saved from them (on every rank's shard, summed, so that all ranks stop together)
+        shards = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+        bad = torch.stack([(~torch.isfinite(p.detach())).sum() for p in shards]).sum().float().reshape(1)
+        n_bad = int(self.dist.all_reduce_sum(bad).item())
+        if n_bad:
+            raise FloatingPointError(
+                f"iteration {it}, after train step {len(history) - 1}: {n_bad} weights are not finite; "
+                + self.diverged_advice()
+            )
         policy.eval()
         weights = model.full_state_dict() if model.strategy == "fsdp2" else None
         return history, weights
+
+    def check_finite(self, it: int, step: int, epoch: int, what: str, value: float) -> None:
+        """Stop the run (FloatingPointError) when a training step's ``what`` is not finite."""
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"iteration {it}, train step {step} (epoch {epoch}): the {what} is {value}; " + self.diverged_advice()
+            )
+
+    def diverged_advice(self) -> str:
+        o = self.cfg.optim
+        scale = f"optim.beta = {o.beta:g}" if self.cfg.mode == "discrete" else f"optim.gamma = {o.gamma:g}"
+        return (
+            "training stopped before saving anything from it, and the train step is not marked done. Rerun with "
+            f"other optimizer settings (optim.lr = {o.lr:g}, {scale}, optim.grad_clip = {o.grad_clip:g}): the run "
+            "resumes from this step"
+        )
 
     # --- the whole run ---------------------------------------------------------------------------------------------
     def iteration_extra(self, it: int) -> dict:
