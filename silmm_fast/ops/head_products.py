@@ -118,5 +118,7 @@ def write_dz(epilogue, z, y, m, r, c, out) -> torch.Tensor:
 def recompute_dz(epilogue, z, y, m, r, c, out) -> torch.Tensor:
     """``write_dz`` for a block whose logits were just recomputed into ``z`` (raw z, not yet exp(z − m))."""
     if epilogue == "torch":
-        z.sub_(m.unsqueeze(1)).exp_()
+        if bool((m != 0).any()):  # rows the forward took unshifted (row_stats) have m = 0: nothing to subtract
+            z.sub_(m.unsqueeze(1))
+        z.exp_()
     return write_dz(epilogue, z, y, m, r, c, out)
