@@ -276,3 +276,12 @@ def test_failed_start_does_not_block_the_corrected_command(tmp_path, model_cache
         ).run()
     summary = Run(tiny_config(run_dir, cache=model_cache)).run()  # nothing was computed: the new settings apply
     assert summary["model"] == "shapes" and store.read_json(run_dir / "config.json")["model"]["name"] == "shapes"
+
+
+def test_truncated_checkpoint_is_named_on_resume(tmp_path, model_cache):
+    run_dir = tmp_path / "run"
+    Run(tiny_config(run_dir, cache=model_cache)).run()
+    weights = run_dir / "iter1" / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"^{run_dir / 'iter1' / 'checkpoint'}: cannot load the checkpoint"):
+        Run(tiny_config(run_dir, cache=model_cache)).run()

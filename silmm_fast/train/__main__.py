@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # bad settings, or a model directory without its files
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # training diverged: nothing of the step was saved, other settings resume it
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the file system refused a read or write (disk full, permissions of the model cache)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if not main_rank:
         return 0
     gain = summary["relative_gain"]["all_constraints"]

@@ -352,7 +352,10 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> Train
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config: file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"config: {path} is not a valid YAML file: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config: {path} must hold a mapping at top level")
     data = _merge(data, overrides or {})

@@ -31,12 +31,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from silmm_fast.adapters import JanusAdapter, ModelAdapter, ShapesAdapter, check_adapter
@@ -155,6 +158,22 @@ class Run:
                 f"{world} processes; some will idle (a smaller sample.chunk spreads the work)"
             )
 
+    def prepare_dir(self) -> None:
+        """Create the run directory (rank 0), or refuse by name an ``--out`` that cannot hold one: a file, or a
+        directory this process cannot write."""
+        error = None
+        if self.main:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                fd, probe = tempfile.mkstemp(dir=self.dir, prefix=".write-check.", suffix=".tmp")
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as err:
+                error = f"out: expected a writable directory, got {str(self.dir)!r} ({err.strerror or err})"
+        error = self.dist.broadcast(error)
+        if error:
+            raise ValueError(error)
+
     def check_config(self) -> None:
         """A resumed run must use the configuration it started with (the run identity: ``dist`` may change), except
         where no completed step used what changed: anything before the first step is done (a start that failed, say
@@ -270,7 +289,14 @@ class Run:
         if it == 0:
             return self.base_model()
         path = self.iter_dir(it) / "checkpoint"
-        return self.shared_model(lambda: self.load_janus(path) if self.janus else ShapesAdapter.load(path))
+
+        def load() -> ModelAdapter:
+            try:
+                return self.load_janus(path) if self.janus else ShapesAdapter.load(path)
+            except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+                raise ValueError(f"{path}: cannot load the checkpoint ({err}); the run directory is damaged") from None
+
+        return self.shared_model(load)
 
     def dropdiv(self, model: ModelAdapter, row_seeds: list[int]):
         """DropDiv as configured (``sample.dropdiv_layers``, 0 for all; ``sample.dropdiv_p``), one seed per row."""
@@ -809,8 +835,7 @@ class Run:
 
     def run(self) -> dict:
         """Run (or resume) the loop; every rank returns the final summary."""
-        if self.main:
-            self.dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_dir()
         self.check_setup()
         self.check_config()
         start = max([0] + [i for i in range(1, self.cfg.iterations + 1) if self.state.is_done(f"iter{i}/eval")])
