@@ -174,3 +174,6 @@ def test_help_lists_every_field(capsys):
     text = capsys.readouterr().out
     for dotted, _, _ in config._dotted_fields():
         assert f"--{dotted}" in text
+    flat = " ".join(text.split())
+    assert "discrete DPO beta (default: 0.1; a number > 0 (finite))" in flat  # the range the validation checks
+    assert "(default: 3; an integer >= 1)" in flat

@@ -32,20 +32,24 @@ def _base(hint: Any) -> Any:
     return next((a for a in args if a is not type(None)), hint) if args else hint
 
 
+def _expected(base: type, bounds: dict) -> str:
+    """What a numeric field accepts, in words: "an integer >= 1", "a number in (0, 1] (finite)"."""
+    kind = "an integer" if base is int else "a number"
+    limits = sorted(((_BOUNDS[k][0], float(v)) for k, v in bounds.items()), key=lambda b: b[0][0] != ">")
+    if len(limits) == 2:
+        (op_lo, lo), (op_hi, hi) = limits
+        text = f"{kind} in {'(' if op_lo == '>' else '['}{lo:g}, {hi:g}{')' if op_hi == '<' else ']'}"
+    else:
+        text = " ".join([kind] + [f"{op} {v:g}" for op, v in limits])
+    return text + (" (finite)" if base is float else "")
+
+
 def _check_number(name: str, value: Any, base: type, bounds: dict) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is a finite ``base`` (int or float) within ``bounds``."""
-    kind = "an integer" if base is int else "a number"
-    limits = sorted(((_BOUNDS[k][0], float(v), _BOUNDS[k][1]) for k, v in bounds.items()), key=lambda b: b[0][0] != ">")
-    if len(limits) == 2:
-        (op_lo, lo, _), (op_hi, hi, _) = limits
-        expected = f"{kind} in {'(' if op_lo == '>' else '['}{lo:g}, {hi:g}{')' if op_hi == '<' else ']'}"
-    else:
-        expected = " ".join([kind] + [f"{op} {v:g}" for op, v, _ in limits])
-    if base is float:
-        expected += " (finite)"
     typed = isinstance(value, int if base is int else (int, float)) and not isinstance(value, bool)
-    if not (typed and math.isfinite(value) and all(test(float(value), v) for _, v, test in limits)):
-        raise ValueError(f"config {name}: expected {expected}, got {value!r}")
+    within = typed and math.isfinite(value) and all(_BOUNDS[k][1](float(value), float(v)) for k, v in bounds.items())
+    if not within:
+        raise ValueError(f"config {name}: expected {_expected(base, bounds)}, got {value!r}")
 
 
 @dataclass
@@ -384,13 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     # short spellings of the model choice: --model janus --model-path DIR
     for flag, dest, metavar in (("--model", "model.name", "NAME"), ("--model-path", "model.path", "DIR")):
         parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=metavar, help=f"= --{dest}")
-    for dotted, f, _hint in _dotted_fields():
+    for dotted, f, hint in _dotted_fields():
+        bounds = {k: v for k, v in f.metadata.items() if k in _BOUNDS}
+        accepts = f"; {_expected(_base(hint), bounds)}" if bounds else ""
         parser.add_argument(
             f"--{dotted}",
             dest=dotted,
             default=argparse.SUPPRESS,
             metavar="V",
-            help=f"{f.metadata['help']} (default: {f.default!r})",
+            help=f"{f.metadata['help']} (default: {f.default!r}{accepts})",
         )
     return parser
 
