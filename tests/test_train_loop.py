@@ -285,3 +285,18 @@ def test_truncated_checkpoint_is_named_on_resume(tmp_path, model_cache):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=rf"^{run_dir / 'iter1' / 'checkpoint'}: cannot load the checkpoint"):
         Run(tiny_config(run_dir, cache=model_cache)).run()
+
+
+def test_resume_from_a_copy_under_another_spelling_and_thread_count(tmp_path, model_cache, straight_run, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(straight_run, copy)
+    # a config.json written with the runtime fields (as before they left the identity) still matches
+    saved = store.read_json(copy / "config.json")
+    store.write_json(copy / "config.json", {"out": str(straight_run), "threads": 0, **saved})
+    done = store.read_json(copy / "state.json")["done"]
+    monkeypatch.chdir(tmp_path)
+    summary = Run(tiny_config("copy/", cache=model_cache, threads=1)).run()
+    assert store.read_json(copy / "state.json")["done"] == done  # nothing recomputed
+    assert summary == store.read_json(straight_run / "summary.json")

@@ -198,6 +198,9 @@ class DistConfig:
 # How a run is executed, not what it computes: left out of the run directory's config, so a run may resume under
 # another number of processes or another strategy.
 EXECUTION_SECTIONS = ("dist",)
+# Where a run lives and how fast it runs, not what it computes: left out of the run's identity too, so a run resumes
+# from a copied or moved directory, under another spelling of its path, or with another number of threads.
+RUNTIME_FIELDS = ("out", "threads", "model.cache_dir")
 
 
 FEEDBACKS = ("self", "random", "oracle")
@@ -288,9 +291,22 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def run_identity(self) -> dict:
-        """What the run computes: ``to_dict()`` without the execution sections (``dist``). Saved in the run
-        directory; a resumed run must match it, whatever its number of processes."""
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_SECTIONS}
+        """What the run computes: ``to_dict()`` without the execution sections (``dist``) and the runtime fields
+        (``out``, ``threads``, ``model.cache_dir``), with ``model.path`` resolved. Saved in the run directory; a
+        resumed run must match it, whatever its number of processes, location or path spelling."""
+        return identity(self.to_dict())
+
+
+def identity(data: dict) -> dict:
+    """``data`` (a ``to_dict()``, or a run directory's saved config) as ``TrainConfig.run_identity`` describes."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items() if k not in EXECUTION_SECTIONS}
+    for dotted in RUNTIME_FIELDS:
+        section, _, name = dotted.rpartition(".")
+        (out.get(section, {}) if section else out).pop(name, None)
+    model = out.get("model", {})
+    if model.get("path"):
+        model["path"] = str(Path(model["path"]).expanduser().resolve())
+    return out
 
 
 # --- dict / YAML / command line ----------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from silmm_fast.losses.kc_dpo import KCDPOLoss
 from silmm_fast.models.bootstrap import bootstrap, recipe
 from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
 from silmm_fast.train import distributed, report, store
-from silmm_fast.train.config import TrainConfig
+from silmm_fast.train.config import TrainConfig, identity
 from silmm_fast.train.pairs import aggregate_scores, make_pairs
 from silmm_fast.world import (
     CATEGORIES,
@@ -183,7 +183,8 @@ class Run:
         current = self.cfg.run_identity()
         error = None
         if self.main:
-            saved = store.read_json(path) if path.exists() else None
+            # a config written before the runtime fields were left out of the identity compares without them
+            saved = identity(store.read_json(path)) if path.exists() else None
             if saved is not None and saved != current:
                 old, new = _flatten(saved), _flatten(current)
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
