@@ -103,3 +103,21 @@ def test_unwritable_out_is_a_usage_error_even_for_root(tmp_path, capsys, monkeyp
     out = tmp_path / "ro"
     code, err = run_main(["--model.tiny", "true", "--out", str(out)], capsys)
     assert code == 2 and err == f"error: out: expected a writable directory, got {str(out)!r} (Permission denied)\n"
+
+
+def test_run_files_get_the_umask_mode_and_orphan_temporaries_are_removed(tmp_path):
+    from silmm_fast.train.config import from_dict
+    from silmm_fast.train.loop import Run
+
+    store.write_json(tmp_path / "a.json", {"x": 1})
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    run_dir = tmp_path / "run"
+    (run_dir / "iter1").mkdir(parents=True)
+    orphan = run_dir / "iter1" / ".scores.jsonl.k2j3h4.tmp"  # left by a write interrupted by a crash
+    orphan.write_text("half")
+    keep = run_dir / "iter1" / "notes.tmp"  # not one of ours: no leading dot
+    keep.write_text("mine")
+    Run(from_dict({"out": str(run_dir)}).validate()).prepare_dir()
+    assert not orphan.exists() and keep.exists()

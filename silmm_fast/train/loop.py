@@ -165,9 +165,12 @@ class Run:
         if self.main:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                fd, probe = tempfile.mkstemp(dir=self.dir, prefix=".write-check.", suffix=".tmp")
+                fd, probe = tempfile.mkstemp(dir=self.dir, prefix=".write-check.", suffix=store.TMP_SUFFIX)
                 os.close(fd)
                 os.unlink(probe)
+                orphans = store.remove_orphans(self.dir)
+                if orphans:
+                    self.log(f"removed {len(orphans)} temporary files that an interrupted run left in {self.dir}")
             except OSError as err:
                 error = f"out: expected a writable directory, got {str(self.dir)!r} ({err.strerror or err})"
         error = self.dist.broadcast(error)

@@ -18,11 +18,21 @@ from typing import Any
 
 import torch
 
+TMP_SUFFIX = ".tmp"
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (mkstemp's files are 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, _file_mode())  # the run's files readable like the folders around them
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -85,6 +95,15 @@ def write_png(path: Path, image: Any) -> None:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     _atomic_bytes(Path(path), buf.getvalue())
+
+
+def remove_orphans(run_dir: Path) -> list[Path]:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that writes interrupted by a crash left under
+    ``run_dir``; returns them. Call only while no other process writes the run directory."""
+    orphans = [p for p in Path(run_dir).rglob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in orphans:
+        p.unlink(missing_ok=True)
+    return orphans
 
 
 class RunState:
