@@ -278,10 +278,18 @@ def test_failed_start_does_not_block_the_corrected_command(tmp_path, model_cache
     assert summary["model"] == "shapes" and store.read_json(run_dir / "config.json")["model"]["name"] == "shapes"
 
 
-def test_truncated_checkpoint_is_named_on_resume(tmp_path, model_cache):
+def test_truncated_checkpoint_is_redone_or_named_on_resume(tmp_path, model_cache, straight_run):
+    import shutil
+
     run_dir = tmp_path / "run"
-    Run(tiny_config(run_dir, cache=model_cache)).run()
+    shutil.copytree(straight_run, run_dir)
     weights = run_dir / "iter1" / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    Run(tiny_config(run_dir, cache=model_cache)).run()  # its checksum no longer matches: the train step is redone
+    assert_same(comparable(run_dir), comparable(straight_run))
+    # a run directory without checksums (written before they were recorded): the damaged file is named
+    state = store.read_json(run_dir / "state.json")
+    store.write_json(run_dir / "state.json", {"done": state["done"]})
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=rf"^{run_dir / 'iter1' / 'checkpoint'}: cannot load the checkpoint"):
         Run(tiny_config(run_dir, cache=model_cache)).run()
@@ -300,3 +308,33 @@ def test_resume_from_a_copy_under_another_spelling_and_thread_count(tmp_path, mo
     summary = Run(tiny_config("copy/", cache=model_cache, threads=1)).run()
     assert store.read_json(copy / "state.json")["done"] == done  # nothing recomputed
     assert summary == store.read_json(straight_run / "summary.json")
+
+
+def test_resume_redoes_a_step_whose_file_was_cut_short(tmp_path, model_cache, straight_run):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(straight_run, copy)
+    scores = copy / "iter1" / "scores.jsonl"
+    scores.write_text(scores.read_text().splitlines(keepends=True)[0])  # cut at a line boundary: still valid JSON
+    files = store.read_json(copy / "state.json")["files"]
+    assert "iter1/scores.jsonl" in files["iter1/judge"] and "iter1/checkpoint" in files["iter1/train"]
+    Run(tiny_config(copy, cache=model_cache)).run()
+    # the judge step and every step after it ran again, and gave the uninterrupted run's results
+    assert_same(comparable(copy), comparable(straight_run))
+
+
+def test_settings_survive_a_deleted_config_json(tmp_path, model_cache, straight_run):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(straight_run, copy)
+    (copy / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"another configuration \(optim\.lr: 5e-05 there, 0\.001 now\)"):
+        Run(tiny_config(copy, cache=model_cache, optim={"lr": 1e-3})).run()
+    Run(tiny_config(copy, cache=model_cache)).run()  # the same settings resume, and config.json is restored
+    assert store.read_json(copy / "config.json") == tiny_config(copy, cache=model_cache).run_identity()
+    (copy / "config.json").unlink()
+    (copy / "config.yaml").unlink()
+    with pytest.raises(ValueError, match="no config.json and no readable config.yaml"):
+        Run(tiny_config(copy, cache=model_cache)).run()

@@ -188,7 +188,23 @@ class Run:
         if self.main:
             # a config written before the runtime fields were left out of the identity compares without them
             saved = identity(store.read_json(path)) if path.exists() else None
-            if saved is not None and saved != current:
+            restore = saved is None and bool(self.state.done)
+            if restore:  # the run's settings must not be lost with config.json: its copy in config.yaml stands in
+                import yaml
+
+                copy = self.dir / "config.yaml"
+                try:
+                    data = yaml.safe_load(copy.read_text()) if copy.is_file() else None
+                except (yaml.YAMLError, UnicodeDecodeError):
+                    data = None
+                if isinstance(data, dict):
+                    saved = identity(data)
+                else:
+                    error = (
+                        f"out: {self.dir} holds completed steps but no config.json and no readable config.yaml: its "
+                        "settings are unknown; restore one of them, or use another --out"
+                    )
+            if error is None and saved is not None and saved != current:
                 old, new = _flatten(saved), _flatten(current)
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 done = self.state.done
@@ -204,7 +220,7 @@ class Run:
                         f"out: {self.dir} holds a run with another configuration ({changes}); "
                         "use another --out, or the same settings to resume it"
                     )
-            if saved is None:
+            if error is None and (saved is None or restore):
                 store.write_json(path, current)
                 import yaml
 
@@ -212,6 +228,24 @@ class Run:
         error = self.dist.broadcast(error)
         if error:
             raise ValueError(error)
+
+    def check_files(self) -> None:
+        """Each done step's files must be the ones it wrote (checksums in ``state.json``): the first step with a
+        missing or changed file is redone, with every step done after it (the run is deterministic, so they give the
+        same results as before)."""
+        if self.main:
+            damaged = self.state.damaged()
+            if damaged:
+                step, name = damaged
+                later = self.state.done[self.state.done.index(step) + 1 :]
+                self.log(
+                    f"{self.dir / name} is missing or changed since step {step} wrote it: redoing {step}"
+                    + (f" and the {len(later)} steps done after it" if later else "")
+                )
+                self.state.undo_from(step)
+        done = self.dist.broadcast(self.state.done if self.main else None)
+        if not self.main:
+            self.state.done = list(done)
 
     def iter_dir(self, it: int) -> Path:
         return self.dir / f"iter{it}"
@@ -406,9 +440,11 @@ class Run:
         if not self.state.is_done(step):
             t0 = time.perf_counter()
             result = self.evaluate(model, it)
-            if self.main:
-                store.write_json(self.iter_dir(it) / "eval.json", result)
+            with store.recording() as written:
+                if self.main:
+                    store.write_json(self.iter_dir(it) / "eval.json", result)
             self.timed(it, "eval", time.perf_counter() - t0)
+            self.state.record(step, written)
             self.state.mark(step)
             self.dist.barrier()
 
@@ -430,8 +466,10 @@ class Run:
         if self.state.is_done(key):
             return
         t0 = time.perf_counter()
-        fn()
+        with store.recording() as written:
+            fn()
         self.timed(it, phase, time.perf_counter() - t0)
+        self.state.record(key, written)
         self.state.mark(key)
         self.dist.barrier()
 
@@ -476,6 +514,7 @@ class Run:
                     full = self.skeleton(None if self.janus else policy.model.config.to_dict())
                     full.load_state_dict(weights)
                     full.save(d / "checkpoint")
+                store.note(d / "checkpoint")
 
         self.step(it, "train", train)
         return self.model_after(it)
@@ -842,6 +881,7 @@ class Run:
         self.prepare_dir()
         self.check_setup()
         self.check_config()
+        self.check_files()
         start = max([0] + [i for i in range(1, self.cfg.iterations + 1) if self.state.is_done(f"iter{i}/eval")])
         if start:
             self.log(f"resuming {self.dir}: iterations 1..{start} are complete")
