@@ -23,6 +23,7 @@ image-token completions reach the trainer (their ids index the image codebook, n
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import inspect
 import warnings
@@ -61,7 +62,7 @@ _LOGIT_TRANSFORMS = (
 STATS_SLAB_BYTES = 128 * 2**20
 
 
-class FusedHead:
+class FusedHead(abc.ABC):
     """How ``FusedDPOTrainer`` reaches a model's generation head.
 
     A head says which ``nn.Linear`` is the last layer of the generation head (``linear``), and computes the
@@ -73,15 +74,18 @@ class FusedHead:
     name = "head"
 
     def check(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` naming what is unsupported about ``model``."""
+        """Raise ``ValueError`` naming what is unsupported about ``model``; the default serves every model."""
+        return None
 
+    @abc.abstractmethod
     def linear(self, model: nn.Module) -> nn.Linear:
-        raise NotImplementedError
+        """The last ``nn.Linear`` of ``model``'s generation head (its weight and bias are fused)."""
 
+    @abc.abstractmethod
     def hidden_states(
         self, model: nn.Module, unwrapped: nn.Module, model_kwargs: dict[str, Any], completion_mask: torch.Tensor
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """[B, T, H] activations entering ``linear`` at every position of the batch."""
 
 
 def _no_logits(device: torch.device) -> torch.Tensor:

@@ -323,7 +323,7 @@ def sequence_logps(
     ``fused_linear_dpo``'s forward with the same ``chunk_bytes`` (reference log-probs: a policy equal to its
     reference gets a margin of exactly 0). Equivalent to ``fused_linear_logprobs(...).detach()``."""
     if hidden.is_meta:
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = hp.acc_dtype(hidden.dtype)
         return hidden.new_empty((hidden.shape[0],), dtype=acc)
     backend = _backend.choose("fused_linear_dpo", hidden.device)
     keep = labels != ignore_index
@@ -370,7 +370,7 @@ def fused_linear_dpo(
     B2, T, H = hidden.shape
     B = B2 // 2
     if hidden.is_meta:  # shapes and dtypes only
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = hp.acc_dtype(hidden.dtype)
         return FusedDPOResult(*(hidden.new_empty(shape, dtype=acc) for shape in ((), (B,), (B,), (B,))))
     cfg = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
                nll_weight=nll_weight)  # fmt: skip

@@ -390,7 +390,7 @@ def fused_linear_logprobs(
         raise ValueError(f"keep_logits: expected a bool, got {keep_logits!r}")
     B, T, H = hidden.shape
     if not has_data(hidden):  # meta tensors: the output's shape and dtype only
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = hp.acc_dtype(hidden.dtype)
         return hidden.new_empty((B, T) if reduction == "none" else (B,), dtype=acc)
     backend = _backend.choose("fused_linear_logprobs", hidden.device)
     if backend == "reference":

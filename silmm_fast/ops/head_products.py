@@ -52,9 +52,14 @@ def fp32_out_mm(device: torch.device) -> bool:
     return _fp32_out_kind(device) is not None
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The fused heads' accumulation and output dtype for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def dtypes(dtype: torch.dtype, device: torch.device, epilogue: str) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
     """(operand dtype of the products, slab dtype, accumulation dtype) for inputs of ``dtype``."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     if dtype in (torch.float16, torch.bfloat16) and epilogue == "triton" and device.type == "cuda":
         return dtype, acc if fp32_out_mm(device) else dtype, acc
     return acc, acc, acc  # CPU products and the interpreter run in fp32 (its half-precision products are wrong)
