@@ -72,7 +72,7 @@ class BootstrapConfig:
     # held-out multi-object all-constraints of DropDiv samples: 0.101 at 0, 0.333 at 0.02 (the recipe's rate), 0.323
     # at 0.05, 0.372 at 0.1, 0.378 at 0.5. The loop (KC-DPO, default settings) improved the 0.02 base model by +15.0
     # / +14.2 % (seeds 0 / 1; random feedback -27.6 %) and barely moved those trained at higher rates (+5.7 % at
-    # 0.05, +2.7 % at 0.1, -17 % at 0.5): their samples vary less, so fewer pairs pass the margin (README).
+    # 0.05, +2.7 % at 0.1, -17 % at 0.5): their samples vary less, so fewer pairs pass the margin (docs/results.md).
     feature_dropout: float = 0.0
     gen_noise: float = 0.3
     distractor_prob: float = 0.2
@@ -99,7 +99,7 @@ class BootstrapConfig:
     # and keeps the atomic head). Every held-out prompt names an attribute pair no training prompt does, so with
     # one row per token the tokens it needs are never a generation target; factored, measured with the reading
     # recipe: held-out generation all-constraints 0.251 instead of 0.160 (the loop's evaluation), and the loop
-    # turns its judge into gains (README).
+    # turns its judge into gains (docs/results.md).
     image_head: str = "atomic"
     # How many preceding tokens each token of a question takes in through the input embedding (models.word_shift).
     # Without it the model checks each word of a question on its own and answers "is there a red circle?" with yes
