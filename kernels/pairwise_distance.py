@@ -228,6 +228,23 @@ def _pd_stats_kernel(
 
 
 @triton.jit
+def _pair_tile(pid_b, M, N, LP, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (M, N) tile of batch entry ``pid_b``: row and column offsets, their masks, and the offsets of
+    its statistics in the contiguous [B, M, N, LP] / [B, M, LP] / [B, N, LP] buffers."""
+    pid_mn = tl.program_id(1)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    offs_m = ((pid_mn // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = ((pid_mn % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    g_off = ((pid_b * M + offs_m[:, None]) * N + offs_n[None, :]) * LP
+    na_off = (pid_b * M + offs_m) * LP
+    nc_off = (pid_b * N + offs_n) * LP
+    return offs_m, offs_n, mask_m, mask_n, mask_mn, g_off, na_off, nc_off
+
+
+@triton.jit
 def _pd_epilogue_kernel(
     gp_ptr,
     nap_ptr,
@@ -250,17 +267,8 @@ def _pd_epilogue_kernel(
     # sums S split-D partial statistics (contiguous [S, B, M, N, LP], [S, B, M, LP], [S, B, N, LP]) in order
     pid_b = tl.program_id(0).to(tl.int64)
     inv_two_sigma2 = tl.load(inv_ptr)
-    pid_mn = tl.program_id(1)
     B = tl.num_programs(0)
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    offs_m = ((pid_mn // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = ((pid_mn % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    g_off = ((pid_b * M + offs_m[:, None]) * N + offs_n[None, :]) * LP
-    na_off = (pid_b * M + offs_m) * LP
-    nc_off = (pid_b * N + offs_n) * LP
+    offs_m, offs_n, mask_m, mask_n, mask_mn, g_off, na_off, nc_off = _pair_tile(pid_b, M, N, LP, BLOCK_M, BLOCK_N)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for l in range(0, LP):
         g = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -313,16 +321,7 @@ def _pd_exact_kernel(
     # expansion cancels (sq < RATIO·(‖a‖² + ‖c‖²)); writes it ([B, M, N, LP], for backward) and the distance.
     pid_b = tl.program_id(0).to(tl.int64)
     inv_two_sigma2 = tl.load(inv_ptr)
-    pid_mn = tl.program_id(1)
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    offs_m = ((pid_mn // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = ((pid_mn % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    g_off = ((pid_b * M + offs_m[:, None]) * N + offs_n[None, :]) * LP
-    na_off = (pid_b * M + offs_m) * LP
-    nc_off = (pid_b * N + offs_n) * LP
+    offs_m, offs_n, mask_m, mask_n, mask_mn, g_off, na_off, nc_off = _pair_tile(pid_b, M, N, LP, BLOCK_M, BLOCK_N)
     x_rows = x_ptr + pid_b * sxb + offs_m[:, None] * sxm
     y_rows = y_ptr + pid_b * syb + offs_n[:, None] * syn
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
