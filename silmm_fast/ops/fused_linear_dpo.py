@@ -41,6 +41,7 @@ from silmm_fast import _backend
 from silmm_fast.losses.dpo import dpo_loss
 from silmm_fast.ops import fused_linear_logprobs as _flp
 from silmm_fast.ops import head_products as hp
+from silmm_fast.reference import fused_linear_dpo as _reference
 
 # Default grouping budget per device type (bytes of logit slab a chunk of several pairs may hold): about one Janus
 # pair (576 image tokens each side, V = 16,384, fp32: 72 MiB), so the slab plus the stored gradients stay under a
@@ -380,25 +381,28 @@ def fused_linear_dpo(
         hidden.requires_grad or weight.requires_grad or bias_grad
         or ref_chosen_logps.requires_grad or ref_rejected_logps.requires_grad
     )  # fmt: skip
+    if backend == "reference":
+        return FusedDPOResult(*_reference.fused_linear_dpo(
+            hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias=bias, ignore_index=ignore_index, **cfg
+        ))  # fmt: skip
     keep = labels != ignore_index
-    if backend != "reference":
-        chunks, pair_bytes, budget = _plan_for(hidden, weight, keep, backend, chunk_bytes)
-        y = torch.where(keep, labels, -1).long()  # ignored tokens never enter a chunk; -1 marks them
-        if chunks is not None and wants_grad:
-            loss, losses, chosen, rejected = _FusedLinearDPO.apply(
-                hidden, weight, bias, ref_chosen_logps, ref_rejected_logps, y, keep, cfg, chunks, backend
-            )
-            return FusedDPOResult(loss, losses, chosen, rejected)
-        if chunks is not None:
-            with torch.no_grad():
-                logps = _sequence_logps(hidden, weight, bias, y, keep, chunks, backend, reduction)
-            chosen, rejected = logps[:B], logps[B:]
-            losses = pair_losses(chosen, rejected, ref_chosen_logps, ref_rejected_logps, keep[:B].sum(1), **cfg)
-            return FusedDPOResult(losses.mean(), losses, chosen, rejected)
-        if wants_grad:
-            _warn_fallback(pair_bytes, budget)
-    # Two-pass path: log-probs by fused_linear_logprobs (logits recomputed in its backward; it offers the same
-    # backends, so a forced choice holds for it too), the loss by plain autograd.
+    chunks, pair_bytes, budget = _plan_for(hidden, weight, keep, backend, chunk_bytes)
+    y = torch.where(keep, labels, -1).long()  # ignored tokens never enter a chunk; -1 marks them
+    if chunks is not None and wants_grad:
+        loss, losses, chosen, rejected = _FusedLinearDPO.apply(
+            hidden, weight, bias, ref_chosen_logps, ref_rejected_logps, y, keep, cfg, chunks, backend
+        )
+        return FusedDPOResult(loss, losses, chosen, rejected)
+    if chunks is not None:
+        with torch.no_grad():
+            logps = _sequence_logps(hidden, weight, bias, y, keep, chunks, backend, reduction)
+        chosen, rejected = logps[:B], logps[B:]
+        losses = pair_losses(chosen, rejected, ref_chosen_logps, ref_rejected_logps, keep[:B].sum(1), **cfg)
+        return FusedDPOResult(losses.mean(), losses, chosen, rejected)
+    if wants_grad:
+        _warn_fallback(pair_bytes, budget)
+    # Two-pass path: log-probs by fused_linear_logprobs (logits recomputed in its backward), the loss by plain
+    # autograd.
     logps = _flp.fused_linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                        reduction=reduction)  # fmt: skip
     chosen, rejected = logps[:B], logps[B:]
