@@ -9,6 +9,7 @@ STRATEGY: ``ddp`` (DistributedDataParallel) or ``fsdp2`` (``torch.distributed.fs
 holds one pair, so every micro-batch runs several chunks.
 """
 
+import os
 import sys
 
 import torch
@@ -68,8 +69,12 @@ def main(strategy: str, out: str) -> None:
     if rank == 0:
         torch.save(state, out)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # Everything is written and both ranks passed the barrier. Leave without tearing the process group down: gloo's
+    # teardown once aborted a rank ("terminate called without an active exception") after an FSDP2 run on a loaded
+    # 2-core machine, which says nothing about the gradients this test compares.
+    sys.stdout.flush()
+    os._exit(0)
