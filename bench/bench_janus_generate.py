@@ -12,8 +12,8 @@ timing, greedy decoding is checked to give the same tokens on both paths. Report
 batch of images and images per second, timed in turns (one call per provider per round) so load spikes on a shared
 machine hit both alike.
 
-Configs (``silmm_fast.adapters.random_janus.PRESETS``): ``tiny`` (16 image tokens, width 32) and ``small`` (64 image
-tokens, width 256) for CPUs; ``janus-pro-1b`` (576 image tokens, width 2048, 24 layers, bf16) is GPU-only.
+Configs (``silmm_fast.loop.adapters.random_janus.PRESETS``): ``tiny`` (16 image tokens, width 32) and ``small`` (64
+image tokens, width 256) for CPUs; ``janus-pro-1b`` (576 image tokens, width 2048, 24 layers, bf16) is GPU-only.
 
     python bench/bench_janus_generate.py --device cpu --threads 1          # tiny and small
     python bench/bench_janus_generate.py --device cuda --configs janus-pro-1b
@@ -36,7 +36,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Measurement, environment, print_table, row, write_rows  # noqa: E402
-from silmm_fast.adapters.random_janus import PRESETS, random_janus  # noqa: E402
+from silmm_fast.loop.adapters.random_janus import PRESETS, random_janus  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -398,8 +398,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep (shared machines)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--cpu-clock", choices=("wall", "process"), default=None,
-                        help="CPU timing: wall time, or this process's CPU time (shared machines; with --threads 1)")
+    parser.add_argument(
+        "--cpu-clock",
+        choices=("wall", "process"),
+        default=None,
+        help="CPU timing: wall time, or this process's CPU time (shared machines; with --threads 1)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

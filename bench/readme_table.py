@@ -251,8 +251,7 @@ def section(rows: list[dict]) -> str:
             threads = f", {_threads(hows[0][0])}" + (", CPU time" if hows[0][1] == "process" else "")
         dates = list(dict.fromkeys((git, stamp[:10], cpu_of.get(stamp), how_of.get(stamp)) for git, stamp in in_order))
         run_text = ", ".join(
-            f"git {git} ({date}{', ' + cpu if cpu and len(models) > 1 else ''}"
-            f"{_how(how) if len(hows) > 1 else ''})"
+            f"git {git} ({date}{', ' + cpu if cpu and len(models) > 1 else ''}{_how(how) if len(hows) > 1 else ''})"
             for git, date, cpu, how in dates
         )
         loads = [r.get("load_average_1min") for r in dev_rows if r["timestamp"] in {s for _, s in runs}]

@@ -200,7 +200,9 @@ def logprobs_backward(
         dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     else:
         if out.shape != logits.shape or not out.is_contiguous():
-            raise ValueError(f"out: expected a contiguous tensor of shape {tuple(logits.shape)}, got {tuple(out.shape)}")
+            raise ValueError(
+                f"out: expected a contiguous tensor of shape {tuple(logits.shape)}, got {tuple(out.shape)}"
+            )
         dlogits = out
     if N == 0:
         return dlogits

@@ -16,8 +16,8 @@ the model sees the task:
 - ``--cell-embedding``: add to each image token a learned vector of its grid cell. A Llama decoder carries no
   absolute position in its residual stream (RoPE only tilts attention scores), so without it an image token does
   not know which cell it is in.
-- ``--count-targets``: also train ``silmm_fast.models.data.count_targets`` at the question's words (how many objects
-  fit the description read so far), as the bootstrap's ``reading`` recipe does.
+- ``--count-targets``: also train ``silmm_fast.loop.models.data.count_targets`` at the question's words (how many
+  objects fit the description read so far), as the bootstrap's ``reading`` recipe does.
 
     python scripts/reading_probe.py --steps 600 --questions exists
     python scripts/reading_probe.py --steps 600 --questions exists --order question-first \\
@@ -63,13 +63,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from silmm_fast.models.bootstrap import BootstrapConfig, lr_at, optimizer
-from silmm_fast.models.data import IGNORE, SyntheticData, count_targets
-from silmm_fast.models.image_embedding import ImageEmbedding
-from silmm_fast.models.shapes_lmm import ShapesLMM
-from silmm_fast.world import ImageTokenizer, Question, Scene, tokenize_text
-from silmm_fast.world.prompts import KINDS
-from silmm_fast.world.scene import GRID
+from silmm_fast.loop.models.bootstrap import BootstrapConfig, lr_at, optimizer
+from silmm_fast.loop.models.data import IGNORE, SyntheticData, count_targets
+from silmm_fast.loop.models.image_embedding import ImageEmbedding
+from silmm_fast.loop.models.shapes_lmm import ShapesLMM
+from silmm_fast.loop.world import ImageTokenizer, Question, Scene, tokenize_text
+from silmm_fast.loop.world.prompts import KINDS
+from silmm_fast.loop.world.scene import GRID
 
 
 class Probe:

@@ -1,14 +1,14 @@
 """silmm_fast: fused losses, diverse sampling and a self-improvement loop for image-generating multimodal models.
 
 Public API (SPEC.md §4): log-prob ops, DPO / KC-DPO losses and modules, pairwise distances, diverse selection,
-DropDiv, prompt decomposition and ``env_report``. This core needs torch, numpy and triton only; the SILMM loop
-(``silmm_fast.train`` and the packages it uses) needs the ``[loop]`` extra, ``silmm_fast.integrations.trl`` the
-``[trl]`` extra (see ``silmm_fast._extras``).
+DropDiv, prompt decomposition and ``env_report``. This core needs torch, numpy and triton only and imports nothing
+from ``silmm_fast.loop`` (the SILMM loop and its built-in world, the ``[loop]`` extra); ``silmm_fast.integrations.trl``
+needs the ``[trl]`` extra (see ``silmm_fast._extras``).
 """
 
+from silmm_fast import _moved
 from silmm_fast._backend import use_backend
 from silmm_fast._extras import install_loop_guard
-from silmm_fast.decompose import decompose_prompt
 from silmm_fast.dropdiv import DropDiv, dropdiv
 from silmm_fast.env import env_report
 from silmm_fast.losses.dpo import DPOLoss, DPOOutput, dpo_loss
@@ -20,9 +20,21 @@ from silmm_fast.ops.logprobs import gather_logprobs, sequence_logprobs
 from silmm_fast.ops.pairwise_distance import pairwise_distance
 from silmm_fast.ops.sampling import sample_tokens
 
+_moved.install()  # the loop's modules answer at their old paths too (silmm_fast.train, .adapters, ...)
 install_loop_guard()  # a loop package imported without the [loop] extra raises an ImportError naming the extra
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # decompose_prompt lives with the loop (standard library only); loaded on first use so importing the core
+    # library loads nothing from silmm_fast.loop
+    if name == "decompose_prompt":
+        from silmm_fast.loop.decompose import decompose_prompt
+
+        return decompose_prompt
+    raise AttributeError(f"module 'silmm_fast' has no attribute {name!r}")
+
 
 __all__ = [
     "decompose_prompt",

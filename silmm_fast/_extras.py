@@ -1,7 +1,7 @@
 """Optional parts of silmm_fast and the extras that install them.
 
 The core (every public op and loss in ``silmm_fast``) needs torch, numpy and triton only. The SILMM loop and its
-built-in world (``silmm_fast.train``, ``models``, ``adapters``, ``world``) need the ``[loop]`` extra; the TRL
+built-in world (``silmm_fast.loop.train``, ``models``, ``adapters``, ``world``) need the ``[loop]`` extra; the TRL
 integration (``silmm_fast.integrations.trl``) needs ``[trl]``. Importing a loop package without its extra raises an
 ``ImportError`` that names the extra and the missing distributions, instead of a bare "No module named 'yaml'" from
 somewhere inside it: ``install_loop_guard`` puts a finder on ``sys.meta_path`` that only looks at those four package
@@ -23,7 +23,7 @@ LOOP_MODULES: dict[str, str] = {
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
 }
-LOOP_PACKAGES = ("silmm_fast.train", "silmm_fast.models", "silmm_fast.adapters", "silmm_fast.world")
+LOOP_PACKAGES = ("silmm_fast.loop.train", "silmm_fast.loop.models", "silmm_fast.loop.adapters", "silmm_fast.loop.world")
 TRL_MODULES: dict[str, str] = {"trl": "trl", "transformers": "transformers", "datasets": "datasets"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import sys
 
@@ -15,11 +16,9 @@ def env_report(print_report: bool = True) -> dict:
 
     Returns the report as a dict; prints it as text unless ``print_report`` is False.
     """
-    try:
-        import transformers
-
-        transformers_version = transformers.__version__
-    except Exception:  # noqa: BLE001
+    try:  # the installed version, read without importing it (transformers is not a core dependency)
+        transformers_version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
         transformers_version = None
     from silmm_fast import _ext
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from silmm_fast.models.bootstrap import (
+from silmm_fast.loop.models.bootstrap import (
     BootstrapConfig,
     bootstrap,
     bootstrap_stats,
@@ -17,14 +17,14 @@ from silmm_fast.models.bootstrap import (
     recipe,
     train,
 )
-from silmm_fast.models.data import IGNORE, Example, SyntheticData, collate, count_targets, filter_counts
-from silmm_fast.models.image_embedding import ImageEmbedding
-from silmm_fast.models.image_head import FactoredImageHead
-from silmm_fast.models.measure import binding_trap, format_report, generate_scenes, measure_base
-from silmm_fast.models.shapes_lmm import ShapesLMM
-from silmm_fast.models.vocab import JointVocab
-from silmm_fast.models.word_shift import WordShift
-from silmm_fast.world import (
+from silmm_fast.loop.models.data import IGNORE, Example, SyntheticData, collate, count_targets, filter_counts
+from silmm_fast.loop.models.image_embedding import ImageEmbedding
+from silmm_fast.loop.models.image_head import FactoredImageHead
+from silmm_fast.loop.models.measure import binding_trap, format_report, generate_scenes, measure_base
+from silmm_fast.loop.models.shapes_lmm import ShapesLMM
+from silmm_fast.loop.models.vocab import JointVocab
+from silmm_fast.loop.models.word_shift import WordShift
+from silmm_fast.loop.world import (
     CATEGORIES,
     COLORS,
     HELDOUT_PAIRS,
@@ -42,8 +42,8 @@ from silmm_fast.world import (
     sample_prompt,
 )
 
-# the module, not the `bootstrap` function that silmm_fast.models re-exports under the same name
-bootstrap_mod = importlib.import_module("silmm_fast.models.bootstrap")
+# the module, not the `bootstrap` function that silmm_fast.loop.models re-exports under the same name
+bootstrap_mod = importlib.import_module("silmm_fast.loop.models.bootstrap")
 
 torch.set_num_threads(1)
 

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from bench.decompose_coverage import CATEGORIES, DATA_DIR, coverage, missed_items, prompt_items
 from silmm_fast import decompose_prompt
-from silmm_fast.decompose import MAX_PHRASE_WORDS, MAX_WORD_CHARS
-from silmm_fast.decompose.inflect import ing_form, pluralize, singularize
-from silmm_fast.decompose.tokens import normalize
+from silmm_fast.loop.decompose import MAX_PHRASE_WORDS, MAX_WORD_CHARS
+from silmm_fast.loop.decompose.inflect import ing_form, pluralize, singularize
+from silmm_fast.loop.decompose.tokens import normalize
 
 # --- input checks --------------------------------------------------------------------------------------------------
 

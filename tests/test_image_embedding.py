@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from silmm_fast.models.image_embedding import ImageEmbedding
-from silmm_fast.models.shapes_lmm import ShapesLMMConfig
-from silmm_fast.models.vocab import JointVocab
-from silmm_fast.world import ImageTokenizer
+from silmm_fast.loop.models.image_embedding import ImageEmbedding
+from silmm_fast.loop.models.shapes_lmm import ShapesLMMConfig
+from silmm_fast.loop.models.vocab import JointVocab
+from silmm_fast.loop.world import ImageTokenizer
 
 torch.set_num_threads(1)
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from silmm_fast.models.image_head import FactoredImageHead
-from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
-from silmm_fast.models.vocab import JointVocab
-from silmm_fast.world import CATEGORIES, COLORS, SHAPES, TEXTURES, WORDS, ImageTokenizer
+from silmm_fast.loop.models.image_head import FactoredImageHead
+from silmm_fast.loop.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
+from silmm_fast.loop.models.vocab import JointVocab
+from silmm_fast.loop.world import CATEGORIES, COLORS, SHAPES, TEXTURES, WORDS, ImageTokenizer
 
 
 def _head(hidden: int = 8, seed: int = 0) -> tuple[FactoredImageHead, JointVocab]:

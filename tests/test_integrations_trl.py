@@ -228,8 +228,8 @@ def _tiny_janus():
     pytest.importorskip("transformers", reason="needs transformers")
     from transformers import JanusForConditionalGeneration
 
-    from silmm_fast.adapters.random_janus import PRESETS, janus_config
-    from silmm_fast.adapters.random_janus import word_tokenizer as janus_tokenizer
+    from silmm_fast.loop.adapters.random_janus import PRESETS, janus_config
+    from silmm_fast.loop.adapters.random_janus import word_tokenizer as janus_tokenizer
 
     tokenizer = janus_tokenizer()
     preset = PRESETS["tiny"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from silmm_fast.adapters import JanusAdapter, JanusOptions, prompting
-from silmm_fast.adapters.random_janus import random_janus, word_tokenizer
-from silmm_fast.decompose import decompose_prompt
+from silmm_fast.loop.adapters import JanusAdapter, JanusOptions, prompting
+from silmm_fast.loop.adapters.random_janus import random_janus, word_tokenizer
+from silmm_fast.loop.decompose import decompose_prompt
 from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
 
 # A Janus-Pro-like chat template: user turn with the image placeholder before the text, then the assistant's cue.

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from silmm_fast.adapters import (
+from silmm_fast.loop.adapters import (
     ContinuousAdapter,
     ImageLogprobInputs,
     JanusAdapter,
@@ -15,8 +15,8 @@ from silmm_fast.adapters import (
     adapter_mismatches,
     check_adapter,
 )
-from silmm_fast.adapters.random_janus import random_janus
-from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
+from silmm_fast.loop.adapters.random_janus import random_janus
+from silmm_fast.loop.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
 from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from silmm_fast.models.image_embedding import ImageEmbedding
+from silmm_fast.loop.models.image_embedding import ImageEmbedding
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reading_probe.py"
 

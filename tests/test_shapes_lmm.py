@@ -4,9 +4,9 @@ per-question forwards, the DPO inputs against a plain forward, the continuous va
 import pytest
 import torch
 
-from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig, sample_next
-from silmm_fast.models.vocab import SPECIALS, JointVocab
-from silmm_fast.world import CATEGORIES, QUESTION_WORDS, WORDS, tokenize_text
+from silmm_fast.loop.models.shapes_lmm import ShapesLMM, ShapesLMMConfig, sample_next
+from silmm_fast.loop.models.vocab import SPECIALS, JointVocab
+from silmm_fast.loop.world import CATEGORIES, QUESTION_WORDS, WORDS, tokenize_text
 
 torch.set_num_threads(1)
 

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from silmm_fast.train import store
-from silmm_fast.train.__main__ import main
+from silmm_fast.loop.train import store
+from silmm_fast.loop.train.__main__ import main
 
 
 def run_main(argv, capsys):
@@ -82,19 +82,19 @@ def test_truncated_tensor_file_is_named(tmp_path):
     [(FloatingPointError("iteration 1, train step 1 (epoch 0): the loss is nan"), 1), (OSError(28, "No space"), 1)],
 )
 def test_run_failures_are_messages(monkeypatch, capsys, error, code):
-    import silmm_fast.train
+    import silmm_fast.loop.train
 
     def fail(cfg):
         raise error
 
-    monkeypatch.setattr(silmm_fast.train, "run", fail)
+    monkeypatch.setattr(silmm_fast.loop.train, "run", fail)
     got, err = run_main(["--model.tiny", "true", "--out", "unused"], capsys)
     assert got == code and err == f"error: {error}\n"
 
 
 def test_unwritable_out_is_a_usage_error_even_for_root(tmp_path, capsys, monkeypatch):
     # the read-only case as root sees it: the write check's file cannot be created
-    from silmm_fast.train import loop
+    from silmm_fast.loop.train import loop
 
     def refuse(dir, prefix, suffix):
         raise PermissionError(13, "Permission denied", dir)
@@ -106,8 +106,8 @@ def test_unwritable_out_is_a_usage_error_even_for_root(tmp_path, capsys, monkeyp
 
 
 def test_run_files_get_the_umask_mode_and_orphan_temporaries_are_removed(tmp_path):
-    from silmm_fast.train.config import from_dict
-    from silmm_fast.train.loop import Run
+    from silmm_fast.loop.train.config import from_dict
+    from silmm_fast.loop.train.loop import Run
 
     store.write_json(tmp_path / "a.json", {"x": 1})
     umask = os.umask(0o022)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from silmm_fast.train import config
+from silmm_fast.loop.train import config
 
 
 def test_defaults_are_valid_and_documented():
@@ -38,7 +38,7 @@ def test_prompts_per_category_default_and_explicit_value_wins():
 
 
 def test_base_model_recipe_keys_its_own_cache():
-    from silmm_fast.models.bootstrap import cache_path, recipe
+    from silmm_fast.loop.models.bootstrap import cache_path, recipe
 
     assert config.parse_args([]).model.recipe == "reading"
     assert config.parse_args(["--mode", "continuous"]).model.recipe == "reading"
@@ -133,7 +133,7 @@ def test_bad_values_are_rejected_by_name(overrides, message):
     ],
 )
 def test_bad_numbers_on_the_command_line_are_refused_with_status_2(argv, message, tmp_path, capsys):
-    from silmm_fast.train.__main__ import main
+    from silmm_fast.loop.train.__main__ import main
 
     out = tmp_path / "run"
     assert main([*argv, "--out", str(out)]) == 2

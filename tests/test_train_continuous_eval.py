@@ -5,9 +5,9 @@ dropout."""
 import torch
 from torch import nn
 
-from silmm_fast.train import config
-from silmm_fast.train.loop import Run
-from silmm_fast.world import FeatureCodec, canonical_scene, parse_prompt
+from silmm_fast.loop.train import config
+from silmm_fast.loop.train.loop import Run
+from silmm_fast.loop.world import FeatureCodec, canonical_scene, parse_prompt
 
 
 class StubFeatureModel(nn.Module):

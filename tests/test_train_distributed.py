@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 import silmm_fast
-from silmm_fast.models.shapes_lmm import ShapesLMM, ShapesLMMConfig, sample_next
-from silmm_fast.train import config, distributed, store
-from silmm_fast.train.loop import Run, uniforms
-from silmm_fast.world import CATEGORIES, prompt_split
+from silmm_fast.loop.models.shapes_lmm import ShapesLMM, ShapesLMMConfig, sample_next
+from silmm_fast.loop.train import config, distributed, store
+from silmm_fast.loop.train.loop import Run, uniforms
+from silmm_fast.loop.world import CATEGORIES, prompt_split
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "torchrun_worker.py"

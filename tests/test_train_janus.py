@@ -3,9 +3,9 @@ disk, one iteration end to end, resume, and the command-line spellings."""
 
 import pytest
 
-from silmm_fast.adapters.random_janus import random_janus
-from silmm_fast.train import config, store
-from silmm_fast.train.loop import Run
+from silmm_fast.loop.adapters.random_janus import random_janus
+from silmm_fast.loop.train import config, store
+from silmm_fast.loop.train.loop import Run
 
 
 @pytest.fixture(scope="module")

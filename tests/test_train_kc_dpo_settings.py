@@ -6,9 +6,9 @@ past their closest point to the winner, keep drifting away from it."""
 
 import torch
 
+from silmm_fast.loop.train.config import OptimConfig
+from silmm_fast.loop.world import FeatureCodec, Obj, Scene
 from silmm_fast.losses.kc_dpo import KCDPOLoss
-from silmm_fast.train.config import OptimConfig
-from silmm_fast.world import FeatureCodec, Obj, Scene
 
 
 def known_case():

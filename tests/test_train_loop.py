@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from silmm_fast.models.bootstrap import bootstrap, recipe
-from silmm_fast.models.image_embedding import ImageEmbedding
-from silmm_fast.models.image_head import FactoredImageHead
-from silmm_fast.models.shapes_lmm import ShapesLMM
-from silmm_fast.models.word_shift import WordShift
-from silmm_fast.train import config, store
-from silmm_fast.train.loop import Run
-from silmm_fast.world import ImageTokenizer, parse_prompt
+from silmm_fast.loop.models.bootstrap import bootstrap, recipe
+from silmm_fast.loop.models.image_embedding import ImageEmbedding
+from silmm_fast.loop.models.image_head import FactoredImageHead
+from silmm_fast.loop.models.shapes_lmm import ShapesLMM
+from silmm_fast.loop.models.word_shift import WordShift
+from silmm_fast.loop.train import config, store
+from silmm_fast.loop.train.loop import Run
+from silmm_fast.loop.world import ImageTokenizer, parse_prompt
 
 
 def tiny_config(out, mode="discrete", cache=None, **overrides) -> config.TrainConfig:
@@ -220,7 +220,7 @@ def test_random_feedback_control_and_config_mismatch(tmp_path, model_cache):
 
 
 def test_plain_recipe_base_model_runs_the_loop(tmp_path):
-    from silmm_fast.models.bootstrap import cache_path, recipe
+    from silmm_fast.loop.models.bootstrap import cache_path, recipe
 
     cfg = tiny_config(tmp_path / "plain", cache=tmp_path / "models", model={"recipe": "plain"})
     summary = Run(cfg).run()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from silmm_fast.train.pairs import aggregate_scores, make_pairs
+from silmm_fast.loop.train.pairs import aggregate_scores, make_pairs
 
 
 def test_scores_are_mean_of_yes_minus_no_per_image():

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from silmm_fast.models.image_embedding import ImageEmbedding
-from silmm_fast.models.shapes_lmm import ShapesLMMConfig
-from silmm_fast.models.vocab import JointVocab
-from silmm_fast.models.word_shift import WordShift
+from silmm_fast.loop.models.image_embedding import ImageEmbedding
+from silmm_fast.loop.models.shapes_lmm import ShapesLMMConfig
+from silmm_fast.loop.models.vocab import JointVocab
+from silmm_fast.loop.models.word_shift import WordShift
 
 torch.set_num_threads(1)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from silmm_fast.world import (
+from silmm_fast.loop.world import (
     FeatureCodec,
     ImageTokenizer,
     Obj,

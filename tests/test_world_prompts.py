@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from silmm_fast.world import (
+from silmm_fast.loop.world import (
     CATEGORIES,
     COLORS,
     HELDOUT_PAIRS,
@@ -186,7 +186,7 @@ def test_corrupt_scene_never_satisfies(split):
 
 
 def test_random_edit_draws_from_the_one_edit_neighbourhood():
-    from silmm_fast.world.prompts import _edits
+    from silmm_fast.loop.world.prompts import _edits
 
     rng = random.Random(3)
     kinds = set()
@@ -285,7 +285,7 @@ def test_bad_input():
 
 
 def test_canonical_scene_is_deterministic_satisfying_and_first_fit():
-    from silmm_fast.world import canonical_scene
+    from silmm_fast.loop.world import canonical_scene
 
     prompts = prompt_split(5, 20)
     for p in prompts["train"] + prompts["heldout"]:

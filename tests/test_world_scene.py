@@ -5,7 +5,7 @@ import random
 import pytest
 from PIL import Image
 
-from silmm_fast.world import (
+from silmm_fast.loop.world import (
     COLORS,
     GRID,
     SHAPES,
@@ -18,8 +18,8 @@ from silmm_fast.world import (
     render_tokens,
     save_png,
 )
-from silmm_fast.world.render import BACKGROUND, RGB
-from silmm_fast.world.tokenizer import ImageTokenizer
+from silmm_fast.loop.world.render import BACKGROUND, RGB
+from silmm_fast.loop.world.tokenizer import ImageTokenizer
 
 
 def test_vocabulary_sizes():

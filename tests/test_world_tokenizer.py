@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from silmm_fast.world import COLORS, SHAPES, TEXTURES, FeatureCodec, ImageTokenizer, Obj, Scene, random_scene
+from silmm_fast.loop.world import COLORS, SHAPES, TEXTURES, FeatureCodec, ImageTokenizer, Obj, Scene, random_scene
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@
 import os
 import sys
 
-from silmm_fast.models.shapes_lmm import ShapesLMM
-from silmm_fast.train.__main__ import main
+from silmm_fast.loop.models.shapes_lmm import ShapesLMM
+from silmm_fast.loop.train.__main__ import main
 
 rank = int(os.environ.get("RANK", "0"))
 argv = sys.argv[1:]

@@ -1,0 +1,25 @@
+"""The SILMM loop (``python -m silmm_fast.train``): configuration, run directory, phases, report."""
+
+from silmm_fast.loop.train.config import TrainConfig, load, parse_args
+
+__all__ = ["TrainConfig", "load", "parse_args", "run"]
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Run (or resume) the loop described by ``cfg``; returns the final summary (``summary.json``).
+
+    Under torchrun (or with WORLD_SIZE > 1 in the environment) this process joins the process group first and
+    leaves it at the end; every rank returns the same summary.
+    """
+    from silmm_fast.loop.train import distributed
+    from silmm_fast.loop.train.loop import Run
+
+    d = distributed.setup(cfg.dist.device)
+    try:
+        summary = Run(cfg, d).run()
+        # every rank done with its collectives before any leaves the group (a rank tearing gloo down while another
+        # still talks to it can abort the process at exit)
+        d.barrier()
+        return summary
+    finally:
+        d.close()
