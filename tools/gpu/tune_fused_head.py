@@ -27,8 +27,8 @@ off from outside keeps what it finished), then a sorted table per epilogue is pr
 each and the one fastest for a forward and backward together (one statistics launch and N / slab rows gradient
 launches: ``GPU_TILES`` holds one configuration for both), and a summary row is written.
 
-    python bench/tune_fused_head.py --device cuda --budget 240 --out /tmp/tune_fused_head.jsonl
-    TRITON_INTERPRET=1 python bench/tune_fused_head.py --device cpu --quick --out /tmp/tune_smoke.jsonl
+    python tools/gpu/tune_fused_head.py --device cuda --budget 240 --out /tmp/tune_fused_head.jsonl
+    TRITON_INTERPRET=1 python tools/gpu/tune_fused_head.py --device cpu --quick --out /tmp/tune_smoke.jsonl
 
 ``--quick``: a tiny shape with partial tiles and three configurations, a smoke run of the plumbing (on CPU under the
 Triton interpreter, where warps and stages mean nothing and the timings say nothing).
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from silmm_fast.kernels import fused_linear_logprobs as flp  # noqa: E402
 
