@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-SCHEMA = 2  # version of the result rows (documented in silmm_fast/bench.py); rows without the field are version 1
+SCHEMA = 2  # version of the result rows (documented in bench/suite.py); rows without the field are version 1
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -491,7 +491,7 @@ def write_rows(rows: list[dict], name: str, results_dir: Path | None = None) -> 
 def row(
     op: str, provider: str, mode: str, shape: dict, m: Measurement, env: dict, cost: Cost | None = None, **extra
 ) -> dict:
-    """One result row: the schema every benchmark writes (documented in silmm_fast/bench.py)."""
+    """One result row: the schema every benchmark writes (documented in bench/suite.py)."""
     out = {
         "op": op,
         "provider": provider,

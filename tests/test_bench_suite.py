@@ -1,9 +1,12 @@
-"""`python -m silmm_fast.bench`: the suite runner on the tiny registry writes schema-valid rows with rooflines, a table
-and plots; missing peers are skipped with a reason; --profile writes traces; every public op has a benchmark entry;
-the README section is generated from results; the timing and memory helpers measure what they say."""
+"""The benchmark suite (bench/suite.py, `python -m bench`): on the tiny registry it writes schema-valid rows with
+rooflines, a table and plots; missing peers are skipped with a reason; --profile writes traces; every public op has a
+benchmark entry; the README section is generated from results; the timing and memory helpers measure what they say.
+`python -m silmm_fast.bench` launches it from the checkout, and says so clearly where there is none."""
 
+import importlib.util
 import inspect
 import json
+import os
 import subprocess
 import sys
 import types
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 import silmm_fast
-from silmm_fast import bench
+from bench import suite as runner
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +29,7 @@ def suite(tmp_path_factory):
     argv = ["--device", "cpu", "--shapes", "tiny", "--providers", "reference", "silmm", "cut_cross_entropy"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "cut_cross_entropy", None)  # `import cut_cross_entropy` now fails as if missing
-        assert bench.main([*argv, "--out", str(out)]) == 0
+        assert runner.main([*argv, "--out", str(out)]) == 0
     (rows_file,) = out.glob("suite-cpu-*.jsonl")
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     return out, rows
@@ -34,7 +37,7 @@ def suite(tmp_path_factory):
 
 def test_rows_follow_the_schema(suite):
     _, rows = suite
-    measured = bench.measured(rows)
+    measured = runner.measured(rows)
     assert measured and {r["provider"] for r in measured} == {"reference", "silmm"}
     for r in measured:
         assert r["schema"] == 2
@@ -65,24 +68,24 @@ def test_table_and_plots(suite):
     out, rows = suite
     table = next(out.glob("suite-cpu-*.md")).read_text()
     assert table.startswith("| op | provider | case |")
-    assert table.count("\n| ") == len(bench.measured(rows))  # one line per measured row under the header
+    assert table.count("\n| ") == len(runner.measured(rows))  # one line per measured row under the header
     assert "Ceilings measured on this device" in table
-    for op in {r["op"] for r in bench.measured(rows)}:
+    for op in {r["op"] for r in runner.measured(rows)}:
         png = out / f"suite-cpu-{op}.png"
         assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:8] == PNG
 
 
 def test_every_public_op_has_a_benchmark_entry(suite):
     _, rows = suite
-    ops = {r["op"] for r in bench.measured(rows)}
+    ops = {r["op"] for r in runner.measured(rows)}
     public = [n for n in silmm_fast.__all__ if inspect.isfunction(getattr(silmm_fast, n))]
     assert "fused_linear_logprobs" in public and "kc_dpo_loss" in public
     for name in public:
-        assert name in bench.PUBLIC_OPS or name in bench.NOT_BENCHMARKED, f"{name}: no benchmark entry"
-        if name in bench.PUBLIC_OPS:
-            entry, row_op = bench.PUBLIC_OPS[name]
-            assert entry in bench.SUITE, (name, entry)
-            if bench.script_exists(entry):  # an entry whose script is still being written is skipped by the runner
+        assert name in runner.PUBLIC_OPS or name in runner.NOT_BENCHMARKED, f"{name}: no benchmark entry"
+        if name in runner.PUBLIC_OPS:
+            entry, row_op = runner.PUBLIC_OPS[name]
+            assert entry in runner.SUITE, (name, entry)
+            if runner.script_exists(entry):  # an entry whose script is still being written is skipped by the runner
                 assert row_op in ops, (name, row_op, ops)
 
 
@@ -92,7 +95,7 @@ def test_sweep_plot_draws_lines_over_sizes(tmp_path):
         for provider, scale in (("reference", 2.0), ("silmm", 1.0)):
             rows.append(dict(op="x", provider=provider, mode="full", shape={"name": name, "N": size},
                              time_ms=scale * size / 1e6, peak_mem_bytes=int(scale * size), min_bytes=size))  # fmt: skip
-    bench.plot(rows, tmp_path / "x.png", "x")
+    runner.plot(rows, tmp_path / "x.png", "x")
     assert (tmp_path / "x.png").read_bytes()[:8] == PNG
 
 
@@ -101,7 +104,7 @@ def test_sweep_plot_with_shapes_of_equal_size(tmp_path):
     points at one x; ordering them must not compare the rows themselves (a TypeError lost a whole GPU run's rows)."""
     rows = [dict(op="x", provider="silmm", mode="full", shape={"name": name, "N": 1}, time_ms=t, peak_mem_bytes=1,
                  min_bytes=1 << 20) for name, t in (("a", 1.0), ("b", 2.0), ("c", 3.0))]  # fmt: skip
-    bench.plot(rows, tmp_path / "x.png", "x")
+    runner.plot(rows, tmp_path / "x.png", "x")
     assert (tmp_path / "x.png").read_bytes()[:8] == PNG
 
 
@@ -114,8 +117,8 @@ def test_a_new_op_is_one_suite_line(tmp_path, monkeypatch):
                 for s in shapes for p in providers or ("silmm",)]  # fmt: skip
 
     monkeypatch.setitem(sys.modules, "bench.bench_fake", types.SimpleNamespace(run=run, PROVIDERS=("silmm",)))
-    monkeypatch.setitem(bench.SUITE, "fake", bench.Bench("bench_fake", ("tiny",)))
-    assert bench.main(["--device", "cpu", "--ops", "fake", "--out", str(tmp_path)]) == 0
+    monkeypatch.setitem(runner.SUITE, "fake", runner.Bench("bench_fake", ("tiny",)))
+    assert runner.main(["--device", "cpu", "--ops", "fake", "--out", str(tmp_path)]) == 0
     (rows_file,) = tmp_path.glob("*.jsonl")
     (r,) = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert r["op"] == "sample_tokens" and r["time_ms"] == 2.0 and r["roofline"] > 0
@@ -124,7 +127,7 @@ def test_a_new_op_is_one_suite_line(tmp_path, monkeypatch):
 
 def test_profile_writes_a_chrome_trace(tmp_path, capsys):
     argv = ["--device", "cpu", "--ops", "kernel_similarity", "--shapes", "tiny", "--providers", "silmm", "--profile"]
-    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    assert runner.main([*argv, "--out", str(tmp_path)]) == 0
     traces = sorted((tmp_path / "traces").glob("*.json"))
     assert [t.name for t in traces] == [f"kernel_similarity-silmm-tiny-{mode}.json" for mode in ("forward", "full")]
     events = json.loads(traces[0].read_text())["traceEvents"]
@@ -157,7 +160,7 @@ def test_readme_section_is_generated_from_results(tmp_path):
     (results / "other.jsonl").write_text('{"op": "decompose_prompt", "coverage": 1.0}\n')  # not a benchmark row
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Performance\n\n<!-- perf:begin -->\nold table\n<!-- perf:end -->\n\n## Next\n")
-    assert bench.main(["--readme", str(readme), "--out", str(results)]) == 0
+    assert runner.main(["--readme", str(readme), "--out", str(results)]) == 0
     text = readme.read_text()
     assert text.startswith("# x\n\n## Performance\n\n<!-- perf:begin -->\n")
     assert text.endswith("<!-- perf:end -->\n\n## Next\n")
@@ -171,13 +174,59 @@ def test_readme_section_is_generated_from_results(tmp_path):
     assert "no GPU has been available" in body
     assert "`liger_kernel` (cpu: test x2, fused_linear_logprobs: liger-kernel is not installed)" in body
     assert "no gather" not in body
-    bench.main(["--readme", str(readme), "--out", str(results)])
+    runner.main(["--readme", str(readme), "--out", str(results)])
     assert readme.read_text() == text  # regenerating is stable
 
 
 def test_readme_has_one_generated_section():
     text = (ROOT / "README.md").read_text()
     assert text.count("<!-- perf:begin -->") == 1 and text.count("<!-- perf:end -->") == 1
+
+
+# --- the package's launcher ------------------------------------------------------------------------------------------
+def test_package_command_runs_the_checkout_suite_from_any_folder(tmp_path):
+    """`python -m silmm_fast.bench` from another folder: the suite of the package's checkout runs, and relative paths
+    are the caller's."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "suite-cpu-x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _synthetic_rows()))
+    (tmp_path / "README.md").write_text("# x\n\n<!-- perf:begin -->\nstale table\n<!-- perf:end -->\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "silmm_fast.bench", "--readme", "README.md", "--out", "results"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Performance section of README.md regenerated" in done.stdout
+    text = (tmp_path / "README.md").read_text()
+    assert "stale table" not in text and "**cpu: test x2**" in text
+    bad = subprocess.run([*cmd[:3], "--ops", "no-such-op"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'no-such-op'" in bad.stderr  # the suite's own status comes back
+
+
+def test_package_command_without_a_checkout_says_so(tmp_path):
+    """Installed without a checkout there is no bench/ beside the package: a clear error, not a traceback."""
+    package = tmp_path / "site" / "silmm_fast"
+    package.mkdir(parents=True)
+    launcher = package / "bench.py"
+    launcher.write_text((ROOT / "silmm_fast" / "bench.py").read_text())
+    done = subprocess.run([sys.executable, str(launcher), "--device", "cpu"], capture_output=True, text=True)
+    assert done.returncode == 2 and not done.stdout
+    assert "no bench/suite.py next to the package" in done.stderr and "clone of the repository" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_package_launcher_imports_only_the_standard_library():
+    """Importing silmm_fast.bench changes nothing in the importing process: no import beyond the standard library,
+    no sys.path entry."""
+    code = (
+        "import sys; before = set(sys.modules), list(sys.path)\n"
+        "import silmm_fast.bench\n"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before[0]} - {'silmm_fast'}\n"
+        "print(sorted(new - set(sys.stdlib_module_names)), sys.path == before[1])\n"
+    )
+    # silmm_fast/__init__ imports torch; what counts is what the launcher adds on top of the package
+    warm = "import silmm_fast\n"
+    done = subprocess.run([sys.executable, "-c", warm + code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[]", "True"]
 
 
 # --- measuring helpers ----------------------------------------------------------------------------------------------
@@ -218,12 +267,14 @@ def test_micro_benchmarks_run_under_pytest_benchmark():
 
 # --- folding a GPU machine's archive into the results ---------------------------------------------------------------
 def test_gpu_collect_folds_every_step_and_sets_the_revision(tmp_path):
-    """An archive as bench/gpu_check.sh packs it: a suite step with ceilings, a script step without (its rows get the
-    suite's ceilings), the machine facts and a test log. Rows carry a stale revision the collect must replace."""
+    """An archive as tools/gpu/gpu_check.sh packs it: a suite step with ceilings, a script step without (its rows get
+    the suite's ceilings), the machine facts and a test log. Rows carry a stale revision the collect must replace."""
     import tarfile
 
-    sys.path.insert(0, str(Path(bench.__file__).resolve().parents[1]))
-    from bench.gpu_collect import collect
+    spec = importlib.util.spec_from_file_location("gpu_collect", ROOT / "tools" / "gpu" / "gpu_collect.py")
+    gpu_collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_collect)
+    collect = gpu_collect.collect
 
     packed = tmp_path / "packed"
     rows = [dict(r, git="stale00") for r in _synthetic_rows()]

@@ -42,10 +42,9 @@ def test_top_level_kernels_absent_is_a_clean_import_error():
 # --- the core library apart from the SILMM testbed (silmm_fast.loop) -------------------------------------------------
 
 CORE_DEPENDENCIES = {"torch", "numpy", "triton", "silmm_fast"}
-# parts that are not the core: the testbed, trainer integrations (behind their extras), the benchmark suite's command
-# (the [bench] extra, run from a checkout); the package facade's only reference to the testbed is the lazily loaded,
-# standard-library-only ``decompose_prompt``
-NOT_CORE = ("silmm_fast/loop/", "silmm_fast/integrations/", "silmm_fast/bench.py")
+# parts that are not the core: the testbed and trainer integrations (behind their extras); the package facade's only
+# reference to the testbed is the lazily loaded, standard-library-only ``decompose_prompt``
+NOT_CORE = ("silmm_fast/loop/", "silmm_fast/integrations/")
 
 
 def _core_modules() -> list[Path]:

@@ -1,4 +1,4 @@
-"""scripts/reading_probe.py: the VQA-only training probe runs, reports what it says, and refuses bad switches."""
+"""evals/reading_probe.py: the VQA-only training probe runs, reports what it says, and refuses bad switches."""
 
 import importlib.util
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 from silmm_fast.loop.models.image_embedding import ImageEmbedding
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reading_probe.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "evals" / "reading_probe.py"
 
 
 @pytest.fixture(scope="module")

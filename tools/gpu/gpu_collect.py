@@ -1,6 +1,6 @@
-"""Collect what ``bench/gpu_check.sh`` brought back from a GPU machine into ``bench/results/``:
+"""Collect what ``tools/gpu/gpu_check.sh`` brought back from a GPU machine into ``bench/results/``:
 
-    python bench/gpu_collect.py results.tgz --git REVISION
+    python tools/gpu/gpu_collect.py results.tgz --git REVISION
 
 The per-step runs (one folder each in the archive: suite runs, or one script run alone) become one
 ``suite-<device>-<stamp>.jsonl`` with its markdown table and one plot per op, as a single ``python -m silmm_fast.bench
@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -49,7 +49,7 @@ def checks_text(folder: Path, test_lines: int = 60) -> str:
 
 def collect(archive: Path, results: Path, git: str | None) -> Path:
     from bench.common import attach_roofline, best_ceilings
-    from silmm_fast.bench import measured, write_outputs
+    from bench.suite import measured, write_outputs
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -80,7 +80,7 @@ def collect(archive: Path, results: Path, git: str | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("archive", type=Path, help="results.tgz from bench/gpu_check.sh")
+    parser.add_argument("archive", type=Path, help="results.tgz from tools/gpu/gpu_check.sh")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--git", default=None, help="revision the device ran (set on every row)")
     args = parser.parse_args(argv)

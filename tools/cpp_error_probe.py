@@ -1,6 +1,6 @@
 """Does an error raised inside the C++ extension reach Python as a RuntimeError on this machine?
 
-    python bench/cpp_error_probe.py
+    python tools/cpp_error_probe.py
 
 On one lent GPU machine (extension built by a g++ other than the one torch was built with) the op crashed the process
 instead of raising. This probe calls the op with a bad argument in a child process, once as is and once with the

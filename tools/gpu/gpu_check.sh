@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should check, in one call (run from the repository root):
 #
-#     OUT=/some/folder BUDGET=450 bash bench/gpu_check.sh
+#     OUT=/some/folder BUDGET=450 bash tools/gpu/gpu_check.sh
 #
 # 0. the peer libraries (Liger-Kernel, Cut Cross-Entropy, TRL) are installed offline from the pure-Python wheels that
-#    bench/fetch_peer_wheels.sh downloads into .whl/ on a development machine (carry .whl with the tree);
+#    tools/gpu/fetch_peer_wheels.sh downloads into .whl/ on a development machine (carry .whl with the tree);
 # 1. the C++ / CUDA extension is built with the machine's nvcc;
 # 2. the kernel tests run on CUDA (compiled Triton, not the interpreter), `gpu`-marked tests included;
 # 3. the benchmark suite runs per (op, shapes) at GPU shapes, most wanted first: the DPO head at the Janus shape
@@ -12,7 +12,7 @@
 #
 # Every step has its own time limit and the whole run keeps to BUDGET seconds; a step that would start with too little
 # time left is skipped and says so. After each step the logs and result folders are packed into $OUT/results.tgz, so
-# a call that is cut off still brings back everything finished before. `python bench/gpu_collect.py results.tgz`
+# a call that is cut off still brings back everything finished before. `python tools/gpu/gpu_collect.py results.tgz`
 # turns the packed rows into one bench/results/suite-cuda-*.jsonl with its table and plots.
 #
 # The device image has its own torch / triton / transformers and nothing can be installed there, so the package runs
@@ -64,7 +64,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$RES/site" .whl/*.whl \
         && export PYTHONPATH=$RES/site${PYTHONPATH:+:$PYTHONPATH} || echo "[gpu_check] peer wheels failed to install"
 else
-    echo "[gpu_check] no .whl/ folder: peers will be skipped (run bench/fetch_peer_wheels.sh and carry .whl)"
+    echo "[gpu_check] no .whl/ folder: peers will be skipped (run tools/gpu/fetch_peer_wheels.sh and carry .whl)"
 fi
 ln -sfn ../kernels silmm_fast/kernels
 ln -sfn ../csrc silmm_fast/csrc
@@ -83,7 +83,7 @@ torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get
 cat "$RES/env.txt"
 
 step build_ext 150 "$PY" -m silmm_fast.build_ext --verbose
-step cpp_errors 40 "$PY" bench/cpp_error_probe.py
+step cpp_errors 40 "$PY" tools/cpp_error_probe.py
 # xdist and pytest-timeout are in the device image; without them the tests run in one process, unbounded per test
 PYTEST_OPTS=()
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_OPTS+=(-n 16)
@@ -102,5 +102,5 @@ bench kernel_similarity 50 --ops kernel_similarity --providers reference torch_c
 bench logprobs_janus 60 --ops logprobs --shapes janus --providers naive gemm_floor silmm
 bench sampler 40 --ops sampler --providers naive reference silmm
 bench diverse_select 40 --ops diverse_select --providers silmm reference torch.bmm
-bench janus_generate 50 --ops janus_generate
+step janus_generate 50 "$PY" evals/janus_generate_throughput.py --device "$DEVICE" --out "$RES/janus_generate"
 cat "$RES/steps.txt"

@@ -19,37 +19,11 @@ the model sees the task:
 - ``--count-targets``: also train ``silmm_fast.loop.models.data.count_targets`` at the question's words (how many
   objects fit the description read so far), as the bootstrap's ``reading`` recipe does.
 
-    python scripts/reading_probe.py --steps 600 --questions exists
-    python scripts/reading_probe.py --steps 600 --questions exists --order question-first \\
+    python evals/reading_probe.py --steps 600 --questions exists
+    python evals/reading_probe.py --steps 600 --questions exists --order question-first \\
         --image-embedding word-tied --cell-targets
 
-Measured on the 2-core AMD EPYC machine (2026-12-04, seed 0, 32 items per step, the bootstrap's optimizer and
-schedule; accuracy on 1,000 held-out items of the same balanced stream, so 0.5 is chance):
-
-| order / image embedding / cell targets | questions | steps | accuracy |
-|---|---|---|---|
-| image-first / atomic / no (the bootstrap's format) | all kinds | 1,000 | 0.537 (loss stays near ln 2) |
-| image-first / atomic / no | "is there a …?" | 600 | 0.576 |
-| question-first / word-tied / no | "is there a …?" | 600 | 0.599 |
-| question-first / word-tied / yes | "is there a …?" | 600 | 0.765 (cells 0.960) |
-| question-first / word-tied / yes | all kinds | 1,200 | 0.711 (exists 0.770, relation 0.548, count 0.698) |
-
-More items per step matter more than more steps (same machine, 256 items per step, 400 steps, the bootstrap's
-format apart from the embedding switches, all kinds; each step costs about 8 times one of 32 items):
-
-| image embedding / cell embedding | seed 0 | seed 1 |
-|---|---|---|
-| atomic / no | 0.584 | 0.585 |
-| word-tied / no | 0.585 | not run |
-| word-tied / yes | 0.618 | 0.780 (exists 0.778, relation 0.695, count 0.843) |
-
-With count targets as well (2026-12-05, seed 0, word-tied and cell embeddings): 128 items per step, 400 steps
-0.872 (lr 3e-3; 0.876 at 1.5e-3, 0.689 at 6e-3), 600 steps 0.884 (exists 0.913, relation 0.753, count 0.915).
-Targets at the nouns only (no attribute or relation words), 256 items per step: 0.770 at 300 steps, the model
-checking a shape and not the attributes it was asked about.
-
-For comparison, the full bootstrap (every task, image-first, atomic, VQA pairs) reaches held-out VQA 0.678 after 900
-steps and 0.738 after 2,700 (three times the 5-minute budget).
+The accuracies it measured, and what the bootstrap took from them, are in docs/results.md.
 """
 
 from __future__ import annotations

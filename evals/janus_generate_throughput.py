@@ -15,8 +15,8 @@ machine hit both alike.
 Configs (``silmm_fast.loop.adapters.random_janus.PRESETS``): ``tiny`` (16 image tokens, width 32) and ``small`` (64
 image tokens, width 256) for CPUs; ``janus-pro-1b`` (576 image tokens, width 2048, 24 layers, bf16) is GPU-only.
 
-    python bench/bench_janus_generate.py --device cpu --threads 1          # tiny and small
-    python bench/bench_janus_generate.py --device cuda --configs janus-pro-1b
+    python evals/janus_generate_throughput.py --device cpu --threads 1          # tiny and small
+    python evals/janus_generate_throughput.py --device cuda --configs janus-pro-1b
 
 Rows are appended to ``bench/results/janus_generate-<device>.jsonl``.
 """
