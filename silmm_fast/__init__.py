@@ -1,9 +1,9 @@
 """silmm_fast: fused losses, diverse sampling and a self-improvement loop for image-generating multimodal models.
 
-Public API (SPEC.md §4): log-prob ops, DPO / KC-DPO losses and modules, pairwise distances, diverse selection,
-DropDiv, prompt decomposition and ``env_report``. This core needs torch, numpy and triton only and imports nothing
-from ``silmm_fast.loop`` (the SILMM loop and its built-in world, the ``[loop]`` extra); ``silmm_fast.integrations.trl``
-needs the ``[trl]`` extra (see ``silmm_fast._extras``).
+Public API: log-prob ops, DPO / KC-DPO losses and modules, pairwise distances, diverse selection, the image-token
+sampler, DropDiv, prompt decomposition, ``env_report`` and ``use_backend`` (README.md has the table). This core needs
+torch, numpy and triton only and imports nothing from ``silmm_fast.loop`` (the SILMM loop and its built-in world, the
+``[loop]`` extra); ``silmm_fast.integrations.trl`` needs the ``[trl]`` extra (see ``silmm_fast._extras``).
 """
 
 from silmm_fast import _moved

@@ -1,7 +1,7 @@
 """Bootstrap of the shapes-world base model: train a ShapesLMM from synthetic data on CPU, cache it, load it back.
 
 ``bootstrap("discrete")`` (or ``"continuous"``) returns the base model. The first call trains it (a tqdm bar shows
-the progress; about 5 minutes on 2 CPU cores with the default config) and stores ``config.json``,
+the progress; a few minutes on a 2-core CPU with the default config) and stores ``config.json``,
 ``model.safetensors`` and ``bootstrap.json`` (the training config and statistics) in
 ``<cache>/shapes_lmm-<variant>-<hash>/``, where the hash covers the training config and the world's vocabulary; any
 later call with the same config loads that directory in about a second. ``<cache>`` is ``cache_dir`` when given,
@@ -58,54 +58,42 @@ class BootstrapConfig:
     write_batch: int = 16
     decompose_batch: int = 32
     vqa_batch: int = 32
-    # 48 rather than 64 keeps the bootstrap under 5 minutes on 2 cores, and in the continuous variant leaves more
-    # room to the text tasks: held-out decomposition 0.754 at 64, 0.954 at 48.
+    # kept below 64 so the continuous variant's feature regression leaves room to the text tasks (docs/results.md,
+    # "The bootstrap's settings")
     generate_batch: int = 48
     copy_batch: int = 16
-    # Weight of the continuous variant's feature regression. At 1.0 its base model met every constraint of 68 % of
-    # held-out multi-object prompts (sampled with DropDiv) and decomposed only 57 % correctly: the regression crowded
-    # out the text tasks. At 0.3 (and generate_batch 48): 28 % and 95 %.
+    # Weight of the continuous variant's feature regression against the text tasks: too high and it crowds them
+    # out (docs/results.md, "The bootstrap's settings").
     feature_weight: float = 0.3
     # Dropout rate in every decoder MLP while the continuous variant regresses its features (0: none). The loop
-    # samples with DropDiv (dropout at the same place, rate 0.5 by default), and a model that never saw dropout in
-    # training draws mostly broken images there. Measured with the reading recipe before its word shift (seed 0),
-    # held-out multi-object all-constraints of DropDiv samples: 0.101 at 0, 0.333 at 0.02 (the recipe's rate), 0.323
-    # at 0.05, 0.372 at 0.1, 0.378 at 0.5. The loop (KC-DPO, default settings) improved the 0.02 base model by +15.0
-    # / +14.2 % (seeds 0 / 1; random feedback -27.6 %) and barely moved those trained at higher rates (+5.7 % at
-    # 0.05, +2.7 % at 0.1, -17 % at 0.5): their samples vary less, so fewer pairs pass the margin (docs/results.md).
+    # samples with DropDiv (dropout at the same place), and a model that never saw dropout in training draws mostly
+    # broken images there; a high rate makes the samples vary less, so fewer pairs pass the loop's margin
+    # (docs/results.md, "The bootstrap's settings").
     feature_dropout: float = 0.0
     gen_noise: float = 0.3
     distractor_prob: float = 0.2
     # Probability that a discrete generation target is the prompt's canonical layout (its objects in its first cells,
-    # in the order it names them) rather than random cells. At 0 the base model met every constraint of 5.6 % of
-    # held-out multi-object prompts, below the 15-60 % the loop is meant to start from; at 0.7, 20.7 % (with the
-    # 900 steps of every task; with the reading recipe's 650 after its reading stage, 6.1 % at 0.7, 13.8 % at 0.9).
+    # in the order it names them) rather than random cells: random layouts alone leave the base model meeting too few
+    # multi-object prompts for the loop to start from (docs/results.md, "The bootstrap's settings").
     canonical_prob: float = 0.7
-    # How the base model learns to read its images (issue 5's judge; RECIPES["reading"] switches all of it on);
-    # measured on the 2-core machine, held-out VQA:
-    # - VQA in balanced pairs (SyntheticData.vqa_pairs). Unpaired, the model answers as well about shuffled images
-    #   as about the right ones (0.64 both): it learns the questions' priors.
+    # How the base model learns to read its images, so that its judge answers from the image rather than from the
+    # question's priors (RECIPES["reading"] switches all of it on; docs/results.md has the measurements):
+    # - VQA in balanced pairs (SyntheticData.vqa_pairs): a question alone no longer predicts its answer.
     # - count targets at the question's words (vqa_counts; data.count_targets) and a structured image embedding
-    #   (attribute words + cell vector; models.image_embedding). A VQA-only probe (scripts/reading_probe.py, 128
-    #   items per step, 400 steps) reaches 0.87 with both; without the counts, even at 256 items per step,
-    #   0.62 / 0.78 (seeds 0 / 1).
-    # - a reading stage first: VQA learned next to every other task stays near 0.69 (128 items per step for 600
-    #   steps, or 128 items after 400 steps of the other tasks); learned first, with word copying only (copying
-    #   must come along: without it decomposition never recovers), it reaches 0.84 and keeps it through the rest.
+    #   (attribute words + cell vector; models.image_embedding).
+    # - a reading stage first (reading_steps): VQA and word copying only, before every other task; copying must come
+    #   along, or decomposition never recovers.
     vqa_pairs: bool = False
     vqa_counts: bool = False
     image_embedding: str = "atomic"
     # The discrete variant's head over image tokens (models.image_head; the continuous variant draws no image tokens
     # and keeps the atomic head). Every held-out prompt names an attribute pair no training prompt does, so with
-    # one row per token the tokens it needs are never a generation target; factored, measured with the reading
-    # recipe: held-out generation all-constraints 0.251 instead of 0.160 (the loop's evaluation), and the loop
-    # turns its judge into gains (docs/results.md).
+    # one row per token the tokens it needs are never a generation target; the factored head scores them from their
+    # attributes' vectors.
     image_head: str = "atomic"
     # How many preceding tokens each token of a question takes in through the input embedding (models.word_shift).
     # Without it the model checks each word of a question on its own and answers "is there a red circle?" with yes
-    # beside a red star and a purple circle. Measured after the reading stage alone (seed 0, held-out questions
-    # about matching and near-miss scenes): such binding traps answered right 0.034 at 0, 0.962 at 2; with the whole
-    # reading recipe, held-out VQA 0.851 at 0, 0.958 at 2.
+    # beside a red star and a purple circle.
     word_shift: int = 0
     # The reading stage: `reading_steps` steps of VQA (`reading_vqa_batch` items per step) and word copying only,
     # with their own warm-up and cosine; then `steps` steps of every task.
@@ -207,9 +195,8 @@ image tokens), ``pairs`` (balanced VQA pairs) and ``reading`` (the loop's defaul
 the structured image embedding, a word shift of 2 and a reading stage first, a base model that reads its images and
 binds a question's attributes to its nouns; in the discrete variant also the factored image-token head, a model that can
 draw attribute pairs it never drew; see the comments in ``BootstrapConfig``). ``reading`` doubles the continuous
-variant's ``feature_weight``: with 250 fewer steps of every task its feature head at 0.3 met every constraint of 5.0 %
-of held-out prompts, at 0.6 10.4 % (decomposition 0.925 and 0.975); and it regresses the features under dropout at rate
-0.02 (``feature_dropout``), where DropDiv samples them."""
+variant's ``feature_weight``, since it trains fewer steps of every task, and regresses the features under dropout at
+rate 0.02 (``feature_dropout``), where DropDiv samples them. docs/results.md has what each choice measured."""
 
 _SCHEDULE = ("steps", "reading_steps", "reading_vqa_batch")
 

@@ -14,21 +14,17 @@ compositions than at composing them.
 
 VQA can come in balanced pairs (``vqa_pairs``, ``BootstrapConfig.vqa_pairs``): each question is asked of its scene
 and of a second scene, one edit away where possible (an attribute changed, an object moved, removed or added), on
-which the answer flips. A question then predicts nothing by itself, as in balanced VQA datasets. Measured: with
-unpaired questions the base model answers as well with the images shuffled as with the right ones (it learned the
-questions' priors); paired, it reads the image (``BootstrapConfig`` says why that is not yet the default).
+which the answer flips. A question then predicts nothing by itself, as in balanced VQA datasets: with unpaired
+questions a model can answer from the questions' priors without reading the image (docs/results.md).
 
 VQA examples can also carry count targets (``vqa_counts``, ``count_targets``): at every attribute, noun and relation
 word of the question, the number of objects that fit the description read so far ("no", "one" … "four"). The answer
-is one bit per item; these targets teach the lookup it rests on, word by word (measured with
-``scripts/reading_probe.py``: 0.87 after 400 steps of 128 items; without them 0.62 / 0.78, seeds 0 / 1, even at
-256 items per step).
+is one bit per item; these targets teach the lookup it rests on, word by word (docs/results.md).
 
 The ``copy`` task stands in for the text pretraining of a real LMM: repeat a random sequence of the world's words.
-Nothing in it can be predicted but by copying, so it trains the heads that copy words from the context (measured: a
-decomposition trained without it writes the train-split noun that usually follows a color instead of the prompt's,
-"is there a purple star?" for "a purple square"). Its sequences never put an attribute before a shape of a held-out
-pair, so no held-out combination is seen.
+Nothing in it can be predicted but by copying, so it trains the heads that copy words from the context, which
+decomposition needs to repeat the prompt's nouns rather than the ones that usually follow its colors. Its sequences
+never put an attribute before a shape of a held-out pair, so no held-out combination is seen.
 """
 
 from __future__ import annotations

@@ -3,10 +3,9 @@
 Real LMMs read images through a vision encoder whose features already describe what is where (Janus even keeps the
 understanding encoder apart from the generation tokenizer). The built-in model's counterpart is this embedding: an
 image token's learned vector, plus the embeddings of the words naming its shape, color and texture (``words``), plus
-a learned vector of its grid cell (``cells``). Measured with ``scripts/reading_probe.py``: with both, a fresh model
-learns to answer questions about images in a few hundred steps; with neither it stays near chance far longer. A
-Llama decoder carries no absolute position in its residual stream (RoPE only tilts attention scores), so without
-``cells`` an image token does not know which cell it holds.
+a learned vector of its grid cell (``cells``), so a fresh model learns to answer questions about images quickly
+(docs/results.md). A Llama decoder carries no absolute position in its residual stream (RoPE only tilts attention
+scores), so without ``cells`` an image token does not know which cell it holds.
 
 A token's cell is its index among the image tokens of its row (every sequence holds at most one image), counted
 from ``images_before`` — the image tokens a KV cache already holds for that row when the ids are a continuation.

@@ -501,8 +501,8 @@ class ShapesLMM(nn.Module):
 
         With ``copy_words`` (the default) a question may use only its prompt's words and the question templates' own
         (``silmm_fast.loop.world.QUESTION_WORDS``), as every ground-truth question does: the model still chooses which
-        words, in which order, but cannot put a word the prompt never said in place of one it did (measured, free
-        decoding on held-out prompts writes "is there a blue triangle?" for "a blue star", or "left" for "right").
+        words, in which order, but cannot put a word the prompt never said in place of one it did (free decoding can
+        write "is there a blue triangle?" for "a blue star", or "left" for "right").
         Without it, any word of the vocabulary may be drawn.
 
         Returns one list of question strings per prompt (empty questions dropped).

@@ -3,18 +3,15 @@
 A question like "is there a red circle?" is answered by looking, at the word "circle", for an object that is a red
 circle. The decoder can only do that once "red" has reached the position of "circle"; before that, the lookup at
 "circle" finds every circle, and a model trained from scratch settles on checking each word on its own ("red"
-somewhere, a circle somewhere), which answers yes beside a red star and a purple circle. Measured with the reading
-recipe (seed 0, held-out prompts): VQA 0.851 without the shift, 0.958 with two shifted words; on near misses whose
-named attributes all appear, on different objects, 0 of 130 "is there …?" questions right without it.
+somewhere, a circle somewhere), which answers yes beside a red star and a purple circle (docs/results.md has the
+measurements).
 
 ``WordShift`` wraps the model's token embedding (a plain ``nn.Embedding`` or the structured ``ImageEmbedding``) and
 adds, at every token of a question (from its ``open`` token through its ``close`` token: "<q> … <a>"),
 ``sum_i W_i · e(token i places back)`` over the ``shift`` tokens before it, with learned ``W_i`` that start at zero
 (a fresh model starts as without it). Image tokens and pads give nothing: an image token stays the embedding of its
-object alone. Only questions take the shift: over every word it also changed how the model reads the prompts it
-draws and decomposes, and the base model met every constraint of 14.5 % of held-out multi-object prompts instead
-of 26.2 % (45.0 % with the shift inside questions only) and decomposed "a blue circle, a blue star and a blue
-square" into two questions about the square.
+object alone. Only questions take the shift: over every word it would also change how the model reads the prompts
+it draws and decomposes, for the worse.
 
 A KV-cached continuation embeds its new ids with ``previous``: the ids just before them in each row. A question
 is given whole within one call (training sequences are; ``ShapesLMM.answer`` feeds each question, from its "<q>",

@@ -1,4 +1,4 @@
-"""The built-in compositional shapes world (SPEC.md §5): scenes on a 3×3 grid, their images, exact token and
+"""The built-in compositional shapes world: scenes on a 3×3 grid, their images, exact token and
 feature representations, T2I-CompBench-style prompts with atomic constraints and yes/no questions, and the
 ground-truth evaluator.
 
