@@ -43,6 +43,7 @@ def env_report(print_report: bool = True) -> dict:
 
 
 def format_report(report: dict) -> str:
+    """``env_report``'s dict as the text it prints: one line per version or device, then each op's backend."""
     lines = ["silmm_fast environment"]
     for key in (
         "python",
