@@ -5,7 +5,7 @@ the progress; a few minutes on a 2-core CPU with the default config) and stores 
 ``model.safetensors`` and ``bootstrap.json`` (the training config and statistics) in
 ``<cache>/shapes_lmm-<variant>-<hash>/``, where the hash covers the training config and the world's vocabulary; any
 later call with the same config loads that directory in about a second. ``<cache>`` is ``cache_dir`` when given,
-else ``$SILMM_FAST_CACHE/models``, else ``~/.cache/silmm_fast/loop/models``.
+else ``$SILMM_FAST_CACHE/models``, else ``~/.cache/silmm_fast/models``.
 
 One explicit loop in two stages. The reading stage (``reading_steps``) trains only VQA, with many items per step,
 and word copying; then every step draws a fresh batch of each task (prompt writing, decomposition, VQA, generation —
@@ -217,7 +217,7 @@ def recipe(name: str, variant: str = "discrete", tiny: bool = False) -> Bootstra
 
 
 def default_cache_dir() -> Path:
-    """``$SILMM_FAST_CACHE/models``, else ``~/.cache/silmm_fast/loop/models``."""
+    """``$SILMM_FAST_CACHE/models``, else ``~/.cache/silmm_fast/models``."""
     root = os.environ.get("SILMM_FAST_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "silmm_fast") / "models"
 
@@ -375,7 +375,7 @@ def bootstrap(
     Args:
         variant: which model; ignored when ``config`` is given (its ``variant`` wins) unless they disagree, which
             raises ValueError.
-        cache_dir: cache root (default ``$SILMM_FAST_CACHE/models`` or ``~/.cache/silmm_fast/loop/models``).
+        cache_dir: cache root (default ``$SILMM_FAST_CACHE/models`` or ``~/.cache/silmm_fast/models``).
         config: the training recipe (default ``BootstrapConfig(variant=variant)``).
         progress: show a tqdm progress bar while training.
         force: retrain even when a cached model exists (and replace it).
