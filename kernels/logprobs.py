@@ -17,12 +17,10 @@ Rows are addressed as a [P, Q] grid with strides (stride_p, stride_q), the last 
 ``logits[:, :-1]`` of a [B, T + 1, V] tensor is read in place, without a copy.
 """
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
+from silmm_fast.kernels._common import acc_types, interpreted, on_device
 
 # Vocabulary block per program step. 4096 fp32 values per step keeps the row loop short at V = 16K..185K on GPU
 # while fitting registers with 8 warps; the interpreter prefers few, large steps (its cost is per step, not per value).
@@ -32,15 +30,18 @@ MAX_BLOCK_V_INTERPRETED = 16384
 
 @triton.jit
 def _logprobs_fwd_kernel(
+    # pointers: logits rows [P, Q, V] (last dim contiguous), labels [N], outputs [N]
     logits_ptr,
     labels_ptr,
     logp_ptr,
     max_ptr,
     logsum_ptr,
+    # shapes and strides
     Q,
+    V,
     stride_p,
     stride_q,
-    V,
+    # constants
     ignore_index,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -79,16 +80,19 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def _logprobs_bwd_kernel(
+    # pointers: logits rows as in the forward, its per-row statistics, upstream gradient [N], dlogits [N, V]
     logits_ptr,
     labels_ptr,
     max_ptr,
     logsum_ptr,
     grad_ptr,
     dlogits_ptr,
+    # shapes and strides
     Q,
+    V,
     stride_p,
     stride_q,
-    V,
+    # constants
     ignore_index,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -112,77 +116,70 @@ def _logprobs_bwd_kernel(
     tl.store(dlogits_ptr + row * V + cols, dx.to(dlogits_ptr.dtype.element_ty), mask=in_row)
 
 
-def _rows_view(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
-    """``logits`` as rows on a [P, Q] grid: (tensor, P, Q, stride_p, stride_q); copies only when unavoidable."""
+def _rows_view(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """``logits`` as rows on a [P, Q] grid: (tensor, Q, stride_p, stride_q); copies only when unavoidable."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     if logits.dim() == 1:
-        return logits, 1, 1, 0, 0
+        return logits, 1, 0, 0
     if logits.dim() == 2:
-        return logits, 1, logits.shape[0], 0, logits.stride(0)
+        return logits, logits.shape[0], 0, logits.stride(0)
     if logits.dim() > 3:
         logits = logits.flatten(0, -3)  # a view when the leading dims merge, else one copy
-    return logits, logits.shape[0], logits.shape[1], logits.stride(0), logits.stride(1)
+    return logits, logits.shape[1], logits.stride(0), logits.stride(1)
 
 
-def _on_device(device: torch.device):
-    """Launch on the tensor's GPU (Triton launches on the current CUDA device), nothing to do for CPU tensors."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+def default_block_v(V: int) -> int:
+    """The vocabulary block for rows of ``V`` logits: the next power of two, capped per step (see MAX_BLOCK_V)."""
+    return min(triton.next_power_of_2(V), MAX_BLOCK_V_INTERPRETED if interpreted() else MAX_BLOCK_V)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _block_v(V: int, block_v: int | None) -> int:
-    if block_v is not None:
-        return triton.next_power_of_2(block_v)
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return min(triton.next_power_of_2(V), MAX_BLOCK_V_INTERPRETED if interpreted else MAX_BLOCK_V)
-
-
-def logprobs_forward(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, block_v: int | None = None
+def logprobs_fwd(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, block_v: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row log p(label), row max m and r = log Σ exp(z − m) of ``logits[..., V]`` (lse = m + r).
 
     All three are flat [N], float32 (float64 for fp64 input). ``labels`` has the shape ``logits.shape[:-1]`` (any
-    integer dtype). ``block_v`` overrides the vocabulary block.
+    integer dtype). ``block_v``: vocabulary columns per program step (rounded up to a power of two; None:
+    ``default_block_v``).
     """
     V = logits.shape[-1]
     N = labels.numel()
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp, row_max, row_logsum = (torch.empty(N, dtype=out_dtype, device=logits.device) for _ in range(3))
+    acc_t, acc_tl = acc_types(logits.dtype)
+    logp, row_max, row_logsum = (torch.empty(N, dtype=acc_t, device=logits.device) for _ in range(3))
     if N == 0:
         return logp, row_max, row_logsum
-    rows, _, Q, stride_p, stride_q = _rows_view(logits)
-    labels = labels.reshape(-1).contiguous()
-    BLOCK_V = _block_v(V, block_v)
-    with _on_device(logits.device):
+    rows, Q, stride_p, stride_q = _rows_view(logits)
+    BLOCK_V = default_block_v(V) if block_v is None else triton.next_power_of_2(block_v)
+    with on_device(logits.device):
         _logprobs_fwd_kernel[(N,)](
-            rows,
-            labels,
-            logp,
-            row_max,
-            row_logsum,
-            Q,
-            stride_p,
-            stride_q,
-            V,
-            ignore_index,
-            ACC=_acc_dtype(logits.dtype),
+            # pointers
+            logits_ptr=rows,
+            labels_ptr=labels.reshape(-1).contiguous(),
+            logp_ptr=logp,
+            max_ptr=row_max,
+            logsum_ptr=row_logsum,
+            # shapes and strides
+            Q=Q,
+            V=V,
+            stride_p=stride_p,
+            stride_q=stride_q,
+            # constants
+            ignore_index=ignore_index,
+            ACC=acc_tl,
             BLOCK_V=BLOCK_V,
             num_warps=8 if BLOCK_V >= 2048 else 4,
         )
     return logp, row_max, row_logsum
 
 
-def logprobs_backward(
+def logprobs_bwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
     row_max: torch.Tensor,
     row_logsum: torch.Tensor,
     grad_logp: torch.Tensor,
+    *,
     ignore_index: int,
     block_v: int | None = None,
     out: torch.Tensor | None = None,
@@ -190,40 +187,34 @@ def logprobs_backward(
     """Gradient of the per-row log-probs w.r.t. ``logits``: a new contiguous tensor of the logits' shape and dtype,
     or ``out`` (contiguous, the logits' shape, any floating dtype).
 
-    ``row_max`` / ``row_logsum`` are the forward's flat [N] statistics; ``grad_logp`` is the upstream gradient, [N]
-    elements in any layout. ``out`` may be ``logits`` itself (each program reads its block before writing it): the
+    ``row_max`` / ``row_logsum`` are ``logprobs_fwd``'s flat [N] statistics; ``grad_logp`` is the upstream gradient,
+    [N] elements in any layout. ``out`` may be ``logits`` itself (each program reads its block before writing it): the
     fused DPO head writes dz over its own logit slab. Never pass an input that autograd saved.
     """
     V = logits.shape[-1]
     N = labels.numel()
-    if out is None:
-        dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    else:
-        if out.shape != logits.shape or not out.is_contiguous():
-            raise ValueError(
-                f"out: expected a contiguous tensor of shape {tuple(logits.shape)}, got {tuple(out.shape)}"
-            )
-        dlogits = out
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
     if N == 0:
         return dlogits
-    rows, _, Q, stride_p, stride_q = _rows_view(logits)
-    labels = labels.reshape(-1).contiguous()
-    grad_logp = grad_logp.reshape(-1).to(row_max.dtype).contiguous()
-    BLOCK_V = _block_v(V, block_v)
-    with _on_device(logits.device):
+    rows, Q, stride_p, stride_q = _rows_view(logits)
+    BLOCK_V = default_block_v(V) if block_v is None else triton.next_power_of_2(block_v)
+    with on_device(logits.device):
         _logprobs_bwd_kernel[(N, triton.cdiv(V, BLOCK_V))](
-            rows,
-            labels,
-            row_max,
-            row_logsum,
-            grad_logp,
-            dlogits,
-            Q,
-            stride_p,
-            stride_q,
-            V,
-            ignore_index,
-            ACC=_acc_dtype(logits.dtype),
+            # pointers
+            logits_ptr=rows,
+            labels_ptr=labels.reshape(-1).contiguous(),
+            max_ptr=row_max,
+            logsum_ptr=row_logsum,
+            grad_ptr=grad_logp.reshape(-1).to(row_max.dtype).contiguous(),
+            dlogits_ptr=dlogits,
+            # shapes and strides
+            Q=Q,
+            V=V,
+            stride_p=stride_p,
+            stride_q=stride_q,
+            # constants
+            ignore_index=ignore_index,
+            ACC=acc_types(logits.dtype)[1],
             BLOCK_V=BLOCK_V,
             num_warps=8 if BLOCK_V >= 2048 else 4,
         )

@@ -91,6 +91,128 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: contains NaN or Inf")
 
 
+# --- arguments of the log-prob ops and the fused heads ---------------------------------------------------------------
+def check_ignore_index(ignore_index: object) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def _untraceable(labels: torch.Tensor) -> bool:
+    """Inside torch.compile tracing or CUDA graph capture a data-dependent check cannot run."""
+    if torch.compiler.is_compiling():
+        return True
+    return labels.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_label_range(
+    labels: torch.Tensor, V: int, ignore_index: int, vocab_doc: str, *, skip_when_traced: bool = False
+) -> None:
+    """Every label in [0, V) or ``ignore_index``: one fused reduction over the labels, on CUDA one host sync of a
+    single bool (labels are O(N), tiny next to the [N, V] logits); a clear ValueError beats a NaN that surfaces many
+    steps later. ``vocab_doc`` says where V comes from. Skipped for meta tensors (no values), and with
+    ``skip_when_traced`` under torch.compile tracing / CUDA graph capture (for ops whose kernels turn such a label into
+    NaN, never an out-of-bounds read)."""
+    if labels.numel() == 0 or not has_data(labels) or (skip_when_traced and _untraceable(labels)):
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"labels: expected values in [0, {V}) ({vocab_doc}) or ignore_index={ignore_index}, got {first}"
+        )
+
+
+def check_logits_and_labels(logits: object, labels: object, ignore_index: object, *, sequence: bool) -> None:
+    """The inputs of ``gather_logprobs`` (logits [..., V], labels [...]) or, with ``sequence``, of
+    ``sequence_logprobs`` (logits [B, T, V], labels [B, T])."""
+    logits = check_float("logits", logits)
+    labels = check_integer("labels", labels)
+    check_ignore_index(ignore_index)
+    if sequence:
+        check_ndim("logits", logits, 3, "[B, T, V]")
+        check_ndim("labels", labels, 2, "[B, T]")
+    elif logits.dim() == 0:
+        raise ValueError("logits: expected shape [..., V] with at least one dimension, got a 0-d tensor")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), got {tuple(labels.shape)}"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits: expected a vocabulary of at least 1 (shape [..., V]), got {tuple(logits.shape)}")
+    check_same_device(logits=logits, labels=labels)
+    vocab_doc = "the vocabulary size, logits.shape[-1]"
+    check_label_range(labels, logits.shape[-1], ignore_index, vocab_doc, skip_when_traced=True)
+
+
+def check_linear_head(
+    hidden: object, weight: object, labels: object, bias: object, ignore_index: object, *, hidden_doc: str = "[B, T, H]"
+) -> None:
+    """The inputs of a fused linear head: hidden [B, T, H], weight [V, H], labels [B, T], bias [V] or None, in one
+    dtype (labels: any integer dtype) on one device, labels in [0, V) or ``ignore_index``."""
+    hidden = check_float("hidden", hidden)
+    weight = check_float("weight", weight)
+    labels = check_integer("labels", labels)
+    if bias is not None:
+        check_float("bias", bias)
+    check_ignore_index(ignore_index)
+    check_ndim("hidden", hidden, 3, hidden_doc)
+    check_ndim("weight", weight, 2, "[V, H]")
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight: expected shape [V, {H}] (H = hidden.shape[-1]), got {tuple(weight.shape)}")
+    if V == 0:
+        raise ValueError(f"weight: expected a vocabulary of at least 1 row (shape [V, H]), got {tuple(weight.shape)}")
+    if labels.shape != (B, T):
+        raise ValueError(f"labels: expected shape [{B}, {T}] (hidden.shape[:2]), got {tuple(labels.shape)}")
+    if bias is not None and bias.shape != (V,):
+        raise ValueError(f"bias: expected shape [{V}] (V = weight.shape[0]), got {tuple(bias.shape)}")
+    for name, x in (("weight", weight), ("bias", bias)):
+        if x is not None and x.dtype != hidden.dtype:
+            raise TypeError(f"{name}: expected dtype {hidden.dtype} (same as hidden), got {x.dtype}")
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    check_label_range(labels, V, ignore_index, "V = weight.shape[0]")
+
+
+def check_preference_pairs(hidden: object) -> int:
+    """hidden [2B, T, H] with B ≥ 1 (B chosen rows, then B rejected rows); returns B."""
+    hidden = check_float("hidden", hidden)
+    check_ndim("hidden", hidden, 3, "[2B, T, H] (chosen rows, then rejected rows)")
+    rows = hidden.shape[0]
+    if rows == 0 or rows % 2:
+        raise ValueError(
+            f"hidden: expected an even, non-zero number of rows [2B, T, H] (B chosen then B rejected), got "
+            f"{tuple(hidden.shape)}"
+        )
+    return rows // 2
+
+
+def check_reference_logps(pairs: int, hidden: torch.Tensor, ref_chosen: object, ref_rejected: object) -> None:
+    """Reference log-probs [B] (one per pair), floating, on the device of ``hidden``."""
+    for name, ref in (("ref_chosen_logps", ref_chosen), ("ref_rejected_logps", ref_rejected)):
+        ref = check_float(name, ref)
+        if ref.shape != (pairs,):
+            raise ValueError(
+                f"{name}: expected shape [{pairs}] (one per pair, hidden.shape[0] // 2), got {tuple(ref.shape)}"
+            )
+    check_same_device(hidden=hidden, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+
+
+def check_nll_weight(nll_weight: object) -> float:
+    if isinstance(nll_weight, bool) or not isinstance(nll_weight, (int, float)) or not 0 <= nll_weight < float("inf"):
+        raise ValueError(f"nll_weight: expected a finite number >= 0, got {nll_weight!r}")
+    return float(nll_weight)
+
+
+def check_chunk_bytes(chunk_bytes: object) -> int | None:
+    if chunk_bytes is not None and (
+        isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
+    ):
+        raise ValueError(f"chunk_bytes: expected a positive int (bytes) or None, got {chunk_bytes!r}")
+    return chunk_bytes
+
+
 # --- arguments of the model adapters (ShapesLMM, JanusAdapter) -----------------------------------------------------
 def check_prompts(prompts: object, name: str = "prompts", *, allow_blank: bool = True) -> list[str]:
     """A non-empty list of str (a bare str is refused: it would iterate as characters)."""

@@ -18,11 +18,18 @@ BACKENDS = ["triton", "torch", "reference"]
 IGNORE = -100
 
 
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    """Rows of V = 37 span three Triton vocabulary blocks and the torch path works one row per chunk."""
-    monkeypatch.setattr(ops, "_TRITON_BLOCK_V", 16)
-    monkeypatch.setattr(ops, "TORCH_CHUNK_ELEMENTS", 64)
+# Rows of V = 37 span three Triton vocabulary blocks and the torch path works one row per chunk.
+SMALL = dict(block_v=16, chunk_elements=64)
+
+
+def gather(logits, labels, backend, *, ignore_index=IGNORE, **blocks):
+    """``gather_logprobs`` on ``backend`` with small blocks (``blocks`` overrides them)."""
+    return ops.gather_logprobs_on(backend, logits, labels, ignore_index, **(SMALL | blocks))
+
+
+def sequence(logits, labels, backend, *, ignore_index=IGNORE, reduction="sum"):
+    """``sequence_logprobs`` on ``backend`` with small blocks."""
+    return ops.sequence_logprobs_on(backend, logits, labels, ignore_index, reduction, **SMALL)
 
 
 def ref64(logits, labels, ignore_index=IGNORE):
@@ -38,12 +45,12 @@ def make(shape, V, dtype, seed=0, scale=3.0, ignore_frac=0.25):
     return logits, labels
 
 
-def grads_vs_ref(logits, labels, upstream, ignore_index=IGNORE):
-    """(our gradient, float64 reference gradient) for sum(upstream * logp), both on the CPU. Ours is computed on the
-    device of ``logits`` (where the test put them for its backend), the reference on the CPU."""
+def grads_vs_ref(logits, labels, upstream, backend, ignore_index=IGNORE):
+    """(our gradient, float64 reference gradient) for sum(upstream * logp), both on the CPU. Ours is computed on
+    ``backend``, on the device of ``logits`` (where the test put them for its backend), the reference on the CPU."""
     dev = logits.device
     x = logits.detach().clone().requires_grad_()
-    (gather_logprobs(x, labels.to(dev), ignore_index=ignore_index) * upstream.to(dev)).sum().backward()
+    (gather(x, labels.to(dev), backend, ignore_index=ignore_index) * upstream.to(dev)).sum().backward()
     x64 = logits.detach().cpu().double().requires_grad_()
     (reference.gather_logprobs(x64, labels.cpu(), ignore_index=ignore_index) * upstream.cpu().double()).sum().backward()
     return x.grad.cpu(), x64.grad
@@ -55,9 +62,8 @@ def test_forward_and_grad_match_float64(backend, dtype):
     logits, labels = make((2, 5), 37, dtype)
     upstream = torch.randn(2, 5, generator=torch.Generator().manual_seed(1))
     dev = backend_device(backend)
-    with use_backend(backend):
-        out = gather_logprobs(logits.to(dev), labels.to(dev)).cpu()
-        grad, expected_grad = grads_vs_ref(logits.to(dev), labels, upstream)
+    out = gather(logits.to(dev), labels.to(dev), backend).cpu()
+    grad, expected_grad = grads_vs_ref(logits.to(dev), labels, upstream, backend)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert out.shape == labels.shape
     # math is fp32 whatever the storage dtype: the forward meets the fp32 (fp64) tolerance on the stored values
@@ -76,9 +82,8 @@ def test_sequence_logprobs_with_fully_masked_sequence(backend, reduction):
     labels[2, 0] = 5  # at least one kept token in sequence 2
     x = logits.clone().requires_grad_()
     dev = backend_device(backend)
-    with use_backend(backend):
-        out = sequence_logprobs(x.to(dev), labels.to(dev), reduction=reduction).cpu()
-        out.sum().backward()  # x.grad lands on the CPU leaf x
+    out = sequence(x.to(dev), labels.to(dev), backend, reduction=reduction).cpu()
+    out.sum().backward()  # x.grad lands on the CPU leaf x
     per_token = ref64(logits, labels)
     expected = per_token.sum(-1)
     if reduction == "mean":
@@ -94,9 +99,8 @@ def test_mean_counts_only_kept_tokens(backend):
     logits, labels = make((1, 4), 11, torch.float64, seed=3, ignore_frac=0.0)
     labels[0, 1] = IGNORE
     logits, labels = logits.to(backend_device(backend)), labels.to(backend_device(backend))
-    with use_backend(backend):
-        mean = sequence_logprobs(logits, labels, reduction="mean").cpu()
-        total = sequence_logprobs(logits, labels, reduction="sum").cpu()
+    mean = sequence(logits, labels, backend, reduction="mean").cpu()
+    total = sequence(logits, labels, backend, reduction="sum").cpu()
     assert_close(mean, total / 3, torch.float64)
 
 
@@ -121,9 +125,8 @@ def test_non_contiguous_logits(backend, view):
     labels = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=g)
     labels.view(-1)[0] = IGNORE
     upstream = torch.randn(labels.shape, generator=g)
-    with use_backend(backend):
-        out = gather_logprobs(logits, labels.to(dev)).cpu()
-        grad, expected_grad = grads_vs_ref(logits, labels, upstream)
+    out = gather(logits, labels.to(dev), backend).cpu()
+    grad, expected_grad = grads_vs_ref(logits, labels, upstream, backend)
     assert_close(out, ref64(logits, labels), torch.float32)
     assert_close(grad, expected_grad, torch.float32)
 
@@ -134,8 +137,7 @@ def test_non_contiguous_labels_and_expanded_upstream(backend):
     labels = torch.randint(0, 37, (4, 3), generator=torch.Generator().manual_seed(7)).t()
     x = logits.clone().requires_grad_()
     dev = backend_device(backend)
-    with use_backend(backend):
-        sequence_logprobs(x.to(dev), labels.to(dev)).sum().backward()  # upstream gradient arrives expanded (stride 0)
+    sequence(x.to(dev), labels.to(dev), backend).sum().backward()  # upstream gradient arrives expanded (stride 0)
     x64 = logits.double().requires_grad_()
     reference.sequence_logprobs(x64, labels).sum().backward()
     assert_close(x.grad, x64.grad, torch.float32)
@@ -154,9 +156,8 @@ def test_extreme_logits_stay_finite_and_correct(backend):
     labels = torch.tensor([3, 5, 9, 0, IGNORE])
     x = logits.clone().requires_grad_()
     dev = backend_device(backend)
-    with use_backend(backend):
-        out = gather_logprobs(x.to(dev), labels.to(dev)).cpu()
-        out.sum().backward()  # x.grad lands on the CPU leaf x
+    out = gather(x.to(dev), labels.to(dev), backend).cpu()
+    out.sum().backward()  # x.grad lands on the CPU leaf x
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
     assert out[0].item() == 0.0
     assert out[1].item() == pytest.approx(-2e4, rel=1e-6)
@@ -177,10 +178,9 @@ def test_in_place_safety_with_producer_that_saved_its_output(backend):
     labels = torch.randint(0, 37, (2, 3), generator=g)
     upstream = torch.randn(2, 3, generator=g)
     dev = backend_device(backend)
-    with use_backend(backend):
-        probs = torch.sigmoid(x.to(dev))  # the saved output lives where the op reads it
-        before = probs.detach().clone()
-        (gather_logprobs(probs, labels.to(dev)) * upstream.to(dev)).sum().backward()
+    probs = torch.sigmoid(x.to(dev))  # the saved output lives where the op reads it
+    before = probs.detach().clone()
+    (gather(probs, labels.to(dev), backend) * upstream.to(dev)).sum().backward()
     assert torch.equal(probs.detach(), before)
     x64 = x.detach().double().requires_grad_()
     (reference.gather_logprobs(torch.sigmoid(x64), labels) * upstream.double()).sum().backward()
@@ -188,15 +188,16 @@ def test_in_place_safety_with_producer_that_saved_its_output(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_gradcheck_float64(backend, monkeypatch):
-    monkeypatch.setattr(ops, "_TRITON_BLOCK_V", 4)  # V = 9: three blocks
+def test_gradcheck_float64(backend):
     logits, labels = make((2, 3), 9, torch.float64, seed=9, ignore_frac=0.0)
     labels[0, 0] = IGNORE
     x = logits.to(backend_device(backend)).requires_grad_()
     labels = labels.to(backend_device(backend))
-    with use_backend(backend):
-        assert torch.autograd.gradcheck(lambda t: gather_logprobs(t, labels), (x,), fast_mode=True)
-        assert torch.autograd.gradcheck(lambda t: sequence_logprobs(t, labels, reduction="mean"), (x,), fast_mode=True)
+    blocks = dict(block_v=4, chunk_elements=9)  # V = 9: three Triton blocks, one row per torch chunk
+    per_token = lambda t: ops.gather_logprobs_on(backend, t, labels, IGNORE, **blocks)
+    per_sequence = lambda t: ops.sequence_logprobs_on(backend, t, labels, IGNORE, "mean", **blocks)
+    assert torch.autograd.gradcheck(per_token, (x,), fast_mode=True)
+    assert torch.autograd.gradcheck(per_sequence, (x,), fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -204,9 +205,8 @@ def test_custom_ignore_index_inside_vocabulary(backend):
     logits, _ = make((2, 4), 9, torch.float64, seed=10)
     labels = torch.tensor([[0, 3, 3, 8], [3, 3, 3, 3]])
     dev = backend_device(backend)
-    with use_backend(backend):
-        out = gather_logprobs(logits.to(dev), labels.to(dev), ignore_index=3).cpu()
-        seq = sequence_logprobs(logits.to(dev), labels.to(dev), ignore_index=3, reduction="mean").cpu()
+    out = gather(logits.to(dev), labels.to(dev), backend, ignore_index=3).cpu()
+    seq = sequence(logits.to(dev), labels.to(dev), backend, ignore_index=3, reduction="mean").cpu()
     assert_close(out, ref64(logits, labels, ignore_index=3), torch.float64)
     assert (out[labels == 3] == 0).all() and seq[1].item() == 0.0
 
@@ -236,18 +236,18 @@ def test_int32_labels_match_int64(backend):
     assert torch.equal(a, b)
 
 
-def test_triton_kernel_default_blocks_and_out_of_range_label_gives_nan(monkeypatch):
+def test_triton_kernel_default_blocks_and_out_of_range_label_gives_nan():
     """The kernel's own heuristic block, and its guard for a label the caller did not validate."""
     from silmm_fast.kernels import logprobs as kernels
 
-    monkeypatch.setattr(ops, "_TRITON_BLOCK_V", None)
     logits, labels = make((3,), 300, torch.float32, seed=12, ignore_frac=0.0)
     dev = backend_device("triton")  # the launcher reads its tensors where Triton runs; results compared on the CPU
-    logp, row_max, row_logsum = (t.cpu() for t in kernels.logprobs_forward(logits.to(dev), labels.to(dev), IGNORE))
+    stats = kernels.logprobs_fwd(logits.to(dev), labels.to(dev), ignore_index=IGNORE)
+    logp, row_max, row_logsum = (t.cpu() for t in stats)
     assert_close(logp, ref64(logits, labels), torch.float32)
     assert_close(row_max + row_logsum, torch.logsumexp(logits.double(), -1), torch.float32)
     bad = torch.tensor([300, -7, 2])
-    logp = kernels.logprobs_forward(logits.to(dev), bad.to(dev), IGNORE, block_v=64)[0].cpu()
+    logp = kernels.logprobs_fwd(logits.to(dev), bad.to(dev), ignore_index=IGNORE, block_v=64)[0].cpu()
     assert torch.isnan(logp[:2]).all() and torch.isfinite(logp[2])
 
 
@@ -292,13 +292,8 @@ def test_bad_inputs_raise_errors_naming_the_argument(backend):
 def test_property_random_shapes_and_masks(B, T, V, mask_p, seed, backend):
     logits, labels = make((B, T), V, torch.float32, seed=seed, ignore_frac=mask_p)
     dev = backend_device(backend)
-    ops._TRITON_BLOCK_V = 16
-    try:
-        with use_backend(backend):
-            per_token = gather_logprobs(logits.to(dev), labels.to(dev)).cpu()
-            seq = sequence_logprobs(logits.to(dev), labels.to(dev), reduction="mean").cpu()
-    finally:
-        ops._TRITON_BLOCK_V = None
+    per_token = gather(logits.to(dev), labels.to(dev), backend).cpu()
+    seq = sequence(logits.to(dev), labels.to(dev), backend, reduction="mean").cpu()
     expected = ref64(logits, labels)
     assert_close(per_token, expected, torch.float32)
     assert (per_token <= 1e-6).all() and torch.isfinite(seq).all()

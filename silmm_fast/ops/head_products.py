@@ -94,7 +94,7 @@ def row_stats(epilogue: str, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     if epilogue == "triton":
         from silmm_fast.kernels import logprobs as kernels
 
-        return kernels.logprobs_forward(z, y, -1)
+        return kernels.logprobs_fwd(z, y, ignore_index=-1)
     target = z.gather(1, y.unsqueeze(1)).squeeze(1)
     m = z.amax(1)
     if bool((m.abs() <= UNSHIFTED_MAX).all()):
@@ -114,7 +114,7 @@ def write_dz(epilogue, z, y, m, r, c, out) -> torch.Tensor:
     if epilogue == "triton":
         from silmm_fast.kernels import logprobs as kernels
 
-        return kernels.logprobs_backward(z, y, m, r, c, -1, out=out)
+        return kernels.logprobs_bwd(z, y, m, r, c, ignore_index=-1, out=out)
     # z holds exp(z − m); p = that · exp(−r)
     z.mul_((-c * torch.exp(-r)).unsqueeze(1)).scatter_add_(1, y.unsqueeze(1), c.unsqueeze(1))
     return z

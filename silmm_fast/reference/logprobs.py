@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from silmm_fast.ops._common import acc_dtype
 
 
 def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
@@ -16,7 +14,7 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index:
     logits [..., V] floating; labels [...] integer. Returns [...] float32 (float64 for float64 logits).
     Memory: a full fp32 copy of the logits plus its log_softmax.
     """
-    logp = torch.log_softmax(logits.to(_acc(logits.dtype)), dim=-1)
+    logp = torch.log_softmax(logits.to(acc_dtype(logits.dtype)), dim=-1)
     keep = labels != ignore_index
     safe_labels = torch.where(keep, labels, torch.zeros_like(labels)).long()
     picked = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
