@@ -1,5 +1,6 @@
-"""Every ```python block of README.md runs, so the documentation cannot drift from the API; the README stays a
-user's document within its line budget, and the documents point only at files inside the repository.
+"""Every ```python block of README.md and docs/*.md runs, so the documentation cannot drift from the API; the
+README stays a user's document within its line budget, and the documents point only at files inside the
+repository.
 
 A block runs in a fresh namespace, in a temporary working directory, with the deprecated import paths of the loop
 (``silmm_fast.train``, ``silmm_fast.adapters``, ...) turned into errors. A block that needs something the README
@@ -17,13 +18,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MAX_LINES = 250  # narrative, sweeps and history belong in docs/
-DOCUMENTS = [README, ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+DOCUMENTS = [README, ROOT / "CHANGELOG.md", *DOCS]
 SKIP = re.compile(r"<!-- readme-test: skip \((?P<reason>[^)]+)\) -->\s*$")
 
 
-def python_blocks() -> list[tuple[int, str, str | None]]:
-    """``(line, code, skip reason or None)`` for each ```python block of the README."""
-    lines = README.read_text().splitlines()
+def python_blocks(doc: Path = README) -> list[tuple[int, str, str | None]]:
+    """``(line, code, skip reason or None)`` for each ```python block of ``doc``."""
+    lines = doc.read_text().splitlines()
     blocks, i = [], 0
     while i < len(lines):
         if lines[i].strip() == "```python":
@@ -37,6 +39,8 @@ def python_blocks() -> list[tuple[int, str, str | None]]:
 
 
 BLOCKS = python_blocks()
+# the python blocks of docs/ run too, under the same rules: docs/<name>.md:<line>
+DOC_BLOCKS = [(doc, *block) for doc in DOCS for block in python_blocks(doc)]
 
 
 def test_the_readme_has_python_blocks():
@@ -45,15 +49,24 @@ def test_the_readme_has_python_blocks():
 
 @pytest.mark.parametrize("line, code, skip", BLOCKS, ids=[f"README.md:{b[0]}" for b in BLOCKS])
 def test_readme_python_block_runs(line, code, skip, tmp_path, monkeypatch):
+    run_block(f"README.md:{line}", code, skip, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("doc, line, code, skip", DOC_BLOCKS, ids=[f"docs/{b[0].name}:{b[1]}" for b in DOC_BLOCKS])
+def test_docs_python_block_runs(doc, line, code, skip, tmp_path, monkeypatch):
+    run_block(f"docs/{doc.name}:{line}", code, skip, tmp_path, monkeypatch)
+
+
+def run_block(where: str, code: str, skip: str | None, tmp_path: Path, monkeypatch) -> None:
     if skip:
         pytest.skip(skip)
     if "integrations.trl" in code:
         pytest.importorskip("trl", reason="the [trl] extra is not installed")
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
-        # the loop's old import paths still work but warn: the README shows only the current ones
+        # the loop's old import paths still work but warn: the documents show only the current ones
         warnings.filterwarnings("error", message=r"silmm_fast\.\S+ moved to ", category=FutureWarning)
-        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme_block"})
+        exec(compile(code, where, "exec"), {"__name__": "readme_block"})
 
 
 def test_the_readme_fits_its_line_budget():
