@@ -8,18 +8,10 @@ import torch.nn.functional as F
 from tolerances import assert_close
 
 from silmm_fast import DPOOutput, FusedLinearDPOLoss, dpo_loss, use_backend
-from silmm_fast.ops import fused_linear_logprobs as op_module
 from silmm_fast.reference.fused_linear_logprobs import fused_linear_logprobs as reference_logprobs
 
 PAIRS, T, H, V = 2, 5, 24, 70
 BACKENDS = ("torch", "triton", "reference")
-
-
-@pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(op_module, "_TRITON_BLOCKS", (16, 32, 16))
-    monkeypatch.setattr(op_module, "_TRITON_CHUNK_ROWS", 16)
-    monkeypatch.setattr(op_module, "_TORCH_CHUNK_ROWS", 3)
 
 
 def make_batch(device, dtype=torch.float64, seed=0):
@@ -395,3 +387,29 @@ def test_gpu_bf16_janus_like(head_grad):
     for got, want in grads:
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double(), want, rtol=1.6e-2, atol=2e-2 * scale)
+
+
+def test_functional_checks_its_arguments_and_equals_the_module():
+    from silmm_fast.ops.fused_linear_dpo import fused_linear_dpo, sequence_logps
+
+    hidden, weight, bias, labels, ref_c, ref_r = make_batch("cpu")
+    cases = [
+        (ValueError, "hidden", lambda: fused_linear_dpo(hidden[:3], weight, labels[:3], ref_c, ref_r)),
+        (ValueError, "ref_rejected_logps", lambda: fused_linear_dpo(hidden, weight, labels, ref_c, ref_r[:1])),
+        (ValueError, "labels", lambda: fused_linear_dpo(hidden, weight, labels + V, ref_c, ref_r)),
+        (TypeError, "bias", lambda: fused_linear_dpo(hidden, weight, labels, ref_c, ref_r, bias=bias.float())),
+        (ValueError, "beta", lambda: fused_linear_dpo(hidden, weight, labels, ref_c, ref_r, beta=0.0)),
+        (ValueError, "nll_weight", lambda: fused_linear_dpo(hidden, weight, labels, ref_c, ref_r, nll_weight=-1)),
+        (ValueError, "reduction", lambda: fused_linear_dpo(hidden, weight, labels, ref_c, ref_r, reduction="none")),
+        (ValueError, "chunk_bytes", lambda: sequence_logps(hidden, weight, labels, chunk_bytes=0)),
+        (ValueError, "hidden", lambda: sequence_logps(hidden[:1], weight, labels[:1])),
+    ]
+    for err, match, call in cases:
+        with pytest.raises(err, match=match):
+            call()
+    out = fused_linear_dpo(hidden, weight, labels, ref_c, ref_r, bias=bias, beta=0.5, nll_weight=0.2)
+    module = FusedLinearDPOLoss(beta=0.5, nll_weight=0.2)
+    assert torch.equal(out.losses, module(hidden, weight, labels, ref_c, ref_r, bias=bias).losses)
+    logps = sequence_logps(hidden, weight, labels, bias=bias)
+    chosen, rejected = module.reference_logps(hidden, weight, labels, bias)
+    assert torch.equal(logps, torch.cat([chosen, rejected]))

@@ -6,10 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from silmm_fast.kernels.fused_linear_logprobs import Tiles
 from tolerances import assert_close, tol
 
 from silmm_fast import fused_linear_logprobs, use_backend
 from silmm_fast.ops import fused_linear_logprobs as op_module
+from silmm_fast.ops.torch_backend import fused_linear_logprobs as torch_backend
 from silmm_fast.reference.fused_linear_logprobs import fused_linear_logprobs as reference
 
 BACKENDS = ("torch", "triton", "triton_gemm", "reference")
@@ -18,11 +20,14 @@ BACKENDS = ("torch", "triton", "triton_gemm", "reference")
 B, T, H, V = 3, 7, 40, 100
 
 
-@pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(op_module, "_TRITON_BLOCKS", (16, 32, 16))
-    monkeypatch.setattr(op_module, "_TRITON_CHUNK_ROWS", 16)
-    monkeypatch.setattr(op_module, "_TORCH_CHUNK_ROWS", 4)
+SMALL_TILES = {"triton_gemm": dict(chunk_rows=16, tiles=Tiles(16, 32, 16, 4, 2))}
+SMALL_CHUNKS = dict(chunk_rows=4)
+
+
+def flp(backend, hidden, weight, labels, **kwargs):
+    """``fused_linear_logprobs`` on ``backend`` with the small tiles and chunks above (``kwargs`` override them)."""
+    sizes = SMALL_TILES.get(backend, SMALL_CHUNKS)
+    return op_module.fused_linear_logprobs_on(backend, hidden, weight, labels, **(sizes | kwargs))
 
 
 def make_inputs(device, dtype=torch.float64, *, b=B, t=T, h=H, v=V, seed=0, scale=1.0, bias=True):
@@ -38,10 +43,14 @@ def make_inputs(device, dtype=torch.float64, *, b=B, t=T, h=H, v=V, seed=0, scal
     return cast(hidden), cast(weight), cast(bias_t), labels.to(device)
 
 
-def run(backend, hidden, weight, labels, bias=None, *, grad_out_seed=1, **kwargs):
-    """Output and the gradients of <output, random upstream gradient> for the leaves that require grad."""
-    with use_backend(backend):
-        out = fused_linear_logprobs(hidden, weight, labels, bias=bias, **kwargs)
+def run(backend, hidden, weight, labels, bias=None, *, grad_out_seed=1, small=True, **kwargs):
+    """Output and the gradients of <output, random upstream gradient> for the leaves that require grad; with the
+    small tiles (``small``), else through the public op with the backend's own tiles."""
+    if small:
+        out = flp(backend, hidden, weight, labels, bias=bias, **kwargs)
+    else:
+        with use_backend(backend):
+            out = fused_linear_logprobs(hidden, weight, labels, bias=bias, **kwargs)
     gen = torch.Generator().manual_seed(grad_out_seed)
     upstream = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
     leaves = [x for x in (hidden, weight, bias) if x is not None and x.requires_grad]
@@ -115,11 +124,11 @@ def test_low_precision_inputs_accumulate_in_fp32(device, backend, dtype):
 
 
 def test_torch_chunk_rule():
-    assert op_module.torch_chunk_rows(16384) == 4  # the test override
-    op_module._TORCH_CHUNK_ROWS = None
-    assert op_module.torch_chunk_rows(16384) == 512  # 32 MiB fp32 slab
-    assert op_module.torch_chunk_rows(184622) == op_module.TORCH_MIN_ROWS
-    assert op_module.torch_chunk_rows(8) == op_module.TORCH_MAX_ROWS
+    cpu = torch.device("cpu")
+    assert torch_backend.default_chunk_rows(16384, cpu) == 512  # 32 MiB fp32 slab
+    assert torch_backend.default_chunk_rows(184622, cpu) == torch_backend.MIN_ROWS
+    assert torch_backend.default_chunk_rows(8, cpu) == torch_backend.MAX_ROWS
+    assert torch_backend.default_chunk_rows(16384, torch.device("cuda")) == 4096  # 256 MiB fp32 slab
 
 
 # --- frozen head and partial gradients -------------------------------------------------------------------------------
@@ -127,8 +136,7 @@ def test_torch_chunk_rule():
 def test_frozen_head_takes_fast_path(device, backend, monkeypatch):
     hidden, weight, bias, labels = make_inputs(device)
     h, w, b = leaves(hidden, weight, bias, head_grad=False)
-    with use_backend(backend):
-        out = fused_linear_logprobs(h, w, labels, bias=b)
+    out = flp(backend, h, w, labels, bias=b)
     names = graph_names(out)
     assert "_FrozenHeadLinearLogprobsBackward" in names and "_FusedLinearLogprobsBackward" not in names
 
@@ -138,9 +146,10 @@ def test_frozen_head_takes_fast_path(device, backend, monkeypatch):
 
     from silmm_fast.kernels import fused_linear_logprobs as kernels
 
-    monkeypatch.setattr(op_module, "_blas_backward", fail)
-    monkeypatch.setattr(kernels, "backward", fail)
-    monkeypatch.setattr(kernels, "_flp_tile_kernel", None)
+    monkeypatch.setattr(torch_backend, "fused_linear_logprobs_bwd", fail)
+    monkeypatch.setattr(kernels, "fused_linear_logprobs_bwd", fail)
+    monkeypatch.setattr(kernels, "_fused_linear_logprobs_fwd_kernel", None)
+    monkeypatch.setattr(kernels, "_fused_linear_logprobs_bwd_kernel", None)
     upstream = torch.randn(out.shape, dtype=out.dtype, device=out.device)
     (out * upstream).sum().backward()
     assert w.grad is None and b.grad is None
@@ -152,8 +161,7 @@ def test_frozen_head_takes_fast_path(device, backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton", "triton_gemm"])
 def test_trainable_head_uses_recompute_path(device, backend):
     hidden, weight, bias, labels = make_inputs(device)
-    with use_backend(backend):
-        out = fused_linear_logprobs(*leaves(hidden, weight, bias)[:2], labels, bias=leaves(hidden, weight, bias)[2])
+    out = flp(backend, *leaves(hidden, weight, bias)[:2], labels, bias=leaves(hidden, weight, bias)[2])
     names = graph_names(out)
     assert "_FusedLinearLogprobsBackward" in names and "_FrozenHeadLinearLogprobsBackward" not in names
 
@@ -162,16 +170,17 @@ def test_trainable_head_uses_recompute_path(device, backend):
 def test_bias_only_gradient_skips_weight_work(device, backend, monkeypatch):
     hidden, weight, bias, labels = make_inputs(device)
     calls = []
-    if backend != "triton_gemm":
-        real = op_module._blas_backward
-        spy = lambda *a: calls.append(a[8:11]) or real(*a)
-        monkeypatch.setattr(op_module, "_blas_backward", spy)
+    if backend == "triton_gemm":
+        from silmm_fast.kernels import fused_linear_logprobs as target
     else:
-        from silmm_fast.kernels import fused_linear_logprobs as kernels
+        target = torch_backend
+    real = target.fused_linear_logprobs_bwd
 
-        real = kernels.backward
-        spy = lambda *a: calls.append(a[8:11]) or real(*a)
-        monkeypatch.setattr(kernels, "backward", spy)
+    def spy(*args, **kwargs):
+        calls.append((kwargs["need_hidden"], kwargs["need_weight"], kwargs["need_bias"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, "fused_linear_logprobs_bwd", spy)
     h = hidden.detach().clone()  # no input gradient either
     w = weight.detach().clone()
     b = bias.detach().clone().requires_grad_(True)
@@ -195,12 +204,11 @@ def test_weight_only_gradient(device, backend):
 def test_no_grad_forward_equals_grad_forward_bitwise(device, backend):
     """Reference log-probs come from no_grad calls: they must be bit-identical to the policy's forward."""
     hidden, weight, bias, labels = make_inputs(device, torch.float32)
-    with use_backend(backend):
-        with torch.no_grad():
-            plain = fused_linear_logprobs(hidden, weight, labels, bias=bias)
-        trainable = fused_linear_logprobs(*leaves(hidden, weight, bias)[:2], labels, bias=bias.clone())
-        h, w, b = leaves(hidden, weight, bias, head_grad=False)
-        frozen = fused_linear_logprobs(h, w, labels, bias=b)
+    with torch.no_grad():
+        plain = flp(backend, hidden, weight, labels, bias=bias)
+    trainable = flp(backend, *leaves(hidden, weight, bias)[:2], labels, bias=bias.clone())
+    h, w, b = leaves(hidden, weight, bias, head_grad=False)
+    frozen = flp(backend, h, w, labels, bias=b)
     assert torch.equal(plain, trainable.detach()) and torch.equal(plain, frozen.detach())
 
 
@@ -258,10 +266,9 @@ def test_input_saved_by_previous_op_is_not_written(device, backend):
     """tanh saves its output for backward: if the op wrote into hidden, the tanh gradient would be wrong."""
     x = torch.randn(B, T, H, dtype=torch.float64, device=device, requires_grad=True)
     _, weight, bias, labels = make_inputs(device)
-    with use_backend(backend):
-        hidden = torch.tanh(x)
-        before = hidden.detach().clone()
-        out = fused_linear_logprobs(hidden, weight, labels, bias=bias)
+    hidden = torch.tanh(x)
+    before = hidden.detach().clone()
+    out = flp(backend, hidden, weight, labels, bias=bias)
     out.sum().backward()
     assert torch.equal(hidden.detach(), before)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -307,13 +314,12 @@ def test_deterministic(device, backend):
 def test_empty_batch(device, backend):
     hidden, weight, bias, _ = make_inputs(device, b=0)
     labels = torch.zeros(0, T, dtype=torch.long, device=device)
-    with use_backend(backend):
+    with use_backend(backend):  # the public op, with the backend's own tiles
         out = fused_linear_logprobs(hidden, weight, labels, bias=bias)
     assert out.shape == (0,)
     for head_grad in (True, False):  # both backward paths: recompute (trainable head) and rescale (frozen head)
         h, w, b = leaves(hidden, weight, bias, head_grad=head_grad)
-        with use_backend(backend):
-            fused_linear_logprobs(h, w, labels, bias=b).sum().backward()
+        flp(backend, h, w, labels, bias=b).sum().backward()
         assert h.grad.shape == hidden.shape
         if head_grad:
             assert torch.equal(w.grad, torch.zeros_like(weight)) and torch.equal(b.grad, torch.zeros_like(bias))
@@ -326,11 +332,10 @@ def test_gradcheck(device, backend):
     w = torch.randn(7, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
     b = torch.randn(7, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
     labels = torch.tensor([[0, 6, -100], [3, 3, 1]], device=device)
-    fn = lambda h, w, b: fused_linear_logprobs(h, w, labels, bias=b, reduction="none")
-    with use_backend(backend):
-        assert torch.autograd.gradcheck(fn, (h, w, b), fast_mode=backend == "triton")
-        # frozen head: only the input gradient, through the rescale path
-        assert torch.autograd.gradcheck(lambda h: fn(h, w.detach(), b.detach()), (h,), fast_mode=backend == "triton")
+    fn = lambda h, w, b: flp(backend, h, w, labels, bias=b, reduction="none")
+    assert torch.autograd.gradcheck(fn, (h, w, b), fast_mode=backend == "triton")
+    # frozen head: only the input gradient, through the rescale path
+    assert torch.autograd.gradcheck(lambda h: fn(h, w.detach(), b.detach()), (h,), fast_mode=backend == "triton")
 
 
 @settings(max_examples=15, deadline=None)
@@ -348,8 +353,7 @@ def test_torch_backend_property(b, t, h, v, mask_rate, seed):
     weight = torch.randn(v, h, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, v, (b, t), generator=gen)
     labels[torch.rand(b, t, generator=gen) < mask_rate] = -100
-    op_module._TORCH_CHUNK_ROWS = 2
-    out, grads = run("torch", *leaves(hidden, weight, None)[:2], labels, reduction="mean")
+    out, grads = run("torch", *leaves(hidden, weight, None)[:2], labels, reduction="mean", chunk_rows=2)
     ref_out, ref_grads = run("reference", *leaves(hidden, weight, None)[:2], labels, reduction="mean")
     assert_close(out, ref_out, torch.float64)
     for g, rg in zip(grads, ref_grads):
@@ -403,10 +407,9 @@ def test_bad_input(change, error, match):
 def test_gpu_bf16_janus_like(head_grad, backend):
     """bf16 tensor-core products at a Janus-like shape (two sequences of 576 tokens, H=2048, V=16384). The frozen head
     takes the forward kernel's input-gradient path, whose first form Triton 3.6 failed to compile at these tiles."""
-    op_module._TRITON_BLOCKS = op_module._TRITON_CHUNK_ROWS = None
     hidden, weight, bias, labels = make_inputs("cuda", torch.bfloat16, b=2, t=576, h=2048, v=16384, bias=False)
     h, w, _ = leaves(hidden, weight, None, head_grad=head_grad)
-    out, grads = run(backend, h, w, labels, reduction="mean")
+    out, grads = run(backend, h, w, labels, reduction="mean", small=False)
     exact = leaves(hidden.double(), weight.double(), None, head_grad=head_grad)
     ref_out, ref_grads = run("reference", *exact[:2], labels, reduction="mean")
     assert len(grads) == len(ref_grads) == (2 if head_grad else 1)
@@ -419,10 +422,9 @@ def test_gpu_bf16_janus_like(head_grad, backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "triton_gemm"])
 def test_gpu_fp32_default_tiles(backend):
-    op_module._TRITON_BLOCKS = op_module._TRITON_CHUNK_ROWS = None
     hidden, weight, bias, labels = make_inputs("cuda", torch.float32, b=4, t=300, h=520, v=3000)
     h, w, b = leaves(hidden, weight, bias)
-    out, grads = run(backend, h, w, labels, b)
+    out, grads = run(backend, h, w, labels, b, small=False)
     exact = leaves(hidden.double(), weight.double(), bias.double())
     ref_out, ref_grads = run("reference", *exact[:2], labels, exact[2])
     assert_close(out, ref_out, torch.float32, scale=300)
@@ -438,8 +440,7 @@ def test_keep_logits_matches_the_reference(device, backend, with_bias):
     bias = bias if with_bias else None
     h, w, b = leaves(hidden, weight, bias)
     upstream = torch.randn(B, dtype=torch.float64, device=device)
-    with use_backend(backend):
-        out = fused_linear_logprobs(h, w, labels, bias=b, keep_logits=True)
+    out = flp(backend, h, w, labels, bias=b, keep_logits=True)
     assert "_KeptLogitsLinearLogprobsBackward" in graph_names(out)
     (out * upstream).sum().backward()
     rh, rw, rb = leaves(hidden, weight, bias)
@@ -449,8 +450,7 @@ def test_keep_logits_matches_the_reference(device, backend, with_bias):
         if got is not None:
             assert_close(got.grad, want.grad, torch.float64)
     with pytest.raises(RuntimeError, match="backward ran twice"):
-        with use_backend(backend):
-            again = fused_linear_logprobs(*leaves(hidden, weight, None)[:2], labels, keep_logits=True).sum()
+        again = flp(backend, *leaves(hidden, weight, None)[:2], labels, keep_logits=True).sum()
         again.backward(retain_graph=True)
         again.backward()
 
@@ -463,8 +463,8 @@ def test_trainable_head_matrix_flops(keep):
     hidden, weight, bias, labels = make_inputs("cpu", torch.float32)
     h, w, b = leaves(hidden, weight, bias)
     n = int((labels != -100).sum())
-    with use_backend("torch"), count_matmul_flops() as counter:
-        fused_linear_logprobs(h, w, labels, bias=b, keep_logits=keep).sum().backward()
+    with count_matmul_flops() as counter:
+        flp("torch", h, w, labels, bias=b, keep_logits=keep).sum().backward()
     assert counter.flops == pytest.approx((6 if keep else 8) * n * H * V, rel=0.01), counter.calls
 
 

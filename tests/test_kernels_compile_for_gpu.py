@@ -1,4 +1,4 @@
-"""The fused head kernel compiles for an H100 / H200 (sm_90) on a machine without a GPU.
+"""The fused head kernels (forward and backward) compile for an H100 / H200 (sm_90) on a machine without a GPU.
 
 Interpreter tests check what the kernels compute, not whether Triton's GPU compiler accepts them: the frozen-head
 variant of an earlier fused_linear_logprobs kernel failed in Triton 3.6's layout pass only on the GPU (3.7 compiled
@@ -23,17 +23,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from silmm_fast.kernels import fused_linear_logprobs as k
 
-fn = k._flp_tile_kernel
-names = fn.arg_names
 products = {torch.bfloat16: ("bf16", tl.bfloat16, "tf32"), torch.float32: ("fp32", tl.float32, "ieee")}
+# the forward kernel stores the logit slab (STORE_Z) or not; the backward kernel reads it (LOAD_Z) or recomputes
+kernels = {"fwd": (k._fused_linear_logprobs_fwd_kernel, "STORE_Z"),
+           "bwd": (k._fused_linear_logprobs_bwd_kernel, "LOAD_Z")}
 failures, compiled = [], 0
-for dtype, bias, grad, z_slab in itertools.product(products, (False, True), (False, True), (False, True)):
+for (direction, (fn, slab_flag)), dtype, bias, z_slab in itertools.product(
+    kernels.items(), products, (False, True), (False, True)
+):
     if dtype == torch.float32 and bias:
         continue  # the bias only adds a vector load; fp32 keeps the CUDA-core tile shapes covered
+    names = fn.arg_names
     name, dot, precision = products[dtype]
-    block_n, block_v, block_h, warps, stages = k.GPU_TILES[dtype]
-    const = dict(HAS_BIAS=bias, GRAD=grad, Z_SLAB=z_slab, ACC=tl.float32, DOT=dot, PRECISION=precision,
-                 BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h)
+    tiles = k.GPU_TILES[dtype]
+    const = {"HAS_BIAS": bias, slab_flag: z_slab, "ACC": tl.float32, "DOT": dot, "PRECISION": precision,
+             "BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_H": tiles.block_h}
+    if not bias:
+        const["b_ptr"] = None  # the launcher passes None for an absent bias
+    if not z_slab:
+        const["z_ptr"] = None
     signature = {}
     for arg in names:
         if arg in const:
@@ -46,26 +54,28 @@ for dtype, bias, grad, z_slab in itertools.product(products, (False, True), (Fal
             signature[arg] = "*fp32"
         else:
             signature[arg] = "i32"
-    aligned = [a for a in names if a.endswith("_ptr") or a in ("V", "H", "stride_hn", "stride_wv", "n_vtiles")]
+    sizes = ("V", "H", "stride_hn", "stride_wv", "n_vtiles")
+    aligned = [a for a in names if (a.endswith("_ptr") and a not in const) or a in sizes]
     source = ASTSource(fn, signature, constexprs={(names.index(a),): v for a, v in const.items()},
                        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    variant = f"{direction} {name} bias={bias} z_slab={z_slab}"
     try:
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": warps, "num_stages": stages})
+                                options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
     except Exception as err:
-        failures.append(f"{name} bias={bias} grad={grad} z_slab={z_slab}: {str(err).splitlines()[-1][:300]}")
+        failures.append(f"{variant}: {str(err).splitlines()[-1][:300]}")
         continue
     compiled += 1
-    matmul = not (grad and z_slab)  # the gradient pass over stored logits has no product
+    matmul = not (direction == "bwd" and z_slab)  # the backward over stored logits has no product
     if name == "bf16" and matmul and "wgmma" not in kernel.asm["ptx"]:
-        failures.append(f"{name} bias={bias} grad={grad} z_slab={z_slab}: no wgmma instruction in the PTX")
+        failures.append(f"{variant}: no wgmma instruction in the PTX")
 print("compiled", compiled)
 print("\n".join(failures))
 sys.exit(1 if failures else 0)
 """
 
 
-def test_fused_head_kernel_compiles_for_sm90():
+def test_fused_head_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -107,11 +107,17 @@ def dpo_loss(
     if policy_chosen_logps.numel() == 0:
         raise ValueError("policy_chosen_logps: expected at least one preference pair, got an empty tensor")
 
-    dtype = torch.float64 if any(x.dtype == torch.float64 for x in named.values()) else torch.float32
-    pc, pr, rc, rr = (x.to(dtype) for x in named.values())
+    return checked_dpo_loss(*named.values(), beta=beta, loss_type=loss_type, label_smoothing=eps)
+
+
+def checked_dpo_loss(pc, pr, rc, rr, *, beta: float, loss_type: str, label_smoothing: float) -> DPOOutput:
+    """``dpo_loss`` for inputs and settings already checked (the fused DPO head calls it once per chunk)."""
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in (pc, pr, rc, rr)) else torch.float32
+    pc, pr, rc, rr = (x.to(dtype) for x in (pc, pr, rc, rr))
     chosen_logratios = pc - rc
     rejected_logratios = pr - rr
     h = chosen_logratios - rejected_logratios
+    eps = label_smoothing
 
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h)

@@ -5,22 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from silmm_fast._validate import check_choice, check_float, check_ndim, check_same_device
+from silmm_fast import _backend
+from silmm_fast._validate import (
+    check_choice,
+    check_chunk_bytes,
+    check_ignore_index,
+    check_linear_head,
+    check_nll_weight,
+    check_preference_pairs,
+    check_reference_logps,
+)
 from silmm_fast.losses.dpo import DPOOutput, _check_config
-from silmm_fast.ops.fused_linear_dpo import fused_linear_dpo, sequence_logps
-from silmm_fast.ops.fused_linear_logprobs import _validate as _validate_logprobs
-
-
-def _split_pairs(hidden: torch.Tensor) -> int:
-    check_float("hidden", hidden)
-    check_ndim("hidden", hidden, 3, "[2B, T, H] (chosen rows, then rejected rows)")
-    rows = hidden.shape[0]
-    if rows == 0 or rows % 2:
-        raise ValueError(
-            f"hidden: expected an even, non-zero number of rows [2B, T, H] (B chosen then B rejected), got "
-            f"{tuple(hidden.shape)}"
-        )
-    return rows // 2
+from silmm_fast.ops.fused_linear_dpo import fused_linear_dpo_on, sequence_logps_on
 
 
 class FusedLinearDPOLoss(nn.Module):
@@ -78,20 +74,9 @@ class FusedLinearDPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.beta, self.loss_type, self.label_smoothing = _check_config(beta, loss_type, label_smoothing)
-        if (
-            isinstance(nll_weight, bool)
-            or not isinstance(nll_weight, (int, float))
-            or not 0 <= nll_weight < float("inf")
-        ):
-            raise ValueError(f"nll_weight: expected a finite number >= 0, got {nll_weight!r}")
-        if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
-                                        or chunk_bytes <= 0):  # fmt: skip
-            raise ValueError(f"chunk_bytes: expected a positive int (bytes) or None, got {chunk_bytes!r}")
-        self.chunk_bytes = chunk_bytes
-        self.nll_weight = float(nll_weight)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
+        self.nll_weight = check_nll_weight(nll_weight)
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.reduction = check_choice("reduction", reduction, ("sum", "mean"))
 
     def extra_repr(self) -> str:
@@ -113,10 +98,18 @@ class FusedLinearDPOLoss(nn.Module):
         hidden [2B, T, H] (the reference model's activations entering its head), weight [V, H], labels [2B, T],
         bias [V] or None. Returns float32 (float64 for float64 inputs) tensors to pass to ``forward``.
         """
-        pairs = _split_pairs(hidden)
-        _validate_logprobs(hidden, weight, labels, bias, self.ignore_index, self.reduction)
-        logps = sequence_logps(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
-                               reduction=self.reduction, chunk_bytes=self.chunk_bytes)  # fmt: skip
+        pairs = check_preference_pairs(hidden)
+        check_linear_head(hidden, weight, labels, bias, self.ignore_index, hidden_doc="[2B, T, H]")
+        logps = sequence_logps_on(
+            _backend.choose("fused_linear_dpo", hidden.device),
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            chunk_bytes=self.chunk_bytes,
+        )
         return logps[:pairs], logps[pairs:]
 
     def forward(
@@ -134,17 +127,11 @@ class FusedLinearDPOLoss(nn.Module):
         Returns ``DPOOutput(loss, losses [B], chosen_rewards [B], rejected_rewards [B])`` (see ``dpo_loss``; with
         ``nll_weight`` the losses include the NLL term).
         """
-        pairs = _split_pairs(hidden)
-        # fused_linear_logprobs' checks cover hidden / weight / labels / bias (the same shapes and dtypes)
-        _validate_logprobs(hidden, weight, labels, bias, self.ignore_index, self.reduction)
-        for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-            check_float(name, ref)
-            if ref.shape != (pairs,):
-                raise ValueError(
-                    f"{name}: expected shape [{pairs}] (one per pair, hidden.shape[0] // 2), got {tuple(ref.shape)}"
-                )
-        check_same_device(hidden=hidden, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
-        out = fused_linear_dpo(
+        pairs = check_preference_pairs(hidden)
+        check_linear_head(hidden, weight, labels, bias, self.ignore_index, hidden_doc="[2B, T, H]")
+        check_reference_logps(pairs, hidden, ref_chosen_logps, ref_rejected_logps)
+        out = fused_linear_dpo_on(
+            _backend.choose("fused_linear_dpo", hidden.device),
             hidden,
             weight,
             labels,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from silmm_fast.ops._common import acc_dtype
+
 # The torch epilogue skips the max shift when every row maximum lies within ±UNSHIFTED_MAX: exp(±40) stays far inside
 # fp32's range (±88), and log Σ exp(z) then loses at most |m|·2⁻²⁴ ≈ 2.4e-6 against the shifted form.
 UNSHIFTED_MAX = 40.0
@@ -50,11 +52,6 @@ def _fp32_out_kind(device: torch.device) -> str | None:
 def fp32_out_mm(device: torch.device) -> bool:
     """Whether ``torch.mm(half, half, out_dtype=torch.float32)`` runs on ``device`` (CUDA builds of recent torch)."""
     return _fp32_out_kind(device) is not None
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The fused heads' accumulation and output dtype for inputs of ``dtype``: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dtypes(dtype: torch.dtype, device: torch.device, epilogue: str) -> tuple[torch.dtype, torch.dtype, torch.dtype]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from silmm_fast.ops._common import acc_dtype
 from silmm_fast.reference.logprobs import gather_logprobs, sequence_logprobs
 
 
@@ -24,7 +25,7 @@ def fused_linear_logprobs(
     hidden [B, T, H], weight [V, H], bias [V] or None (floating); labels [B, T] integer. Returns [B] (``"none"``:
     [B, T]) float32, float64 for float64 inputs. Memory: the full [B, T, V] logits and their log_softmax.
     """
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(hidden.dtype)
     logits = F.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
     if reduction == "none":
         return gather_logprobs(logits, labels, ignore_index=ignore_index)

@@ -1,11 +1,13 @@
-"""Tile / launch-configuration sweep for the fused linear log-prob kernel (``_flp_tile_kernel`` in
-kernels/fused_linear_logprobs.py): which (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) runs it fastest?
+"""Tile / launch-configuration sweep for the fused linear log-prob kernels (``_fused_linear_logprobs_fwd_kernel`` and
+``_fused_linear_logprobs_bwd_kernel`` in kernels/fused_linear_logprobs.py): which (BLOCK_N, BLOCK_V, BLOCK_H,
+num_warps, num_stages) runs them fastest?
 
-For each candidate configuration, two launches are timed on their own, through ``_Plan.launch`` with the
-configuration set on the plan (the kernel module and its ``GPU_TILES`` are left untouched):
-- ``stats``: the statistics (forward) epilogue over all N tokens, 2·N·H·V FLOPs;
-- ``grad``: the gradient epilogue (GRAD=True) over one slab of rows, writing its dz slab, 2·rows·H·V FLOPs, with
-  rows the slab height the launchers use (``SLAB_BYTES`` / (4·V) tokens, at most N).
+For each candidate configuration, two launches are timed on their own, through ``_Plan.launch_fwd`` /
+``_Plan.launch_bwd`` of a plan made with the configuration's tiles (the kernel module and its ``GPU_TILES`` are left
+untouched):
+- ``stats``: the forward kernel (statistics epilogue) over all N tokens, 2·N·H·V FLOPs;
+- ``grad``: the backward kernel (gradient epilogue, logits recomputed) over one slab of rows, writing its dz slab,
+  2·rows·H·V FLOPs, with rows the slab height the launchers use (``SLAB_BYTES`` / (4·V) tokens, at most N).
 Each launch is called once first (this compiles it; a configuration that fails to compile or launch, e.g. out of
 shared memory, becomes a row with an ``error`` field and the sweep goes on) and its result checked against a torch
 reference from materialized fp32 logits: the log-probs for ``stats``, the dz slab for ``grad``. A configuration off
@@ -168,9 +170,8 @@ def make_problem(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, devic
 # --- launching and timing ---------------------------------------------------------------------------------------------
 def make_plan(config: Config, problem: Problem) -> flp._Plan:
     """The launchers' plan with ``config``'s tiles, warps and stages."""
-    plan = flp._Plan(problem.hidden, problem.weight, config.block_n, config.block_v, config.block_h, problem.slab_rows)
-    plan.warps, plan.stages = config.num_warps, config.num_stages
-    return plan
+    tiles = flp.Tiles(config.block_n, config.block_v, config.block_h, config.num_warps, config.num_stages)
+    return flp._Plan(problem.hidden, problem.weight, tiles=tiles, chunk_rows=problem.slab_rows)
 
 
 def stats_epilogue(plan: flp._Plan, problem: Problem) -> tuple[Callable[[], None], Callable[[], float], int]:
@@ -183,7 +184,18 @@ def stats_epilogue(plan: flp._Plan, problem: Problem) -> tuple[Callable[[], None
     )
 
     def launch():
-        plan.launch(problem.hidden, problem.weight, None, problem.labels, IGNORE, 0, n, stats=stats)
+        part_max, part_sum, target = stats
+        plan.launch_fwd(
+            problem.hidden,
+            problem.weight,
+            None,
+            problem.labels,
+            rows=(0, n),
+            ignore_index=IGNORE,
+            part_max=part_max,
+            part_sum=part_sum,
+            target=target,
+        )
 
     def error():
         logp = flp._combine(*stats, problem.labels, IGNORE)[0]
@@ -196,10 +208,12 @@ def grad_epilogue(plan: flp._Plan, problem: Problem) -> tuple[Callable[[], None]
     """(launch, its largest dz error against the reference, FLOPs) of the gradient epilogue over one slab."""
     rows = problem.slab_rows
     dz = torch.empty(rows, plan.V, dtype=plan.slab_dtype, device=problem.hidden.device)
-    grad = (problem.row_max, problem.row_logsum, problem.grad, dz)
+    grad = dict(row_max=problem.row_max, row_logsum=problem.row_logsum, grad=problem.grad, dz=dz)
 
     def launch():
-        plan.launch(problem.hidden, problem.weight, None, problem.labels, IGNORE, 0, rows, grad=grad)
+        plan.launch_bwd(
+            problem.hidden, problem.weight, None, problem.labels, rows=(0, rows), ignore_index=IGNORE, **grad
+        )
 
     def error():
         return (dz.to(problem.dz.dtype) - problem.dz).abs().max().item()
@@ -387,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny shape and three configs (smoke run)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu" and not flp._interpreted():
+    if device.type == "cpu" and not flp.interpreted():
         parser.error("on CPU the Triton kernel runs only under the interpreter: set TRITON_INTERPRET=1")
     dtype = getattr(torch, args.dtype)
     n, hidden_size, vocab = args.shape or (QUICK_SHAPE if args.quick else JANUS_SHAPE)
