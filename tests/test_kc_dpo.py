@@ -1,10 +1,12 @@
 """kc_dpo_loss / KCDPOLoss: hand-derived values, the Gaussian-DPO derivation, K × K pairing, gradients, bad input."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
 from tolerances import assert_close
+from triton.runtime.jit import KernelInterface
 
 from silmm_fast import KCDPOLoss, kc_dpo_loss, use_backend
 from silmm_fast.losses import DPOOutput, dpo_loss
@@ -196,3 +198,88 @@ def test_bad_dtype_and_device():
         kc_dpo_loss(x, x, x, torch.randn(2, 3, 4, device="meta"))
     with pytest.raises(ValueError, match="gamma"):
         KCDPOLoss(gamma=-1.0)
+
+
+class _Launches:
+    """Counts Triton kernel launches (``kernel[grid](...)``, compiled or interpreted) by kernel name."""
+
+    def __init__(self, monkeypatch):
+        self.counts = Counter()
+        launch = KernelInterface.__getitem__
+
+        def counting(fn, grid):
+            self.counts[fn.fn.__name__] += 1
+            return launch(fn, grid)
+
+        monkeypatch.setattr(KernelInterface, "__getitem__", counting)
+
+
+def _near_identical(B, K, L, D, seed):
+    """[B, L, D] policy and reference, [B, K, L, D] winners and losers, float64, far from the origin (norm ~8e3):
+    the policy and the candidates lie within ~1e-2 of the reference (where the Gram expansion cancels), except the
+    candidates after the first in prompts 1.. which are ordinary O(1) points (where it does not)."""
+    gen = torch.Generator().manual_seed(seed)
+    centre = torch.randn(B, 1, 1, D, generator=gen, dtype=torch.float64)
+    centre = 8e3 * centre / centre.norm(dim=-1, keepdim=True)
+
+    def around(k):
+        return centre + 3e-3 * torch.randn(B, k, L, D, generator=gen, dtype=torch.float64)
+
+    def candidates():
+        ordinary = torch.randn(B, K - 1, L, D, generator=gen, dtype=torch.float64)
+        return torch.cat((around(1), torch.where(torch.arange(B).view(B, 1, 1, 1) == 0, around(K - 1), ordinary)), 1)
+
+    policy, ref = around(1)[:, 0], around(1)[:, 0]
+    return policy.requires_grad_(), ref, candidates().requires_grad_(), candidates()
+
+
+@pytest.mark.parametrize("pool", ("mean", "max", "none"))
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_triton_one_launch_each_way_matches_reference(kernel, pool, monkeypatch):
+    # the whole loss on the Triton backend: one forward kernel launch and one backward launch (gradients to the
+    # policy and the winners together), K = 3 winners and losers with near-identical rows, equal to the explicit
+    # float64 loop over single matrices in values and gradients
+    policy, ref, chosen, rejected = _near_identical(2, 3, 2, 40, seed=7)
+    gamma, kw = 100.0, dict(kernel=kernel, pool=pool, sigma=0.05)  # rbf: sq / (2σ²) ~ 0.1 at the near pairs
+    launches = _Launches(monkeypatch)
+    with use_backend("triton"):
+        out = kc_dpo_loss(policy, ref, chosen, rejected, gamma=gamma, **kw)
+        assert launches.counts == {"_pd_fwd_kernel": 1}
+        got = torch.autograd.grad(out.loss, (policy, chosen))
+    assert launches.counts == {"_pd_fwd_kernel": 1, "_pd_bwd_kernel": 1}
+    losses, cw, rl = _loop_loss(policy, ref, chosen, rejected, gamma, **kw)
+    want = torch.autograd.grad(losses.mean(), (policy, chosen))
+    # Per prompt, an error floor sized to γ times that prompt's largest distance (at least 1: cosine's error is ~ε
+    # absolute) or gradient entry: prompt 0 holds only near-identical rows, distances ~1e-3 that the cancelled
+    # expansion would miss by far more than this floor; the others mix in distances of ~8e3.
+    dist = reference_distance(torch.stack((policy, ref), 1), torch.cat((chosen, rejected), 1), **kw).detach()
+    floor = 1e-12 * gamma * dist.abs().amax(dim=(1, 2)).clamp_min(1.0)
+    for a, b in ((out.losses, losses), (out.chosen_rewards, cw), (out.rejected_rewards, rl)):
+        assert ((a - b).abs() <= 1e-9 * b.abs() + floor).all(), (a, b)
+    # gradients: the expanded form a·Σw − Σ w·c rounds at ε times γ·‖features‖ (~1e3 per entry here), and entries
+    # of a prompt share its largest one's relative error
+    grad_floor = 1e-12 * gamma * max(t.detach().abs().max().item() for t in (policy, ref, chosen, rejected))
+    for a, b in zip(got, want):
+        big = b.abs().flatten(1).amax(1).view(-1, *[1] * (b.dim() - 1))
+        assert ((a - b).abs() <= 1e-9 * big + grad_floor).all()
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_non_contiguous_features(backend):
+    # strided views of every input (a [B, L, K, D] buffer seen as [B, K, L, D], every other feature) give the same
+    # loss and gradients as their contiguous copies
+    policy, ref, chosen, rejected = _features(2, 3, 12, K=2, seed=8)
+    wide = torch.randn(2, 3, 24, dtype=torch.float64).requires_grad_()
+    policy = wide[..., ::2]
+    chosen_t = chosen.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not policy.is_contiguous() and not chosen_t.is_contiguous()
+    with use_backend(backend):
+        out = kc_dpo_loss(policy, ref, chosen_t, rejected, kernel="rbf", pool="max", sigma=3.0)
+        got = torch.autograd.grad(out.loss, (wide, chosen_t))
+        dense = kc_dpo_loss(policy.detach().contiguous(), ref, chosen, rejected, kernel="rbf", pool="max", sigma=3.0)
+    losses, _, _ = _loop_loss(policy, ref, chosen_t, rejected, 1.0, kernel="rbf", pool="max", sigma=3.0)
+    want = torch.autograd.grad(losses.mean(), (wide, chosen_t))
+    assert_close(out.losses, losses, torch.float64, scale=10.0)
+    assert_close(out.losses, dense.losses, torch.float64, scale=10.0)
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float64, scale=10.0)

@@ -1,13 +1,18 @@
 """pairwise_distance: the Triton kernels (interpreter on CPU) and the torch path against the float64 reference."""
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import backend_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from silmm_fast.kernels import pairwise_distance as kern
 from tolerances import TOLERANCES, assert_close
+from triton.runtime.jit import KernelInterface
 
 from silmm_fast import pairwise_distance, use_backend
+from silmm_fast.ops.pairwise_distance import _TritonPairwiseDistance
 from silmm_fast.reference.pairwise_distance import pairwise_distance as reference
 
 KERNELS = ("cosine", "euclidean", "sqeuclidean", "rbf")
@@ -84,19 +89,84 @@ def test_float32_and_many_pairs(kernel, backend):
 
 @pytest.mark.parametrize("pool", POOLS)
 def test_split_d_partial_statistics(pool):
-    # the split-D forward (several programs per row, partial statistics summed by the epilogue kernel)
-    from silmm_fast.kernels import pairwise_distance as kern
-
-    x, y, _ = _inputs(2, 3, 17, 2, 100, seed=3)
+    # split-D: several programs of the one launch share each pair tile's D; the last to finish sums the partial
+    # statistics (in split order) and runs the epilogue. Same statistics as one program per tile, same gradients.
+    x, y, go = _inputs(2, 3, 17, 2, 100, seed=3)
     xd, yd = (t.detach().to(backend_device("triton")) for t in (x, y))  # the launcher reads them where Triton runs
     for kernel in KERNELS:
-        out, g, na, nc = kern.pairwise_distance_fwd(xd, yd, kernel, pool, SIGMA, block_d=16, splits=3)
-        whole = kern.pairwise_distance_fwd(xd, yd, kernel, pool, SIGMA, block_d=16, splits=1)
-        out, g, na, nc, *whole = (t.cpu() for t in (out, g, na, nc, *whole))  # compared on the CPU
-        assert_close(out, reference(x.detach(), y.detach(), kernel=kernel, pool=pool, sigma=SIGMA), torch.float64, 1e3)
-        for part, full in zip((out, g, na, nc), whole):
+        results = {}
+        for splits in (1, 3):
+            tiles = kern.Tiles(block_d=16, exact_block_d=8, splits=splits)
+            stats = [t.cpu() for t in kern.pairwise_distance_fwd(xd, yd, kernel, pool, SIGMA, tiles)]
+            results[splits] = (*_run_tiles(x, y, go, kernel, pool, SIGMA, tiles), *stats)
+        ref, rgx, rgy = _expected(x, y, go, kernel=kernel, pool=pool, sigma=SIGMA)
+        for got, want in zip(results[3][:3], (ref, rgx, rgy)):
+            assert_close(got, want, torch.float64, 1e3)
+        for part, full in zip(results[3], results[1]):
             assert part.shape == full.shape
             assert_close(part, full, torch.float64, 1e3)
+
+
+def _run_tiles(x, y, go, kernel, pool, sigma, tiles):
+    """The Triton autograd Function with explicit tiles: output and gradients in x and y, on the CPU."""
+    dev = backend_device("triton")
+    out = _TritonPairwiseDistance.apply(x.to(dev), y.to(dev), kernel, pool, sigma, tiles)
+    gx, gy = torch.autograd.grad(out, (x, y), go.to(out.device, out.dtype))
+    return out.cpu(), gx, gy
+
+
+class _Launches:
+    """Counts Triton kernel launches (``kernel[grid](...)``, compiled or interpreted) by kernel name."""
+
+    def __init__(self, monkeypatch):
+        self.counts = Counter()
+        launch = KernelInterface.__getitem__
+
+        def counting(fn, grid):
+            self.counts[fn.fn.__name__] += 1
+            return launch(fn, grid)
+
+        monkeypatch.setattr(KernelInterface, "__getitem__", counting)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_one_launch_each_way(kernel, pool, monkeypatch):
+    # one forward launch and one backward launch for both gradients, with and without split-D, with pairs that
+    # need the exact recomputation (near-coincident points far from the origin) beside pairs that do not
+    x, y, go = _far_cluster(torch.float64, 2)
+    launches = _Launches(monkeypatch)
+    for splits in (1, 3):
+        tiles = kern.Tiles(block_d=16, exact_block_d=8, splits=splits)
+        launches.counts.clear()
+        dev = backend_device("triton")
+        out = _TritonPairwiseDistance.apply(x.to(dev), y.to(dev), kernel, pool, 0.01, tiles)
+        assert launches.counts == {"_pd_fwd_kernel": 1}
+        gx, gy = torch.autograd.grad(out, (x, y), go.to(out.device))
+        assert launches.counts == {"_pd_fwd_kernel": 1, "_pd_bwd_kernel": 1}
+        ref, rgx, rgy = _expected(x, y, go, kernel=kernel, pool=pool, sigma=0.01)
+        assert_close(out.cpu(), ref, torch.float64, 10.0)
+        for got, want in ((gx, rgx), (gy, rgy)):
+            floor = TOLERANCES[torch.float64]["atol"] * max(1.0, want.abs().max().item())
+            torch.testing.assert_close(got, want, rtol=TOLERANCES[torch.float64]["rtol"] * 10, atol=floor)
+
+
+@pytest.mark.parametrize("wanted", ("x", "y"))
+def test_backward_for_one_operand(wanted, monkeypatch):
+    # the backward grid holds only the row blocks of the operand that needs a gradient (M, N above one row tile)
+    x, y, go = _inputs(1, 3, 35, 2, 20, seed=12)
+    x, y = x.detach().requires_grad_(wanted == "x"), y.detach().requires_grad_(wanted == "y")
+    leaf = x if wanted == "x" else y
+    launches = _Launches(monkeypatch)
+    for pool in POOLS:
+        dev = backend_device("triton")
+        with use_backend("triton"):
+            out = pairwise_distance(x.to(dev), y.to(dev), kernel="rbf", pool=pool, sigma=SIGMA)
+        (got,) = torch.autograd.grad(out, (leaf,), go.to(out.device))
+        ref = reference(x, y, kernel="rbf", pool=pool, sigma=SIGMA)
+        (want,) = torch.autograd.grad(ref, (leaf,), go)
+        assert_close(got, want, torch.float64, 100.0)
+    assert launches.counts == {"_pd_fwd_kernel": 3, "_pd_bwd_kernel": 3}
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -189,12 +259,11 @@ def test_near_coincident_points_far_from_the_origin(kernel, dtype, backend):
 @pytest.mark.parametrize("pool", POOLS)
 def test_near_coincident_points_split_d(pool):
     # the split-D forward sums partial statistics before the exact epilogue recomputes the cancelled pairs
-    from silmm_fast.kernels import pairwise_distance as kern
-
     x, y, _ = _far_cluster(torch.float64, 2)
     xd, yd = (t.detach().to(backend_device("triton")) for t in (x, y))
+    tiles = kern.Tiles(block_d=16, exact_block_d=8, splits=3)
     for kernel in ("euclidean", "sqeuclidean", "rbf"):
-        out, sq, _, _ = kern.pairwise_distance_fwd(xd, yd, kernel, pool, 0.01, block_d=16, splits=3)
+        out, sq, _, _ = kern.pairwise_distance_fwd(xd, yd, kernel, pool, 0.01, tiles)
         want = reference(x.detach(), y.detach(), kernel=kernel, pool=pool, sigma=0.01)
         assert_close(out.cpu(), want, torch.float64, 10.0)
         assert sq.shape == (1, 2, 3, 2 if pool == "none" else 1)
@@ -355,54 +424,3 @@ def test_gpu_wide_split_d_float32():
     assert_close(out, ref, torch.float32, scale=100.0)
     assert_close(gx, rgx, torch.float32, scale=100.0)
     assert_close(gy, rgy, torch.float32, scale=100.0)
-
-
-COMPILE_CHILD = r"""
-import sys, triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from silmm_fast.kernels import pairwise_distance as k
-
-failures, compiled = [], 0
-for name, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
-    inputs = "bf16" if name == "fp32" else "fp64"
-    for fn, const in (
-        (k._pd_exact_kernel, dict(KERNEL=1, POOL=1, ACC=acc, RATIO=2.0**-6, BLOCK_M=32, BLOCK_N=32, BLOCK_D=8)),
-        (k._pd_bwd_kernel, dict(KERNEL=3, POOL=2, ACC=acc, EPS=1e-8, RATIO=2.0**-6, BLOCK_R=32, BLOCK_C=32,
-                                BLOCK_D=128)),
-    ):
-        names = fn.arg_names
-        signature = {a: "constexpr" if a in const else ("*" + (inputs if a in ("x_ptr", "y_ptr", "r_ptr", "c_ptr")
-                     else name) if a.endswith("_ptr") else "i32") for a in names}
-        source = ASTSource(fn, signature, constexprs={(names.index(a),): v for a, v in const.items()})
-        try:
-            triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            compiled += 1
-        except Exception as err:
-            failures.append(f"{fn.__name__} {name}: {str(err).splitlines()[-1][:300]}")
-print("compiled", compiled)
-print("\n".join(failures))
-sys.exit(1 if failures else 0)
-"""
-
-
-def test_exact_pair_kernels_compile_for_sm90():
-    # the interpreter accepts what Triton's GPU compiler may not (the data-dependent branch on a tile's flags, the
-    # per-column loop): compile the exact epilogue and the backward with its exact branch for an H100, no GPU needed
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", COMPILE_CHILD], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0 and "compiled" not in proc.stdout:
-        if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-            pytest.skip(f"this Triton install has no ptxas to compile for sm_90: {proc.stderr.strip()[-300:]}")
-        raise AssertionError(f"the compile run itself failed:\n{proc.stderr[-3000:]}")
-    assert proc.returncode == 0, f"variants that do not compile for sm_90:\n{proc.stdout}\n{proc.stderr[-2000:]}"
-    assert "compiled 4" in proc.stdout

@@ -6,7 +6,8 @@ With H the policy's features, Hr the frozen reference's, Hw / Hl a winner's / lo
 
 It is DPO with an isotropic Gaussian policy around the model output (k = squared Euclidean, γ = β/(2σ²)): a
 negative distance plays the role of the log-likelihood. All distances a batch needs come from one fused
-``pairwise_distance`` call: x = [policy, reference] ([B, 2, L, D]) against y = [winners..., losers...].
+``pairwise_distance`` call (one kernel launch each way on the Triton backend): x = [policy, reference]
+([B, 2, L, D]) against y = [winners..., losers...].
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from silmm_fast._validate import check_choice, check_float, check_ndim, check_positive, check_same_device
 from silmm_fast.losses.dpo import DPOOutput
-from silmm_fast.ops.pairwise_distance import KERNELS, POOLS, pairwise_distance
+from silmm_fast.ops.pairwise_distance import KERNELS, POOLS, distances
 
 
 def _check_config(gamma: float, kernel: str, pool: str, sigma: float) -> tuple[float, str, str, float]:
@@ -77,7 +78,8 @@ def kc_dpo_loss(
     Returns:
         ``DPOOutput(loss, losses, chosen_rewards, rejected_rewards)``: ``loss`` a scalar; ``losses`` the per-prompt
         loss [B] (mean over that prompt's Kw·Kl pairs); rewards [B], detached. float32 (float64 for float64 inputs).
-        One fused distance launch ([B, 2, L, D] against [B, Kw + Kl, L, D]); inputs are stacked once for it.
+        One fused distance call ([B, 2, L, D] against [B, Kw + Kl, L, D]; on the Triton backend one kernel launch
+        forward and one backward); inputs are stacked once for it.
 
     Raises:
         TypeError: non-tensor, non-floating or mixed dtypes. ValueError: shapes or devices differ, an empty batch
@@ -88,8 +90,10 @@ def kc_dpo_loss(
     check_ndim("policy", policy, 3, "[B, L, D]")
     if policy.numel() == 0:
         # an empty batch would average zero losses into NaN; dpo_loss refuses it the same way
-        raise ValueError(f"policy: expected at least one prompt, token and feature ([B, L, D], each ≥ 1), "
-                         f"got shape {tuple(policy.shape)}")  # fmt: skip
+        raise ValueError(
+            f"policy: expected at least one prompt, token and feature ([B, L, D], each ≥ 1), got shape "
+            f"{tuple(policy.shape)}"
+        )
     reference = check_float("reference", reference)
     if reference.shape != policy.shape:
         raise ValueError(
@@ -104,7 +108,7 @@ def kc_dpo_loss(
     kw = chosen.shape[1]
     x = torch.stack((policy, reference.detach()), dim=1)  # [B, 2, L, D]
     y = torch.cat((chosen, rejected), dim=1)  # [B, Kw + Kl, L, D]
-    dist = pairwise_distance(x, y, kernel=kernel, pool=pool, sigma=sigma)  # [B, 2, Kw + Kl]
+    dist = distances(x, y, kernel, pool, sigma)  # [B, 2, Kw + Kl]; the arguments are checked above
     chosen_terms = gamma * (dist[:, 1, :kw] - dist[:, 0, :kw])  # [B, Kw]
     rejected_terms = gamma * (dist[:, 1, kw:] - dist[:, 0, kw:])  # [B, Kl]
     margins = chosen_terms.unsqueeze(2) - rejected_terms.unsqueeze(1)  # [B, Kw, Kl]

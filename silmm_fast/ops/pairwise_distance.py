@@ -1,13 +1,11 @@
 """``pairwise_distance``: kernel-induced distances between pooled feature matrices, with the backend decision.
 
 Backends (``silmm_fast._backend.choose("pairwise_distance", device)``):
-- ``triton``: the fused kernels in ``silmm_fast.kernels.pairwise_distance`` (pool while loading, Gram through
-  ``tl.dot``, distance epilogue; hand-written backward that re-reads the inputs once).
-- ``torch``: the same algorithm in vectorized PyTorch (the CPU path): pool once, one batched matmul for the Gram
-  (cosine: on the unit rows), the same epilogue and gradient conventions, differentiated by autograd; no tensor
-  larger than the pooled rows and the [B, M, N(, L)] distances, never a [B, M, N, D] difference tensor. (A
-  hand-written autograd Function here measured slower at small CPU shapes: its Python overhead outweighs the ops
-  it saves.) Pairs where the expansion cancels are recomputed from their differences (below).
+- ``triton``: the fused kernels in ``silmm_fast.kernels.pairwise_distance``, one launch forward and one backward
+  (pool while loading, Gram through ``tl.dot``, distance epilogue and exact pairs in the same program; a
+  hand-written backward that re-reads the inputs once for both gradients).
+- ``torch``: ``silmm_fast.ops.torch_backend.pairwise_distance``, the same algorithm in vectorized PyTorch (the CPU
+  path), differentiated by autograd.
 - ``reference``: ``silmm_fast.reference.pairwise_distance`` (explicit differences, plain autograd).
 """
 
@@ -16,118 +14,62 @@ from __future__ import annotations
 import torch
 
 from silmm_fast import _backend
-from silmm_fast._validate import (
-    check_choice,
-    check_float,
-    check_ndim,
-    check_positive,
-    check_same_device,
-    has_data,
-)
+from silmm_fast._validate import check_choice, check_float, check_ndim, check_positive, check_same_device
+from silmm_fast.ops.torch_backend import pairwise_distance as _torch_backend
+from silmm_fast.ops.torch_backend.pairwise_distance import EXACT_RATIO
 from silmm_fast.reference import pairwise_distance as _reference
 
 KERNELS = ("cosine", "euclidean", "sqeuclidean", "rbf")
 POOLS = ("mean", "max", "none")
 COSINE_EPS = _reference.COSINE_EPS
-# The Gram expansion ‖a‖² + ‖c‖² − 2a·c has a rounding error of about ε·(‖a‖² + ‖c‖²): for two points of norm 8e3 at
-# distance 8e-3 it returns 0 in fp32. A pair whose expanded squared distance is below EXACT_RATIO·(‖a‖² + ‖c‖²)
-# (2^17·ε: fewer than ~17 correct bits left) is recomputed from its difference a − c, in every backend (the Triton
-# kernels use the same ratios).
-EXACT_RATIO = {torch.float32: 2.0**-6, torch.float64: 2.0**-35}
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# --- torch backend: the Triton kernels' algorithm in vectorized PyTorch, differentiated by autograd ---------------
-# Rows are [*, R, D] batches: * = B for pooled inputs, * = (B, L) for pool "none" (one distance per token). Autograd
-# keeps only [B, R, D]-sized tensors (pooled rows, unit rows, norms; max-pool indices) and [*, M, N] statistics.
-def _pool(t: torch.Tensor, pool: str, acc: torch.dtype) -> torch.Tensor:
-    if pool == "none":
-        return t.transpose(1, 2).to(acc)
-    if t.shape[2] == 1:
-        return t[:, :, 0].to(acc)
-    if pool == "mean":
-        return t.mean(dim=2, dtype=acc)
-    return t.max(dim=2).values.to(acc)  # backward routes to the first maximal token
-
-
-def _gram(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return torch.bmm(a, c.transpose(1, 2)) if a.dim() == 3 else torch.matmul(a, c.transpose(-1, -2))
-
-
-def _torch_distance(x: torch.Tensor, y: torch.Tensor, kernel: str, pool: str, sigma: float) -> torch.Tensor:
-    acc = _acc_dtype(x.dtype)
-    a, c = _pool(x, pool, acc), _pool(y, pool, acc)
-    if kernel == "cosine":
-        ra = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-        rc = torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-        dist = 1.0 - _gram(a / ra, c / rc)
-    else:
-        # ‖a‖² + ‖c‖² − 2a·c through one batched matmul; the expansion can round slightly below zero
-        base = (a * a).sum(-1).unsqueeze(-1) + (c * c).sum(-1).unsqueeze(-2)
-        if a.dim() == 3:
-            sq = torch.baddbmm(base, a, c.transpose(1, 2), alpha=-2.0)
-        else:
-            sq = base - 2.0 * _gram(a, c)
-        sq = _exact_where_cancelled(sq.clamp_min(0.0), base, a, c)
-        if kernel == "euclidean":
-            zero = sq == 0
-            dist = torch.where(zero, 0.0, torch.where(zero, 1.0, sq).sqrt())  # gradient 0 at distance 0
-        elif kernel == "sqeuclidean":
-            dist = sq
-        else:
-            dist = 2.0 - 2.0 * torch.exp(-sq / (2.0 * sigma**2))
-    return dist.mean(1) if pool == "none" else dist
-
-
-def _exact_where_cancelled(sq: torch.Tensor, base: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``sq`` with every pair where the expansion cancelled (sq < EXACT_RATIO·(‖a‖² + ‖c‖²)) replaced by Σ(a − c)²,
-    differentiable through the differences. Only those pairs form a difference row ([pairs, D]); finding them costs
-    one host sync on CUDA (the Triton path decides inside its kernels instead). Meta tensors have no values to
-    look at; inside torch.compile tracing the data-dependent selection cannot run, so there every pair uses its
-    difference ([..., M, N, D]: exact, more memory)."""
-    if not has_data(sq):
-        return sq
-    if torch.compiler.is_compiling():
-        exact = (a.unsqueeze(-2) - c.unsqueeze(-3)).pow(2).sum(-1)
-        return torch.where(sq < EXACT_RATIO[sq.dtype] * base, exact, sq)
-    with torch.no_grad():
-        flagged = (sq < EXACT_RATIO[sq.dtype] * base).nonzero()  # NaN compares False: a NaN pair stays NaN
-    if flagged.numel() == 0:
-        return sq
-    M, N, D = a.shape[-2], c.shape[-2], a.shape[-1]
-    k, i, j = (flagged[:, 0], flagged[:, 1], flagged[:, 2]) if sq.dim() == 3 else (None, None, None)
-    if sq.dim() == 4:  # pool "none": rows are [B, L, M|N, D]
-        lead = sq.shape[1]
-        k = flagged[:, 0] * lead + flagged[:, 1]
-        i, j = flagged[:, 2], flagged[:, 3]
-    diff = a.reshape(-1, M, D)[k, i] - c.reshape(-1, N, D)[k, j]
-    exact = (diff * diff).sum(-1)
-    return sq.reshape(-1, M, N).index_put((k, i, j), exact).reshape(sq.shape)
+__all__ = ["COSINE_EPS", "EXACT_RATIO", "KERNELS", "POOLS", "pairwise_distance"]
 
 
 class _TritonPairwiseDistance(torch.autograd.Function):
+    """One kernel launch forward, one backward (both gradients); ``tiles`` None picks the device's defaults."""
+
     @staticmethod
-    def forward(ctx, x, y, kernel, pool, sigma):
+    def forward(ctx, x, y, kernel, pool, sigma, tiles=None):
         from silmm_fast.kernels import pairwise_distance as kern
 
-        out, g, na, nc = kern.pairwise_distance_fwd(x, y, kernel, pool, sigma)
-        ctx.save_for_backward(x, y, g, na, nc)
-        ctx.config = (kernel, pool, sigma)
+        tiles = tiles or kern.default_tiles(x, y)
+        out, stat, na, nc = kern.pairwise_distance_fwd(x, y, kernel, pool, sigma, tiles)
+        ctx.save_for_backward(x, y, stat, na, nc)
+        ctx.config = (kernel, pool, sigma, tiles)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         from silmm_fast.kernels import pairwise_distance as kern
 
-        x, y, g, na, nc = ctx.saved_tensors
-        kernel, pool, sigma = ctx.config
+        x, y, stat, na, nc = ctx.saved_tensors
+        kernel, pool, sigma, tiles = ctx.config
         gx, gy = kern.pairwise_distance_bwd(
-            grad_out, x, y, g, na, nc, kernel, pool, sigma, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_out,
+            x,
+            y,
+            stat,
+            na,
+            nc,
+            kernel,
+            pool,
+            sigma,
+            tiles,
+            needs_x=ctx.needs_input_grad[0],
+            needs_y=ctx.needs_input_grad[1],
         )
-        return gx, gy, None, None, None
+        return gx, gy, None, None, None, None
+
+
+def distances(x: torch.Tensor, y: torch.Tensor, kernel: str, pool: str, sigma: float) -> torch.Tensor:
+    """The backend decision and the call, for arguments already checked (``pairwise_distance`` and ``kc_dpo_loss``
+    check theirs once, at their own boundary)."""
+    backend = _backend.choose("pairwise_distance", x.device)
+    if backend == "reference":
+        return _reference.pairwise_distance(x, y, kernel=kernel, pool=pool, sigma=sigma)
+    if backend == "triton" and x.shape[0] * x.shape[1] * y.shape[1] > 0:
+        return _TritonPairwiseDistance.apply(x, y, kernel, pool, sigma)
+    return _torch_backend.pairwise_distance(x, y, kernel, pool, sigma)  # also an empty batch: nothing to launch
 
 
 def _check(x: object, y: object, kernel: object, pool: object, sigma: object) -> float:
@@ -199,12 +141,4 @@ def pairwise_distance(
         mismatched B / L / D, different devices, empty L or D, unknown ``kernel`` / ``pool``, ``sigma`` not a
         finite number > 0.
     """
-    sigma = _check(x, y, kernel, pool, sigma)
-    backend = _backend.choose("pairwise_distance", x.device)
-    if backend == "reference":
-        return _reference.pairwise_distance(x, y, kernel=kernel, pool=pool, sigma=sigma)
-    if backend == "triton" and x.shape[0] * x.shape[1] * y.shape[1] == 0:
-        backend = "torch"  # nothing to launch for an empty batch; the torch path returns the empty result
-    if backend == "triton":
-        return _TritonPairwiseDistance.apply(x, y, kernel, pool, sigma)
-    return _torch_distance(x, y, kernel, pool, sigma)
+    return distances(x, y, kernel, pool, _check(x, y, kernel, pool, sigma))
