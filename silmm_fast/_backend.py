@@ -43,14 +43,6 @@ OPS: dict[str, tuple[str, ...]] = {
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("silmm_fast_backend", default=None)
 
 
-def register_op(name: str, implementations: tuple[str, ...]) -> None:
-    """Declare an op (or extend one) so that ``choose`` and ``env_report`` know it."""
-    unknown = [b for b in implementations if b not in BACKENDS[1:]]
-    if unknown:
-        raise ValueError(f"implementations: unknown backend(s) {unknown}; expected some of {BACKENDS[1:]}")
-    OPS[name] = tuple(implementations)
-
-
 def requested_backend() -> str:
     """The backend asked for by ``use_backend`` or ``SILMM_FAST_BACKEND`` (``auto`` if neither)."""
     value = _override.get() or os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
