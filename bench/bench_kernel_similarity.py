@@ -5,7 +5,7 @@ KC-DPO loss around it.
 Providers: ``reference`` (eager ``silmm_fast.reference.pairwise_distance``), ``torch_compile`` (the same function
 through ``torch.compile``; skipped with a printed reason if compiling fails here), ``silmm``
 (``silmm_fast.pairwise_distance``: Triton on CUDA, the torch path on CPU). No peer library computes these pooled
-kernel distances with a backward (ANCHORS.md), so there is none to compare against.
+kernel distances with a backward, so there is none to compare against.
 Modes: ``forward`` (no autograd) and ``full`` (forward + backward into the [B, 2, L, D] side) of the distances;
 ``kc_dpo``: the KC-DPO loss forward + backward into the policy features, as in training (K = 2K/2 winners and
 losers per prompt): eager is the loss written over the reference distances (``_kc_dpo_eager``), ``torch_compile``
@@ -13,10 +13,11 @@ that function compiled, ``silmm`` ``silmm_fast.kc_dpo_loss`` (on CUDA one kernel
 shapes on CUDA this mode measures the KC-DPO speed floor against eager.
 Each row also carries ``min_ms`` (the fastest repeat: on a shared CPU the median drifts with other load),
 ``traced_peak_bytes`` (storage bytes the call allocates at its peak, traced per op: eager providers only) and the
-minimal cost (``cost``: ``min_bytes`` and ``flops``) with the GB/s it implies, to compare with the HBM floor of
-ANCHORS.md.
+minimal cost (``cost``: ``min_bytes`` and ``flops``) with the GB/s it implies, to compare with the device's memory
+bandwidth (the suite's measured copy ceiling).
 
-    python bench/bench_kernel_similarity.py --device cpu --shapes cpu-small dreamllm-1k-k1
+    python bench/bench_kernel_similarity.py --device cpu --shapes cpu-small
+    python bench/bench_kernel_similarity.py --device cuda      # the DreamLLM shapes, every provider and mode
 """
 
 from __future__ import annotations

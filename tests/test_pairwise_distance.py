@@ -220,7 +220,7 @@ def test_identical_inputs_zero_distance(kernel, backend):
 
 def _far_cluster(dtype, L, seed=11):
     """x [1, 2, L, 40], y [1, 3, L, 40]: x0, y0, y1 within ~8e-3 of one point of norm 8e3 (where the Gram expansion
-    cancels: it gave distance 0 in fp32), x1 and y2 ordinary O(1) points (where it does not). ``dtype`` values,
+    cancels: it would give distance 0 in fp32), x1 and y2 ordinary O(1) points (where it does not). ``dtype`` values,
     returned as float64 leaves so the reference sees the very same numbers."""
     gen = torch.Generator().manual_seed(seed)
     D = 40
@@ -247,7 +247,7 @@ def test_near_coincident_points_far_from_the_origin(kernel, dtype, backend):
         kw = dict(kernel=kernel, pool=pool, sigma=0.01)  # rbf: sq / (2σ²) ~ 0.3 at distance 8e-3
         out, gx, gy = _run(backend, x.to(dtype), y.to(dtype), go, **kw)
         ref, rgx, rgy = _expected(x, y, go, **kw)
-        assert out[0, 0, 0] > 0 and out[0, 0, 1] > 0, (pool, out)  # the expansion gave exactly 0 here
+        assert out[0, 0, 0] > 0 and out[0, 0, 1] > 0, (pool, out)  # the expansion alone gives exactly 0 here
         assert_close(out, ref, dtype, scale=10.0)
         # gradients mix unit-size directions (a − c)/d with 2·(a − c) of size 1.6e4 (sqeuclidean) or 1/σ² (rbf):
         # relative tolerance, atol floor sized to the largest entry
