@@ -21,17 +21,22 @@ V = 16384 in bf16 / fp32, cond + uncond; a 64-row batch is 4 MiB). The only writ
 no [B, V] intermediate: the naive softmax / sort / cumsum / multinomial chain writes and re-reads about ten [B, V]
 tensors over six launches. Passes per row: greedy 1; plain sampling 3 (max, total mass, draw); + one per bisection
 step for top-k and for top-p. Rows are read in place with any strides (no copy for non-contiguous logits).
+
+Kernels: ``_sample_tokens_fwd_kernel`` (the token per row; sampling has no backward) and
+``_sample_tokens_weights_kernel`` (the per-element numbers, for tests against the reference). Launchers:
+``sample_tokens_fwd`` and ``sampling_weights``; the vocabulary block is their ``block_v`` argument.
 """
 
-import contextlib
-import os
+from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from silmm_fast.kernels._common import interpreted, on_device
 
 # Vocabulary block per step. Each element carries an fp32 logit, an int32 key, an int64 weight and an int64 prefix
-# sum, so 2048 per step with 8 warps keeps 8 elements per thread in registers. Not tuned on a GPU yet.
+# sum, so 2048 per step with 8 warps keeps 8 elements per thread in registers. Not tuned on a GPU yet. Under the
+# interpreter, where a block costs numpy calls rather than registers, whole rows up to 16384.
 MAX_BLOCK_V = 2048
 MAX_BLOCK_V_INTERPRETED = 16384
 
@@ -52,13 +57,14 @@ _KEY_NONE = tl.constexpr(2147483647)  # above every key (+inf is 0x7F800000)
 
 
 @triton.jit
-def _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale, HAS_UNCOND: tl.constexpr):
-    """Mixed fp32 logits of one block (−inf past V) and a per-element flag for values that make the row unusable."""
+def _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale):
+    """Mixed fp32 logits of one block (−inf past V) and a per-element flag for values that make the row unusable.
+    ``uncond_row`` None: no guidance, z = c."""
     in_row = cols < V
     offs = cols.to(tl.int64)
     c = tl.load(cond_row + offs * stride_cv, mask=in_row, other=0.0).to(tl.float32)
     bad = (c != c) | (c == float("inf"))
-    if HAS_UNCOND:
+    if uncond_row is not None:
         u = tl.load(uncond_row + offs * stride_uv, mask=in_row, other=0.0).to(tl.float32)
         diff = c - u
         z = u + cfg_scale * diff
@@ -93,19 +99,7 @@ def _key_and_weight(z, m, inv_t):
 
 
 @triton.jit
-def _scan_below(
-    cond_row,
-    uncond_row,
-    V,
-    stride_cv,
-    stride_uv,
-    cfg_scale,
-    m,
-    inv_t,
-    mid,
-    HAS_UNCOND: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
+def _scan_below(cond_row, uncond_row, V, stride_cv, stride_uv, cfg_scale, m, inv_t, mid, BLOCK_V: tl.constexpr):
     """One pass over the row for a bisection step: count and mass of the elements with key ≤ mid, the largest key
     ≤ mid and the smallest key above it."""
     count = tl.zeros([], tl.int64)
@@ -114,7 +108,7 @@ def _scan_below(
     above = tl.full([], _KEY_NONE, tl.int32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z, _ = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale, HAS_UNCOND)
+        z, _ = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale)
         key, w = _key_and_weight(z, m, inv_t)
         inside = key <= mid
         count += tl.sum(inside.to(tl.int64), 0)
@@ -125,29 +119,33 @@ def _scan_below(
 
 
 @triton.jit
-def _sample_tokens_kernel(
+def _sample_tokens_fwd_kernel(
+    # pointers: uncond_ptr None without guidance; noise_ptr None for greedy decoding (argmax, nothing drawn)
     cond_ptr,
     uncond_ptr,
     noise_ptr,
     out_ptr,
+    # shape and strides
     V,
     stride_cb,
     stride_cv,
     stride_ub,
     stride_uv,
+    # sampling settings, fp32 values (top_k an int)
     cfg_scale,
     inv_t,
     top_k,
     top_p,
-    HAS_UNCOND: tl.constexpr,
-    GREEDY: tl.constexpr,
+    # compile-time switches and tile
     DO_TOP_K: tl.constexpr,
     DO_TOP_P: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cond_row = cond_ptr + row * stride_cb
-    uncond_row = uncond_ptr + row * stride_ub
+    uncond_row = uncond_ptr
+    if uncond_ptr is not None:
+        uncond_row = uncond_ptr + row * stride_ub
 
     # Pass 1: row max, usability, and for greedy the first index of the max.
     m = tl.full([], float("-inf"), tl.float32)
@@ -155,17 +153,17 @@ def _sample_tokens_kernel(
     best = tl.zeros([], tl.int64)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z, bad_el = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale, HAS_UNCOND)
+        z, bad_el = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale)
         z = tl.where(bad_el, float("-inf"), z)
         block_max = tl.max(z, 0)
-        if GREEDY:
+        if noise_ptr is None:
             first = tl.min(tl.where(z == block_max, cols, V), 0).to(tl.int64)
             best = tl.where(block_max > m, first, best)  # strict: an earlier block keeps a tie
         m = tl.maximum(m, block_max)
         bad = tl.maximum(bad, tl.max(bad_el.to(tl.int32), 0))
     unusable = (bad > 0) | (m == float("-inf"))
 
-    if GREEDY:
+    if noise_ptr is None:
         tl.store(out_ptr + row, tl.where(unusable, -1, best))
     else:
         # Pass 2: total mass, the key of the last nonzero weight, and the number of nonzero weights.
@@ -174,7 +172,7 @@ def _sample_tokens_kernel(
         n_pos = tl.zeros([], tl.int64)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            z, _ = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale, HAS_UNCOND)
+            z, _ = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale)
             key, w = _key_and_weight(z, m, inv_t)
             total += tl.sum(w, 0)
             key_cut = tl.maximum(key_cut, tl.max(tl.where(w > 0, key, 0), 0))
@@ -189,7 +187,7 @@ def _sample_tokens_kernel(
             while lo < hi:
                 mid = lo + (hi - lo) // 2
                 count, mass, below, above = _scan_below(
-                    cond_row, uncond_row, V, stride_cv, stride_uv, cfg_scale, m, inv_t, mid, HAS_UNCOND, BLOCK_V
+                    cond_row, uncond_row, V, stride_cv, stride_uv, cfg_scale, m, inv_t, mid, BLOCK_V
                 )
                 ok = count >= top_k
                 mass_hi = tl.where(ok, mass, mass_hi)
@@ -202,7 +200,7 @@ def _sample_tokens_kernel(
             while lo < hi:
                 mid = lo + (hi - lo) // 2
                 _, mass, below, above = _scan_below(
-                    cond_row, uncond_row, V, stride_cv, stride_uv, cfg_scale, m, inv_t, mid, HAS_UNCOND, BLOCK_V
+                    cond_row, uncond_row, V, stride_cv, stride_uv, cfg_scale, m, inv_t, mid, BLOCK_V
                 )
                 ok = mass.to(tl.float64) >= target
                 mass_hi = tl.where(ok, mass, mass_hi)
@@ -219,7 +217,7 @@ def _sample_tokens_kernel(
         token = tl.full([], -1, tl.int64)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            z, _ = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale, HAS_UNCOND)
+            z, _ = _mixed_block(cond_row, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale)
             key, w = _key_and_weight(z, m, inv_t)
             kept = tl.where(key <= hi, w, 0)
             prefix = running + tl.cumsum(kept, 0)
@@ -230,30 +228,34 @@ def _sample_tokens_kernel(
 
 
 @triton.jit
-def _weights_kernel(
+def _sample_tokens_weights_kernel(
+    # pointers: uncond_ptr None without guidance
     cond_ptr,
     uncond_ptr,
     max_ptr,
     z_ptr,
     key_ptr,
     w_ptr,
+    # shape and strides
     V,
     stride_cb,
     stride_cv,
     stride_ub,
     stride_uv,
+    # settings, fp32 values
     cfg_scale,
     inv_t,
-    HAS_UNCOND: tl.constexpr,
+    # tile
     BLOCK_V: tl.constexpr,
 ):
     """The sampler's per-element numbers (mixed logit, key, weight) for a given row max: lets tests compare them bit
     for bit with the reference."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    z, _ = _mixed_block(
-        cond_ptr + row * stride_cb, uncond_ptr + row * stride_ub, cols, V, stride_cv, stride_uv, cfg_scale, HAS_UNCOND
-    )
+    uncond_row = uncond_ptr
+    if uncond_ptr is not None:
+        uncond_row = uncond_ptr + row * stride_ub
+    z, _ = _mixed_block(cond_ptr + row * stride_cb, uncond_row, cols, V, stride_cv, stride_uv, cfg_scale)
     key, w = _key_and_weight(z, tl.load(max_ptr + row), inv_t)
     in_row = cols < V
     tl.store(z_ptr + row * V + cols, z, mask=in_row)
@@ -261,26 +263,16 @@ def _weights_kernel(
     tl.store(w_ptr + row * V + cols, w, mask=in_row)
 
 
-def _on_device(device: torch.device):
-    """Launch on the tensor's GPU (Triton launches on the current CUDA device), nothing to do for CPU tensors."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+def default_block_v(V: int) -> int:
+    """The vocabulary block the launchers use when ``block_v`` is None: the row, up to ``MAX_BLOCK_V``."""
+    return min(triton.next_power_of_2(V), MAX_BLOCK_V_INTERPRETED if interpreted() else MAX_BLOCK_V)
 
 
-def _block_v(V: int, block_v: int | None) -> int:
-    if block_v is not None:
-        return triton.next_power_of_2(block_v)
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return min(triton.next_power_of_2(V), MAX_BLOCK_V_INTERPRETED if interpreted else MAX_BLOCK_V)
+def _uncond_strides(uncond: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if uncond is None else (uncond.stride(0), uncond.stride(1))
 
 
-def _pair(logits: torch.Tensor, uncond: torch.Tensor | None) -> tuple[torch.Tensor, int, int, int]:
-    """(uncond pointer tensor, its row stride, its column stride, HAS_UNCOND); the cond tensor stands in when absent."""
-    if uncond is None:
-        return logits, logits.stride(0), logits.stride(1), False
-    return uncond, uncond.stride(0), uncond.stride(1), True
-
-
-def sample_tokens(
+def sample_tokens_fwd(
     logits: torch.Tensor,
     uncond: torch.Tensor | None,
     noise: torch.Tensor | None,
@@ -296,34 +288,32 @@ def sample_tokens(
     ``cfg_scale``, ``inv_temperature`` and ``top_p`` must be fp32 values (they are passed as fp32 scalars and the
     reference rounds the same way); ``inv_temperature`` None means greedy (``noise`` unused). ``noise`` is [B]
     uniform in [0, 1), any float dtype (read as float64; a value outside [0, 1) or NaN gives −1 for its row).
-    ``top_k`` 0 or ≥ V and ``top_p`` ≥ 1 switch those searches off at compile time.
+    ``top_k`` 0 or ≥ V and ``top_p`` ≥ 1 switch those searches off at compile time. ``block_v``: vocabulary block
+    (rounded up to a power of two; None: ``default_block_v(V)``). The caller validates; this only launches.
     """
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return out
     greedy = inv_temperature is None
-    if not greedy:
-        noise = noise.to(torch.float64).contiguous()
-    unc, stride_ub, stride_uv, has_uncond = _pair(logits, uncond)
-    BLOCK_V = _block_v(V, block_v)
-    with _on_device(logits.device):
-        _sample_tokens_kernel[(B,)](
-            logits,
-            unc,
-            out if greedy else noise,
-            out,
-            V,
-            logits.stride(0),
-            logits.stride(1),
-            stride_ub,
-            stride_uv,
-            cfg_scale,
-            1.0 if greedy else inv_temperature,
-            top_k,
-            top_p,
-            HAS_UNCOND=has_uncond,
-            GREEDY=greedy,
+    noise = None if greedy else noise.to(torch.float64).contiguous()
+    stride_ub, stride_uv = _uncond_strides(uncond)
+    BLOCK_V = triton.next_power_of_2(block_v) if block_v is not None else default_block_v(V)
+    with on_device(logits.device):
+        _sample_tokens_fwd_kernel[(B,)](
+            cond_ptr=logits,
+            uncond_ptr=uncond,
+            noise_ptr=noise,
+            out_ptr=out,
+            V=V,
+            stride_cb=logits.stride(0),
+            stride_cv=logits.stride(1),
+            stride_ub=stride_ub,
+            stride_uv=stride_uv,
+            cfg_scale=cfg_scale,
+            inv_t=1.0 if greedy else inv_temperature,
+            top_k=top_k,
+            top_p=top_p,
             DO_TOP_K=(not greedy) and 0 < top_k < V,
             DO_TOP_P=(not greedy) and top_p < 1.0,
             BLOCK_V=BLOCK_V,
@@ -343,31 +333,30 @@ def sampling_weights(
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel's mixed logits z (fp32), keys (int32) and weights (int64), each [B, V], given the fp32 row max
-    [B] of z: the numbers every decision of ``sample_tokens`` is made from (for tests against the reference)."""
+    [B] of z: the numbers every decision of ``sample_tokens_fwd`` is made from (for tests against the reference)."""
     B, V = logits.shape
     z = torch.empty(B, V, dtype=torch.float32, device=logits.device)
     key = torch.empty(B, V, dtype=torch.int32, device=logits.device)
     w = torch.empty(B, V, dtype=torch.int64, device=logits.device)
     if B == 0:
         return z, key, w
-    unc, stride_ub, stride_uv, has_uncond = _pair(logits, uncond)
-    BLOCK_V = _block_v(V, block_v)
-    with _on_device(logits.device):
-        _weights_kernel[(B, triton.cdiv(V, BLOCK_V))](
-            logits,
-            unc,
-            row_max.to(torch.float32).contiguous(),
-            z,
-            key,
-            w,
-            V,
-            logits.stride(0),
-            logits.stride(1),
-            stride_ub,
-            stride_uv,
-            cfg_scale,
-            inv_temperature,
-            HAS_UNCOND=has_uncond,
+    stride_ub, stride_uv = _uncond_strides(uncond)
+    BLOCK_V = triton.next_power_of_2(block_v) if block_v is not None else default_block_v(V)
+    with on_device(logits.device):
+        _sample_tokens_weights_kernel[(B, triton.cdiv(V, BLOCK_V))](
+            cond_ptr=logits,
+            uncond_ptr=uncond,
+            max_ptr=row_max.to(torch.float32).contiguous(),
+            z_ptr=z,
+            key_ptr=key,
+            w_ptr=w,
+            V=V,
+            stride_cb=logits.stride(0),
+            stride_cv=logits.stride(1),
+            stride_ub=stride_ub,
+            stride_uv=stride_uv,
+            cfg_scale=cfg_scale,
+            inv_t=inv_temperature,
             BLOCK_V=BLOCK_V,
             enable_fp_fusion=False,
         )

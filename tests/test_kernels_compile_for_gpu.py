@@ -149,3 +149,56 @@ def test_pairwise_distance_kernels_compile_for_sm90():
         raise AssertionError(f"the compile run itself failed:\n{proc.stderr[-3000:]}")
     assert proc.returncode == 0, f"variants that do not compile for sm_90:\n{proc.stdout}\n{proc.stderr[-2000:]}"
     assert "compiled 8" in proc.stdout
+
+
+SAMPLING_CHILD = r"""
+import sys, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from silmm_fast.kernels import sampling as k
+
+types = {"cond_ptr": "*bf16", "uncond_ptr": "*bf16", "noise_ptr": "*fp64", "out_ptr": "*i64", "max_ptr": "*fp32",
+         "z_ptr": "*fp32", "key_ptr": "*i32", "w_ptr": "*i64", "cfg_scale": "fp32", "inv_t": "fp32", "top_p": "fp32"}
+variants = [  # (kernel, constants): with and without guidance; greedy (no noise), plain, top-k, top-p, both
+    (k._sample_tokens_fwd_kernel, dict(uncond_ptr=uncond, **mode))
+    for uncond in ("given", None)
+    for mode in (dict(noise_ptr=None, DO_TOP_K=False, DO_TOP_P=False), dict(DO_TOP_K=False, DO_TOP_P=False),
+                 dict(DO_TOP_K=True, DO_TOP_P=False), dict(DO_TOP_K=False, DO_TOP_P=True),
+                 dict(DO_TOP_K=True, DO_TOP_P=True))
+] + [(k._sample_tokens_weights_kernel, dict(uncond_ptr=uncond)) for uncond in ("given", None)]
+failures, compiled = [], 0
+for fn, variant in variants:
+    const = {a: v for a, v in variant.items() if v != "given"}
+    const["BLOCK_V"] = k.MAX_BLOCK_V
+    names = fn.arg_names
+    signature = {a: "constexpr" if a in const else types.get(a, "i32") for a in names}
+    source = ASTSource(fn, signature, constexprs={(names.index(a),): v for a, v in const.items()})
+    try:
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 8, "enable_fp_fusion": False})
+    except Exception as err:
+        failures.append(f"{fn.__name__} {variant}: {str(err).splitlines()[-1][:300]}")
+        continue
+    compiled += 1
+    if "fma.rn.f32" in kernel.asm["ptx"]:  # the weights must round like the reference's separate multiply and add
+        failures.append(f"{fn.__name__} {variant}: an fp32 FMA in the PTX")
+print("compiled", compiled)
+print("\n".join(failures))
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_sample_tokens_kernels_compile_for_sm90():
+    # None for an absent uncond or noise pointer, the bisection loops on data-dependent bounds and int64 weight
+    # arithmetic, at the launchers' GPU block; with fp fusion off, as launched, no fp32 FMA may appear
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", SAMPLING_CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0 and "compiled" not in proc.stdout:
+        if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+            pytest.skip(f"this Triton install has no ptxas to compile for sm_90: {proc.stderr.strip()[-300:]}")
+        raise AssertionError(f"the compile run itself failed:\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, f"variants that do not compile for sm_90:\n{proc.stdout}\n{proc.stderr[-2000:]}"
+    assert "compiled 12" in proc.stdout

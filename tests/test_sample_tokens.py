@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import silmm_fast
 import silmm_fast.ops.sampling as ops
 from silmm_fast import use_backend
+from silmm_fast.ops.torch_backend import sampling as torch_backend
 from silmm_fast.reference import sampling as reference
 
 sample_tokens = silmm_fast.sample_tokens
@@ -21,6 +22,7 @@ sample_tokens = silmm_fast.sample_tokens
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
 FAST = ["triton", "torch"]
 BLOCK = 64  # with V = 150 the kernel loops over three vocabulary blocks
+CHUNK = 600  # logits per torch chunk: a few rows of V = 150
 
 # Sampling settings covering each code path: plain, top-k, top-p, both, the degenerate ends, greedy.
 SETTINGS = {
@@ -34,13 +36,6 @@ SETTINGS = {
     "hot": dict(temperature=3.0, top_p=0.95),
     "greedy": dict(temperature=0.0),
 }
-
-
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    """Rows of V = 150 span three Triton blocks; the torch path works on chunks of a few rows."""
-    monkeypatch.setattr(ops, "_TRITON_BLOCK_V", BLOCK)
-    monkeypatch.setattr(ops, "TORCH_CHUNK_ELEMENTS", 600)
 
 
 def rows(B, V, seed=0, scale=2.0, dtype=torch.float32):
@@ -63,13 +58,15 @@ def rows(B, V, seed=0, scale=2.0, dtype=torch.float32):
     return cond.to(dtype), uncond.to(dtype), noise
 
 
-def run(backend, *args, **kwargs):
-    """The tokens ``backend`` samples, on the CPU. CPU tensor arguments (logits, noise) go where the backend runs
-    (backend_device: CUDA for Triton on a GPU machine); tensors a test put on a device stay there."""
+def run(backend, *args, block_v=BLOCK, chunk_elements=CHUNK, **kwargs):
+    """The tokens ``backend`` samples, on the CPU: the public op's checks and uniforms, then that backend with small
+    blocks (rows of V = 150 span three Triton blocks; the torch path works on chunks of a few rows; None: the
+    backend's own rule). CPU tensor arguments (logits, noise) go where the backend runs (backend_device: CUDA for
+    Triton on a GPU machine); tensors a test put on a device stay there."""
     dev = backend_device(backend)
     move = lambda v: v.to(dev) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v  # noqa: E731
-    with use_backend(backend):
-        return sample_tokens(*map(move, args), **{k: move(v) for k, v in kwargs.items()}).cpu()
+    inputs = ops._checked_inputs(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+    return ops.sample_tokens_on(backend, **inputs, block_v=block_v, chunk_elements=chunk_elements).cpu()
 
 
 # --- exact agreement ------------------------------------------------------------------------------------------------
@@ -198,7 +195,7 @@ def test_kernel_guards_noise_outside_the_unit_interval():
     z = torch.randn(4, 150, generator=torch.Generator().manual_seed(6))
     noise = torch.tensor([float("nan"), -0.1, 1.0, 0.3], dtype=torch.float64)
     dev = backend_device("triton")  # the launcher reads its tensors where Triton runs
-    out = kernels.sample_tokens(
+    out = kernels.sample_tokens_fwd(
         z.to(dev), None, noise.to(dev), cfg_scale=1.0, inv_temperature=1.0, top_k=0, top_p=1.0, block_v=64
     ).cpu()
     assert out[:3].tolist() == [-1, -1, -1] and 0 <= out[3] < 150
@@ -253,7 +250,7 @@ def test_torch_path_weights_equal_the_reference():
     a = torch.cat([special, EDGE_GAPS, 30 * torch.rand(5000, generator=g)])
     x = a * reference.LOG2E
     assert (x == 40).any() and ((x > 40) & (x < 40.001)).any()  # both sides of the cut-off are hit
-    assert torch.equal(ops._torch_weights(a), reference.weights(a)[1])
+    assert torch.equal(torch_backend.weights(a), reference.weights(a)[1])
 
 
 def test_weights_approximate_softmax():
@@ -296,15 +293,14 @@ def textbook(cond, uncond, cfg_scale=1.8, temperature=0.8, top_k=0, top_p=1.0):
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("kw", DIST_SETTINGS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "plain")
-def test_stratified_draws_match_the_probabilities(backend, kw, monkeypatch):
+def test_stratified_draws_match_the_probabilities(backend, kw):
     """With noise on the grid (i + ½)/N the inverse-CDF draw is deterministic: each token's frequency is within 1/N of
     its probability (plus the ~1e-6 weight and fp32 rounding error)."""
-    monkeypatch.setattr(ops, "TORCH_CHUNK_ELEMENTS", 1 << 18)
     N = 20000
     noise = (torch.arange(N, dtype=torch.float64) + 0.5) / N
     kwargs = dict(cfg_scale=1.8, temperature=kw.get("temperature", 0.8), top_k=kw.get("top_k", 0))
     kwargs["top_p"] = kw.get("top_p", 1.0)
-    tokens = run(backend, COND.expand(N, -1), UNCOND.expand(N, -1), noise=noise, **kwargs)
+    tokens = run(backend, COND.expand(N, -1), UNCOND.expand(N, -1), noise=noise, chunk_elements=None, **kwargs)
     freq = torch.bincount(tokens, minlength=10).double() / N
     expected = textbook(COND, UNCOND, **kwargs)
     assert (freq - expected).abs().max() <= 1 / N + 1e-5
@@ -315,16 +311,14 @@ CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7:
 
 
 @pytest.mark.parametrize("kw", DIST_SETTINGS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "plain")
-def test_random_draws_pass_a_chi_square_test(kw, monkeypatch):
+def test_random_draws_pass_a_chi_square_test(kw):
     """20k seeded draws from the generator: Pearson's statistic over the kept tokens stays below its 99.9 % quantile
     (the seed is fixed, so the test is deterministic; a biased sampler at this N fails by orders of magnitude)."""
-    monkeypatch.setattr(ops, "TORCH_CHUNK_ELEMENTS", 1 << 18)
     N = 20000
     kwargs = dict(cfg_scale=1.8, temperature=kw.get("temperature", 0.8), top_k=kw.get("top_k", 0))
     kwargs["top_p"] = kw.get("top_p", 1.0)
-    tokens = run(
-        "torch", COND.expand(N, -1), UNCOND.expand(N, -1), generator=torch.Generator().manual_seed(9), **kwargs
-    )
+    g = torch.Generator().manual_seed(9)
+    tokens = run("torch", COND.expand(N, -1), UNCOND.expand(N, -1), generator=g, chunk_elements=None, **kwargs)
     counts = torch.bincount(tokens, minlength=10).double()
     expected = textbook(COND, UNCOND, **kwargs) * N
     kept = expected > 0
@@ -373,6 +367,23 @@ def test_auto_backend_on_cpu_is_torch_and_inputs_are_left_alone():
             out = run(backend, x, uncond, cfg_scale=2.0, top_k=4, top_p=0.9, temperature=0.7)
             assert not out.requires_grad and out.dtype == torch.int64
             assert torch.equal(x.detach().cpu(), before), backend
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_public_op_runs_the_backend_it_chose(backend, monkeypatch):
+    """sample_tokens checks, draws and hands its inputs to the backend ``use_backend`` forces, with that backend's own
+    block rule: the tokens of ``sample_tokens_on`` on it."""
+    cond, uncond, noise = rows(6, 150, seed=15)
+    kwargs = dict(cfg_scale=1.5, top_k=20, top_p=0.9)
+    dev = backend_device(backend)
+    chosen = []
+    on = ops.sample_tokens_on
+    monkeypatch.setattr(ops, "sample_tokens_on", lambda b, **inputs: chosen.append(b) or on(b, **inputs))
+    with use_backend(backend):
+        got = sample_tokens(cond.to(dev), uncond.to(dev), noise=noise.to(dev), **kwargs).cpu()
+    assert chosen == [backend]
+    expected = reference.sample_tokens(cond, uncond, noise=noise, **kwargs)
+    assert torch.equal(got, expected) and torch.equal(run(backend, cond, uncond, noise=noise, **kwargs), expected)
 
 
 def test_bad_inputs_raise_errors_naming_the_argument():
@@ -432,19 +443,14 @@ def test_property_random_shapes_and_ties(B, V, top_k, top_p, temperature, distin
     noise = torch.rand(B, generator=g, dtype=torch.float64)
     kwargs = dict(cfg_scale=1.5, temperature=temperature, top_k=top_k, top_p=top_p, noise=noise)
     expected = reference.sample_tokens(cond, uncond, **kwargs)
-    ops._TRITON_BLOCK_V = 32
-    try:
-        for backend in FAST:
-            assert torch.equal(run(backend, cond, uncond, **kwargs), expected), backend
-    finally:
-        ops._TRITON_BLOCK_V = None
+    for backend in FAST:
+        assert torch.equal(run(backend, cond, uncond, block_v=32, **kwargs), expected), backend
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_gpu_janus_batch_matches_reference(setting):
     """The issue's shape: 64 rows of a 16384-way image head, cond and uncond in bf16, CFG 5."""
-    ops._TRITON_BLOCK_V = None
     g = torch.Generator(device="cuda").manual_seed(0)
     cond = (3 * torch.randn(64, 16384, device="cuda", generator=g)).bfloat16()
     uncond = (3 * torch.randn(64, 16384, device="cuda", generator=g)).bfloat16()
