@@ -176,6 +176,23 @@ def test_random_batches_match_reference(cpp, dtype, with_quality, method):
         assert all(len(set(row)) == n for row in a.tolist())
 
 
+@pytest.mark.parametrize("method", ["dpp", "fps"])
+def test_public_op_runs_the_backend_it_chose(cpp, method, monkeypatch):
+    """diverse_select validates, then hands its inputs to diverse_select_on with the backend ``use_backend`` forces;
+    both backends pick what the reference module picks."""
+    g = torch.Generator().manual_seed(21)
+    x, q = torch.randn(5, 9, 3, 16, generator=g), torch.rand(5, 9, generator=g)
+    expected = ref.diverse_select(x, 4, method=method, quality=q)
+    chosen = []
+    on = ds_ops.diverse_select_on
+    monkeypatch.setattr(ds_ops, "diverse_select_on", lambda b, *args, **kw: chosen.append(b) or on(b, *args, **kw))
+    for backend in ("cpp", "reference"):
+        with use_backend(backend):
+            assert torch.equal(diverse_select(x, 4, method=method, quality=q), expected), backend
+        assert torch.equal(on(backend, x, 4, method=method, quality=q), expected), backend
+    assert chosen == ["cpp", "reference"]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     B=st.integers(1, 4),

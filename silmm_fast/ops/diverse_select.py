@@ -1,4 +1,4 @@
-"""Public ``diverse_select``: keep the ``n`` most diverse of ``K`` candidates per prompt (SPEC.md §3).
+"""Public ``diverse_select``: keep the ``n`` most diverse of ``K`` candidates per prompt.
 
 Work per call: mean-pool over tokens (4-D input only), then per method:
 
@@ -14,7 +14,8 @@ Work per call: mean-pool over tokens (4-D input only), then per method:
 
 The C++ and reference paths of each route pick identical indices (same IEEE operations in the same order). The
 selection rules are documented in ``silmm_fast.reference.diverse_select`` and
-``csrc/diverse_select/diverse_select.h``.
+``csrc/diverse_select/diverse_select.h``. The public op validates its arguments once and hands them to
+``diverse_select_on``, which runs one backend.
 """
 
 from __future__ import annotations
@@ -117,6 +118,46 @@ def _check_finite_gram(features: torch.Tensor, gram: torch.Tensor) -> None:
     _raise_non_finite(features, gram.dtype)
 
 
+def diverse_select_on(
+    backend: str, features: torch.Tensor, n: int, *, method: str, quality: torch.Tensor | None
+) -> torch.Tensor:
+    """``diverse_select`` on ``backend`` (``"cpp"``, or ``"reference"``; ``"cpp"`` falls back to the reference when
+    the extension is unavailable) for checked inputs: what the public op runs once it has validated its arguments.
+
+    FPS on CPU goes straight from the pooled features (``_fps_from_features``). Every other case, DPP anywhere and FPS
+    on CUDA, takes the Gram route: one batched Gram product, its diagonal checked finite, the inverse norms, then the
+    C++ op or the reference's ``select_from_similarity`` (a GPU multiplies matrices faster than it walks columns)."""
+    pooled = _reference.pooled_features(features)
+    if method == "fps" and not pooled.is_cuda:
+        return _fps_from_features(features, pooled, n, quality, backend)
+    gram = _reference.gram_matrix(pooled)
+    _check_finite_gram(features, gram)
+    scale = _reference.inverse_norms(gram)
+    eps = DPP_EPS[gram.dtype] if method == "dpp" else 0.0
+    op = cpp_op() if backend == "cpp" else None
+    if op is not None:
+        return op(gram, scale, quality, n, method, eps)
+    return _reference.select_from_similarity(gram, scale, quality, n, method, eps)
+
+
+def _fps_from_features(
+    features: torch.Tensor, pooled: torch.Tensor, n: int, quality: torch.Tensor | None, backend: str
+) -> torch.Tensor:
+    """FPS on CPU without a Gram matrix: C++ ``diverse_select_fps`` or the reference ``fps_from_features`` (identical
+    bits). A NaN / Inf feature shows as a −1 first pick (C++) or a non-finite squared norm (checked here)."""
+    op = cpp_op("diverse_select_fps") if backend == "cpp" else None
+    if op is not None:
+        out = op(pooled, quality, n)
+        if out.numel() > 0 and not _skip_data_checks(out) and bool((out[:, 0] < 0).any()):
+            _raise_non_finite(features, pooled.dtype)
+        return out
+    if pooled.numel() > 0 and not _skip_data_checks(pooled):
+        sq = _reference.lane_dot(pooled, pooled)
+        if not bool(torch.isfinite(sq).all()):
+            _raise_non_finite(features, pooled.dtype)
+    return _reference.fps_from_features(pooled, quality, n)
+
+
 def diverse_select(
     features: torch.Tensor,
     n: int,
@@ -154,41 +195,5 @@ def diverse_select(
     pooling of 4-D input).
     """
     _validate(features, n, method, quality)
-    pooled = _reference.pooled_features(features)
     backend = _backend.choose("diverse_select", features.device)
-    if method == "fps":
-        return _fps(features, pooled, n, quality, backend)
-    gram = _reference.gram_matrix(pooled)
-    _check_finite_gram(features, gram)
-    scale = _reference.inverse_norms(gram)
-    eps = DPP_EPS[gram.dtype]
-    if backend == "cpp":
-        op = cpp_op()
-        if op is not None:
-            return op(gram, scale, quality, n, method, eps)
-    return _reference.select_from_similarity(gram, scale, quality, n, method, eps)
-
-
-def _fps(features: torch.Tensor, pooled: torch.Tensor, n: int, quality: torch.Tensor | None, backend: str):
-    """FPS on CPU: straight from the pooled features, without a Gram matrix (C++ ``diverse_select_fps`` or the
-    reference ``fps_from_features``, identical bits). On CUDA: one Gram product, then the similarity kernel or its
-    reference (a GPU multiplies matrices faster than it walks columns); the same rule, rounded like the GPU's matmul."""
-    if pooled.is_cuda:
-        gram = _reference.gram_matrix(pooled)
-        _check_finite_gram(features, gram)
-        scale = _reference.inverse_norms(gram)
-        op = cpp_op() if backend == "cpp" else None
-        if op is not None:
-            return op(gram, scale, quality, n, "fps", 0.0)
-        return _reference.select_from_similarity(gram, scale, quality, n, "fps", 0.0)
-    op = cpp_op("diverse_select_fps") if backend == "cpp" else None
-    if op is not None:
-        out = op(pooled, quality, n)
-        if out.numel() > 0 and not _skip_data_checks(out) and bool((out[:, 0] < 0).any()):
-            _raise_non_finite(features, pooled.dtype)
-        return out
-    if pooled.numel() > 0 and not _skip_data_checks(pooled):
-        sq = _reference.lane_dot(pooled, pooled)
-        if not bool(torch.isfinite(sq).all()):
-            _raise_non_finite(features, pooled.dtype)
-    return _reference.fps_from_features(pooled, quality, n)
+    return diverse_select_on(backend, features, n, method=method, quality=quality)
