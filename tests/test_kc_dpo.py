@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import backend_device
 from tolerances import assert_close
 from triton.runtime.jit import KernelInterface
 
@@ -242,11 +243,13 @@ def test_triton_one_launch_each_way_matches_reference(kernel, pool, monkeypatch)
     policy, ref, chosen, rejected = _near_identical(2, 3, 2, 40, seed=7)
     gamma, kw = 100.0, dict(kernel=kernel, pool=pool, sigma=0.05)  # rbf: sq / (2σ²) ~ 0.1 at the near pairs
     launches = _Launches(monkeypatch)
+    dev = backend_device("triton")  # CUDA on a GPU machine; the gradients land on the CPU leaves
     with use_backend("triton"):
-        out = kc_dpo_loss(policy, ref, chosen, rejected, gamma=gamma, **kw)
+        out = kc_dpo_loss(policy.to(dev), ref.to(dev), chosen.to(dev), rejected.to(dev), gamma=gamma, **kw)
         assert launches.counts == {"_pd_fwd_kernel": 1}
         got = torch.autograd.grad(out.loss, (policy, chosen))
     assert launches.counts == {"_pd_fwd_kernel": 1, "_pd_bwd_kernel": 1}
+    out = type(out)(*(t.cpu() for t in out))
     losses, cw, rl = _loop_loss(policy, ref, chosen, rejected, gamma, **kw)
     want = torch.autograd.grad(losses.mean(), (policy, chosen))
     # Per prompt, an error floor sized to γ times that prompt's largest distance (at least 1: cosine's error is ~ε
@@ -266,20 +269,22 @@ def test_triton_one_launch_each_way_matches_reference(kernel, pool, monkeypatch)
 
 @pytest.mark.parametrize("backend", ("torch", "triton"))
 def test_non_contiguous_features(backend):
-    # strided views of every input (a [B, L, K, D] buffer seen as [B, K, L, D], every other feature) give the same
-    # loss and gradients as their contiguous copies
-    policy, ref, chosen, rejected = _features(2, 3, 12, K=2, seed=8)
+    # strided views (every other feature of a wider buffer; a [B, L, K, D] buffer seen as [B, K, L, D]), made where
+    # the backend runs, give the loss and gradients of the explicit loop over their values (the loss stacks them
+    # into the distance call's inputs; strided inputs of the kernels are tested in test_pairwise_distance.py)
+    _, ref, chosen, rejected = _features(2, 3, 12, K=2, seed=8)
     wide = torch.randn(2, 3, 24, dtype=torch.float64).requires_grad_()
-    policy = wide[..., ::2]
-    chosen_t = chosen.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
-    assert not policy.is_contiguous() and not chosen_t.is_contiguous()
+    chosen = chosen.requires_grad_()
+    dev = backend_device(backend)
+    policy_view = wide.to(dev)[..., ::2]
+    chosen_view = chosen.to(dev).transpose(1, 2).contiguous().transpose(1, 2)
+    assert not policy_view.is_contiguous() and not chosen_view.is_contiguous()
+    kw = dict(kernel="rbf", pool="max", sigma=3.0)
     with use_backend(backend):
-        out = kc_dpo_loss(policy, ref, chosen_t, rejected, kernel="rbf", pool="max", sigma=3.0)
-        got = torch.autograd.grad(out.loss, (wide, chosen_t))
-        dense = kc_dpo_loss(policy.detach().contiguous(), ref, chosen, rejected, kernel="rbf", pool="max", sigma=3.0)
-    losses, _, _ = _loop_loss(policy, ref, chosen_t, rejected, 1.0, kernel="rbf", pool="max", sigma=3.0)
-    want = torch.autograd.grad(losses.mean(), (wide, chosen_t))
-    assert_close(out.losses, losses, torch.float64, scale=10.0)
-    assert_close(out.losses, dense.losses, torch.float64, scale=10.0)
+        out = kc_dpo_loss(policy_view, ref.to(dev), chosen_view, rejected.to(dev), **kw)
+        got = torch.autograd.grad(out.loss, (wide, chosen))
+    losses, _, _ = _loop_loss(wide[..., ::2], ref, chosen, rejected, 1.0, **kw)
+    want = torch.autograd.grad(losses.mean(), (wide, chosen))
+    assert_close(out.losses.cpu(), losses, torch.float64, scale=10.0)
     for a, b in zip(got, want):
         assert_close(a, b, torch.float64, scale=10.0)
