@@ -283,7 +283,7 @@ def _pd_fwd_kernel(
     nc_off = (pid_b * N + offs_n) * LP
     x_rows = x_ptr + pid_b * sxb + offs_m[:, None] * sxm
     y_rows = y_ptr + pid_b * syb + offs_n[:, None] * syn
-    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    last = True  # without split-D every program finishes its own tile
     if SPLIT:
         d_start = pid_s * D_SPLIT
         d_end = tl.minimum(d_start + D_SPLIT, D)
@@ -313,8 +313,11 @@ def _pd_fwd_kernel(
         # every thread's partial stores happen before the ticket (release); the last ticket's holder reads them all
         tl.debug_barrier()
         ticket = tl.atomic_add(tickets_ptr + pid_b * tl.num_programs(1) + pid_mn, 1, sem="acq_rel")
-        if ticket == S - 1:
-            for l in range(0, LP):
+        last = ticket == S - 1
+    if last:
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for l in range(0, LP):
+            if SPLIT:  # the partials of all S slices, summed in slice order
                 g = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
                 na = tl.zeros((BLOCK_M,), dtype=ACC)
                 nc = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -328,41 +331,26 @@ def _pd_fwd_kernel(
                     nc += tl.load(
                         part_nc_ptr + B * s * N * LP + nc_off + l, mask=mask_n, other=0.0, cache_modifier=".cg"
                     )
-                stat, dist = _epilogue(
-                    g,
-                    na,
-                    nc,
-                    l,
+            else:
+                g, na, nc = _row_statistics(
                     x_rows,
                     y_rows,
+                    l,
+                    0,
+                    D,
                     mask_m,
                     mask_n,
                     L,
-                    D,
                     sxl,
                     sxd,
                     syl,
                     syd,
-                    inv_two_sigma2,
-                    KERNEL,
                     POOL,
                     ACC,
-                    EPS,
-                    RATIO,
                     BLOCK_M,
                     BLOCK_N,
-                    EXACT_BLOCK_D,
+                    BLOCK_D,
                 )
-                tl.store(stat_ptr + g_off + l, stat, mask=mask_mn)
-                tl.store(na_ptr + na_off + l, na, mask=mask_m)
-                tl.store(nc_ptr + nc_off + l, nc, mask=mask_n)
-                total += dist
-            tl.store(out_ptr + (pid_b * M + offs_m[:, None]) * N + offs_n[None, :], total / LP, mask=mask_mn)
-    else:
-        for l in range(0, LP):
-            g, na, nc = _row_statistics(
-                x_rows, y_rows, l, 0, D, mask_m, mask_n, L, sxl, sxd, syl, syd, POOL, ACC, BLOCK_M, BLOCK_N, BLOCK_D
-            )
             stat, dist = _epilogue(
                 g,
                 na,
