@@ -20,7 +20,8 @@ accumulates in fp32 (fp64 for fp64 inputs); the dots run in full precision (``in
 
 Wide rows with few pairs split D across the programs of the same launch ("split-D"): each writes partial statistics,
 then takes a ticket from a per-tile counter; the program that takes the last ticket sums the partials in split order
-(deterministic) and runs the epilogue. Only that program touches the tile's outputs, so no second launch is needed.
+(deterministic) and runs the epilogue. Only that program touches the tile's outputs, so no second launch is needed;
+the launcher zero-fills the [B, tiles] counters (a fill of a few bytes) before such a launch.
 
 Near-coincident points far from the origin: the expansion's rounding error is about ε·(‖a‖² + ‖c‖²), so two points
 of norm 8e3 at distance 8e-3 would come out at distance 0 (or ~4) in fp32. The epilogue of the distance kernels

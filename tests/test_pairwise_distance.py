@@ -373,6 +373,14 @@ def test_empty_batch(backend):
     assert out.shape == (0, 2, 5)
 
 
+def test_backends_share_the_constants():
+    # the Triton kernels and the torch backend flag the same pairs for exact recomputation and clamp the same norms
+    from silmm_fast.ops.torch_backend import pairwise_distance as torch_backend
+
+    assert kern.EXACT_RATIO == torch_backend.EXACT_RATIO
+    assert kern.COSINE_EPS == torch_backend.COSINE_EPS == 1e-8
+
+
 def test_auto_picks_torch_on_cpu():
     from silmm_fast import _backend
 
