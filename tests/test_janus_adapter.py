@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from silmm_fast.loop.adapters import JanusAdapter, JanusOptions, prompting
+from silmm_fast.loop.adapters import JanusAdapter, JanusOptions, Sourced, prompting
 from silmm_fast.loop.adapters.random_janus import random_janus, word_tokenizer
 from silmm_fast.loop.decompose import decompose_prompt
 from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
@@ -221,7 +221,7 @@ def test_answer_images_accepts_pil_and_validates(janus):
 # --- text: prompts and questions -------------------------------------------------------------------------------------
 def test_write_prompts_falls_back_to_templates(janus):
     prompts = janus.write_prompts(["color", "spatial"], 3, generator=torch.Generator().manual_seed(0), max_new_tokens=1)
-    assert len(prompts) == 6 and janus.last_sources["prompts"] == ["template"] * 6
+    assert len(prompts) == 6 and prompts.sources == ["template"] * 6
     assert all(prompting.parse_prompt(p) == p for p in prompts)
     assert "left" in " ".join(prompts[3:]) or "right" in " ".join(prompts[3:]) or "above" in " ".join(prompts[3:])
     with pytest.raises(ValueError, match="unknown category 'weather'"):
@@ -233,14 +233,16 @@ def test_write_prompts_keeps_model_output(janus, monkeypatch):
     monkeypatch.setattr(janus, "_continue", lambda *a, **k: next(answers))
     prompts = janus.write_prompts(["color"], 2, generator=torch.Generator().manual_seed(0))
     assert prompts[0] == "a red apple and a green book"
-    assert janus.last_sources["prompts"] == ["model", "template"]
+    assert isinstance(prompts, Sourced) and prompts.sources == ["model", "template"]
+    with pytest.warns(FutureWarning, match="last_sources is deprecated"):  # the old spelling, until it goes
+        assert janus.last_sources["prompts"] == ["model", "template"]
 
 
 def test_write_prompts_runs_the_model(janus):
     """The real text path end to end (a random model writes garbage; whatever it wrote is parsed or replaced)."""
     prompts = janus.write_prompts(["numeracy"], 2, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert len(prompts) == 2 and all(isinstance(p, str) and p for p in prompts)
-    assert set(janus.last_sources["prompts"]) <= {"model", "template"}
+    assert len(prompts.sources) == 2 and set(prompts.sources) <= {"model", "template"}
 
 
 def test_decompose_model_rules_and_none(janus, monkeypatch):
@@ -249,15 +251,15 @@ def test_decompose_model_rules_and_none(janus, monkeypatch):
     qs = janus.decompose(["a red apple", "two blue cars"])
     assert qs[0] == ["is there a red apple?", "is the apple red?"]
     assert qs[1] == decompose_prompt("two blue cars")
-    assert janus.last_sources["questions"] == ["model", "rules"]
+    assert isinstance(qs, Sourced) and qs.sources == ["model", "rules"]
     qs = janus.decompose(["a red apple", "two blue cars"], fallback=False)
-    assert qs[1] == [] and janus.last_sources["questions"] == ["model", "none"]
+    assert qs[1] == [] and qs.sources == ["model", "none"]
 
 
 def test_decompose_runs_the_model(janus):
     qs = janus.decompose(PROMPTS[:2], max_new_tokens=8)
     assert len(qs) == 2 and all(qs)
-    assert janus.last_sources["questions"] == ["rules", "rules"]  # a random model's words are no questions
+    assert qs.sources == ["rules", "rules"]  # a random model's words are no questions
 
 
 def test_prompting_parsers():

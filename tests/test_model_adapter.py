@@ -10,11 +10,18 @@ from silmm_fast.loop.adapters import (
     ContinuousAdapter,
     ImageLogprobInputs,
     JanusAdapter,
+    LayeredAdapter,
     ModelAdapter,
+    ModelSpec,
     ShapesAdapter,
+    Sourced,
     adapter_mismatches,
+    blank_adapter,
+    build_adapter,
     check_adapter,
+    load_adapter,
 )
+from silmm_fast.loop.adapters.factory import architecture
 from silmm_fast.loop.adapters.random_janus import random_janus
 from silmm_fast.loop.models.shapes_lmm import ShapesLMM, ShapesLMMConfig
 from silmm_fast.ops.fused_linear_logprobs import fused_linear_logprobs
@@ -116,9 +123,14 @@ def test_shapes_adapter_decode_and_sources(shapes):
     images = adapter.decode_images(tokens)
     assert images.shape == (1, 3, 48, 48, 3) and images.dtype == torch.uint8
     assert adapter.image_seq_len == tokens.shape[-1]
-    adapter.write_prompts(["color"], 2, generator=torch.Generator().manual_seed(0), max_new_tokens=4)
-    adapter.decompose(["a red circle"], max_new_tokens=4)
-    assert adapter.last_sources == {"prompts": ["model", "model"], "questions": ["model"]}
+    prompts = adapter.write_prompts(["color"], 2, generator=torch.Generator().manual_seed(0), max_new_tokens=4)
+    questions = adapter.decompose(["a red circle"], max_new_tokens=4)
+    # where each text came from is part of the result: ShapesLMM writes every one itself
+    assert isinstance(prompts, Sourced) and prompts.sources == ["model", "model"]
+    assert prompts == shapes.write_prompts(["color"], 2, generator=torch.Generator().manual_seed(0), max_new_tokens=4)
+    assert isinstance(questions, Sourced) and questions.sources == ["model"]
+    with pytest.warns(FutureWarning, match="last_sources is deprecated"):
+        assert adapter.last_sources == {"prompts": ["model", "model"], "questions": ["model"]}
     with pytest.raises(ValueError, match="image_tokens: expected shape"):
         adapter.decode_images(tokens[..., :3])
 
@@ -157,3 +169,55 @@ def test_image_logprob_inputs_frozen_and_bias():
     torch.testing.assert_close(inp.logprobs(), naive.sum(-1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(inp.logprobs("mean"), naive.mean(-1), rtol=1e-12, atol=1e-12)
     assert ImageLogprobInputs(hidden, head.weight, labels).bias is None
+
+
+# --- Sourced -----------------------------------------------------------------------------------------------------
+def test_sourced_is_a_list_with_one_source_per_item():
+    import pickle
+
+    texts = Sourced(["a", "b"], ["model", "template"])
+    assert texts == ["a", "b"] and texts[1:] == ["b"] and texts.sources == ["model", "template"]
+    again = pickle.loads(pickle.dumps(texts))  # the loop sends results between processes
+    assert isinstance(again, Sourced) and again == texts and again.sources == texts.sources
+    assert Sourced(["a"]).sources == ["model"]
+    assert Sourced.of(texts) is texts and Sourced.of(["x", "y"]).sources == ["model", "model"]
+    with pytest.raises(ValueError, match="sources: expected one per item"):
+        Sourced(["a", "b"], ["model"])
+
+
+# --- factory -----------------------------------------------------------------------------------------------------
+def test_factory_builds_loads_and_rebuilds_shapes_adapters(shapes, tmp_path):
+    spec = ModelSpec("shapes", "discrete")
+    assert spec.world_images and not ModelSpec("janus", path=str(tmp_path)).world_images
+    adapter = ShapesAdapter(shapes)
+    adapter.save(tmp_path / "ckpt")
+    loaded = load_adapter(spec, tmp_path / "ckpt")
+    assert isinstance(loaded, ShapesAdapter) and isinstance(loaded, LayeredAdapter)
+    blank = blank_adapter(spec, architecture(adapter))
+    blank.load_state_dict(adapter.state_dict())
+    for (k, a), (_, b) in zip(loaded.state_dict().items(), blank.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="name: expected one of"):
+        ModelSpec("llava")
+    with pytest.raises(ValueError, match="path: a janus model needs"):
+        ModelSpec("janus")
+
+
+def test_factory_builds_the_cached_shapes_base_model(tmp_path):
+    from silmm_fast.loop.models.bootstrap import bootstrap, recipe
+
+    spec = ModelSpec("shapes", "discrete", recipe="plain", tiny=True, cache_dir=tmp_path)
+    built = build_adapter(spec)
+    cached = bootstrap("discrete", cache_dir=tmp_path, config=recipe("plain", "discrete", tiny=True))
+    assert isinstance(built, ShapesAdapter)
+    for (k, a), (_, b) in zip(built.state_dict().items(), ShapesAdapter(cached).state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_factory_loads_janus_checkpoints_with_the_guidance_scale(tmp_path):
+    janus = random_janus(seed=0)
+    janus.save(tmp_path / "janus")
+    spec = ModelSpec("janus", path=str(tmp_path / "janus"), cfg_scale=2.5)
+    for adapter in (build_adapter(spec), load_adapter(spec, tmp_path / "janus"), blank_adapter(spec, None)):
+        assert isinstance(adapter, JanusAdapter) and adapter.options.cfg_scale == 2.5
+    assert architecture(adapter) is None

@@ -2,7 +2,10 @@
 
 - ``protocol``: ``ModelAdapter`` (the ``typing.Protocol`` every model implements: write prompts, generate and decode
   candidates, decompose prompts into questions, answer them, give DPO inputs, save / load), ``ContinuousAdapter``
-  (feature matrices for KC-DPO), ``ImageLogprobInputs`` and ``check_adapter``.
+  (feature matrices for KC-DPO), ``LayeredAdapter`` (decoder blocks for FSDP2), ``Sourced`` (texts and where each
+  came from), ``ImageLogprobInputs`` and ``check_adapter``.
+- ``factory``: ``ModelSpec`` and ``build_adapter`` / ``load_adapter`` / ``blank_adapter``: a model's name to its
+  adapter (the only place the loop's models are built).
 - ``shapes``: ``ShapesAdapter``, the built-in world's ``ShapesLMM`` behind the protocol.
 - ``janus``: ``JanusAdapter``, transformers' ``JanusForConditionalGeneration`` (Janus / Janus-Pro) from a local
   checkpoint.
@@ -11,11 +14,14 @@
 - ``random_janus``: randomly initialized Janus models with a word-level tokenizer (tests, benchmarks).
 """
 
+from silmm_fast.loop.adapters.factory import ModelSpec, blank_adapter, build_adapter, load_adapter
 from silmm_fast.loop.adapters.janus import JanusAdapter, JanusOptions
 from silmm_fast.loop.adapters.protocol import (
     ContinuousAdapter,
     ImageLogprobInputs,
+    LayeredAdapter,
     ModelAdapter,
+    Sourced,
     adapter_mismatches,
     check_adapter,
 )
@@ -26,8 +32,14 @@ __all__ = [
     "ImageLogprobInputs",
     "JanusAdapter",
     "JanusOptions",
+    "LayeredAdapter",
     "ModelAdapter",
+    "ModelSpec",
     "ShapesAdapter",
+    "Sourced",
     "adapter_mismatches",
+    "blank_adapter",
+    "build_adapter",
     "check_adapter",
+    "load_adapter",
 ]

@@ -23,7 +23,7 @@ What each SILMM step runs:
   likelihood is the conditional model's (no guidance), the usual choice for DPO on CFG models.
 - ``write_prompts`` / ``decompose``: the model answers an instruction with examples
   (``silmm_fast.loop.adapters.prompting``); outputs that do not parse fall back to rule-written prompts /
-  ``silmm_fast.decompose_prompt``, and ``last_sources`` records which was used.
+  ``silmm_fast.decompose_prompt``; both return a ``Sourced`` list whose ``sources`` say which was used.
 
 Prompts are wrapped in the checkpoint's chat template when it has one (Janus-Pro does), else used as they are.
 """
@@ -46,7 +46,7 @@ from torch import nn
 
 from silmm_fast._validate import check_count, check_noise, check_prompts, check_sampling
 from silmm_fast.loop.adapters import prompting
-from silmm_fast.loop.adapters.protocol import ImageLogprobInputs
+from silmm_fast.loop.adapters.protocol import ImageLogprobInputs, Sourced
 from silmm_fast.loop.models.batching import left_pad
 from silmm_fast.ops.sampling import sample_tokens
 
@@ -183,7 +183,7 @@ class JanusAdapter(nn.Module):
                 size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3
             )
         self.image_processor = image_processor
-        self.last_sources: dict[str, list[str]] = {}
+        self._last_sources: dict[str, list[str]] = {}
         self._resolve_ids()
         lm = model.model.language_model
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -322,6 +322,18 @@ class JanusAdapter(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def last_sources(self) -> dict[str, list[str]]:
+        """Deprecated: the ``sources`` of the last ``write_prompts`` / ``decompose`` result; read the returned
+        ``Sourced`` list's ``sources`` instead."""
+        warnings.warn(
+            "last_sources is deprecated: write_prompts and decompose return a Sourced list whose .sources say where "
+            "each item came from",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return {k: list(v) for k, v in self._last_sources.items()}
 
     @property
     def image_seq_len(self) -> int:
@@ -720,13 +732,13 @@ class JanusAdapter(nn.Module):
         generator: torch.Generator | None = None,
         max_new_tokens: int = 32,
         noise: torch.Tensor | None = None,
-    ) -> list[str]:
+    ) -> Sourced:
         """``n`` prompts per category, category-major, written by the model from ``prompting.prompt_instruction``;
         an answer that does not end (line break or EOS) within ``max_new_tokens`` or that ``prompting.parse_prompt``
         rejects is replaced by ``prompting.template_prompt``. ``noise`` [len(categories), n, max_new_tokens]
         uniform in [0, 1) gives each prompt its own draws (its row also seeds its template fallback), else all draw
         from ``generator``.
-        ``last_sources["prompts"]`` says "model" or "template" for each."""
+        Returns a ``Sourced`` list whose ``sources`` say "model" or "template" for each."""
         if isinstance(categories, str) or not isinstance(categories, Sequence) or not categories:
             raise TypeError("categories: expected a non-empty list of category names")
         for c in categories:
@@ -749,15 +761,15 @@ class JanusAdapter(nn.Module):
             parsed = prompting.parse_prompt(w) if ok else None  # a prompt cut off by max_new_tokens is not used
             prompts.append(parsed if parsed is not None else prompting.template_prompt(c, rng))
             sources.append("model" if parsed is not None else "template")
-        self.last_sources["prompts"] = sources
-        return prompts
+        self._last_sources["prompts"] = sources
+        return Sourced(prompts, sources)
 
-    def decompose(self, prompts: Sequence[str], max_new_tokens: int = 96, *, fallback: bool = True) -> list[list[str]]:
+    def decompose(self, prompts: Sequence[str], max_new_tokens: int = 96, *, fallback: bool = True) -> Sourced:
         """Yes/no questions per prompt, written greedily by the model from ``prompting.decompose_instruction``.
 
         Questions that ``prompting.parse_questions`` cannot read, or that miss an object of the prompt
         (``prompting.questions_cover``), are replaced by ``silmm_fast.decompose_prompt(prompt)`` (``fallback``) or
-        by an empty list. ``last_sources["questions"]`` says "model", "rules" or "none" for each prompt.
+        by an empty list. Returns a ``Sourced`` list whose ``sources`` say "model", "rules" or "none" for each prompt.
         """
         from silmm_fast.loop.decompose import decompose_prompt
 
@@ -777,8 +789,8 @@ class JanusAdapter(nn.Module):
             else:
                 result.append([])
                 sources.append("none")
-        self.last_sources["questions"] = sources
-        return result
+        self._last_sources["questions"] = sources
+        return Sourced(result, sources)
 
 
 def _read_chat_template(path: Path) -> str | None:

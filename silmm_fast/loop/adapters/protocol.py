@@ -6,10 +6,10 @@ An adapter is an ``nn.Module`` (the loop deep-copies it to make the reference mo
 =====================  ==========================================================================================
 step                   method
 =====================  ==========================================================================================
-1. prompts             ``write_prompts(categories, n, ...) -> list[str]`` (category-major)
+1. prompts             ``write_prompts(categories, n, ...) -> list[str]`` (category-major; a ``Sourced`` list)
 2. candidates          ``generate_images(prompts, n_samples, ...) -> LongTensor [P, N, T]`` image tokens, and
                        ``decode_images(image_tokens [..., T]) -> uint8 [..., H, W, 3]`` (``PIL.Image.fromarray``-able)
-3. questions           ``decompose(prompts) -> list[list[str]]`` yes/no questions per prompt
+3. questions           ``decompose(prompts) -> list[list[str]]`` yes/no questions per prompt (a ``Sourced`` list)
 4. self-feedback       ``answer(image_tokens [I, T], questions) -> (p_yes, p_no)``, two lists of I float tensors
 5. DPO                 ``image_logprob_inputs(prompts, image_tokens) -> ImageLogprobInputs`` (hidden states entering
                        the last Linear of the image head, that Linear's weight / bias, labels)
@@ -17,11 +17,12 @@ checkpoints            ``save(path)`` and the classmethod ``load(path, device)``
 =====================  ==========================================================================================
 
 Continuous models (features instead of tokens; KC-DPO) also implement ``ContinuousAdapter``'s ``feature_forward``
-and ``generate_features``.
+and ``generate_features``; models whose decoder blocks FSDP2 should shard one by one implement ``LayeredAdapter``'s
+``decoder_layers``. The loop tests these capabilities with ``isinstance``.
 
-Optional attribute: ``last_sources``, a dict that an adapter which writes prompts / questions with a model and falls
-back to rules fills on each call, e.g. ``{"prompts": ["model", "template", ...], "questions": ["model", "rules",
-...]}`` (one entry per returned prompt / per prompt decomposed), so the loop can record what was used.
+Where the texts come from: ``write_prompts`` and ``decompose`` may return a ``Sourced`` list, a ``list`` whose
+``sources`` say for each item whether the model wrote it ("model") or a rule-based fallback stood in ("template",
+"rules", "none"), so the loop can record what was used. A plain list means every item is the model's.
 
 ``isinstance(obj, ModelAdapter)`` checks only that the members exist (``runtime_checkable``);
 ``adapter_mismatches(obj)`` also compares every method's parameters with the protocol's.
@@ -31,10 +32,33 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
+
+
+class Sourced(list):
+    """A list of texts (prompts, or question lists) and where each came from: ``sources[i]`` is "model" when the
+    model wrote item i, else the name of the fallback that stood in ("template", "rules", "none").
+
+    Equivalent to: ``list(items)`` with a ``sources`` attribute of the same length. Compares, slices and iterates as a
+    plain list (slices are plain lists).
+    """
+
+    def __init__(self, items: Iterable[Any] = (), sources: Iterable[str] | None = None) -> None:
+        super().__init__(items)
+        self.sources: list[str] = ["model"] * len(self) if sources is None else list(sources)
+        if len(self.sources) != len(self):
+            raise ValueError(f"sources: expected one per item ({len(self)}), got {len(self.sources)}")
+
+    @classmethod
+    def of(cls, items: Sequence[Any]) -> Sourced:
+        """``items`` itself when it is a ``Sourced`` list, else ``items`` with every source "model"."""
+        return items if isinstance(items, Sourced) else cls(items)
+
+    def __reduce__(self) -> tuple:  # pickled with its sources (the loop sends it between processes)
+        return (Sourced, (list(self), self.sources))
 
 
 class ImageLogprobInputs(NamedTuple):
@@ -77,8 +101,8 @@ class ModelAdapter(Protocol):
     reproducible, or ``noise`` holds one uniform number per sampled token (each row its own stream: results do not
     depend on how prompts are batched or sharded); ``temperature=0`` means greedy decoding.
 
-    ``image_seq_len`` is T. Optional methods the loop uses when present: ``decoder_layers()`` (the decoder blocks,
-    for FSDP2 sharding) and ``dropdiv_mlps()`` (for ``silmm_fast.dropdiv``).
+    ``image_seq_len`` is T. Optional methods: ``decoder_layers()`` (``LayeredAdapter``: the decoder blocks, which
+    FSDP2 shards one by one) and ``dropdiv_mlps()`` (for ``silmm_fast.dropdiv``).
     """
 
     @property
@@ -96,9 +120,9 @@ class ModelAdapter(Protocol):
         max_new_tokens: int = 32,
         noise: torch.Tensor | None = None,
     ) -> list[str]:
-        """``n`` prompts per category, category-major: ``len(categories) * n`` strings. ``noise``
-        [len(categories), n, max_new_tokens] uniform in [0, 1) gives each prompt its own draws (then no
-        ``generator``)."""
+        """``n`` prompts per category, category-major: ``len(categories) * n`` strings, a ``Sourced`` list when some
+        may come from a fallback. ``noise`` [len(categories), n, max_new_tokens] uniform in [0, 1) gives each prompt
+        its own draws (then no ``generator``)."""
         ...
 
     def generate_images(
@@ -120,7 +144,8 @@ class ModelAdapter(Protocol):
         ...
 
     def decompose(self, prompts: Sequence[str], max_new_tokens: int = 96) -> list[list[str]]:
-        """Yes/no questions per prompt (an empty list where nothing usable came out)."""
+        """Yes/no questions per prompt (an empty list where nothing usable came out), a ``Sourced`` list when some
+        may come from a fallback."""
         ...
 
     def answer(
@@ -168,6 +193,15 @@ class ContinuousAdapter(Protocol):
     def generate_features(self, prompts: Sequence[str], n_samples: int = 1) -> torch.Tensor:
         """``n_samples`` feature matrices per prompt [P, n_samples, L, D], without grad (samples differ only when
         something stochastic such as ``silmm_fast.dropdiv`` is active)."""
+        ...
+
+
+@runtime_checkable
+class LayeredAdapter(Protocol):
+    """A model whose decoder blocks can be sharded one by one (FSDP2)."""
+
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        """The decoder blocks, in depth order."""
         ...
 
 

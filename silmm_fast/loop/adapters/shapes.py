@@ -2,20 +2,22 @@
 
 ``ShapesLMM`` already has every SILMM step with the protocol's signatures; the wrapper adds what it lacks:
 ``decode_images`` (the world's renderer draws an image from its tokens), ``image_seq_len``, an
-``image_logprob_inputs`` that returns an ``ImageLogprobInputs`` (its head has no bias), ``last_sources`` and the layer
-lookups ``decoder_layers`` / ``dropdiv_mlps``. Everything else is delegated unchanged.
+``image_logprob_inputs`` that returns an ``ImageLogprobInputs`` (its head has no bias), ``Sourced`` results for
+``write_prompts`` / ``decompose`` (all written by the model) and the layer lookups ``decoder_layers`` /
+``dropdiv_mlps``. Everything else is delegated unchanged.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from silmm_fast.loop.adapters.protocol import ImageLogprobInputs
+from silmm_fast.loop.adapters.protocol import ImageLogprobInputs, Sourced
 from silmm_fast.loop.models.shapes_lmm import ShapesLMM
 
 
@@ -33,11 +35,23 @@ class ShapesAdapter(nn.Module):
             raise TypeError(f"model: expected a ShapesLMM, got {type(model).__name__}")
         self.model = model
         self.image_size = image_size
-        self.last_sources: dict[str, list[str]] = {}
+        self._last_sources: dict[str, list[str]] = {}
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def last_sources(self) -> dict[str, list[str]]:
+        """Deprecated: the ``sources`` of the last ``write_prompts`` / ``decompose`` result; read the returned
+        ``Sourced`` list's ``sources`` instead."""
+        warnings.warn(
+            "last_sources is deprecated: write_prompts and decompose return a Sourced list whose .sources say where "
+            "each item came from",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return {k: list(v) for k, v in self._last_sources.items()}
 
     @property
     def image_seq_len(self) -> int:
@@ -61,9 +75,10 @@ class ShapesAdapter(nn.Module):
         generator: torch.Generator | None = None,
         max_new_tokens: int = 32,
         noise: torch.Tensor | None = None,
-    ) -> list[str]:
-        texts = self.model.write_prompts(categories, n, temperature, top_p, generator, max_new_tokens, noise)
-        self.last_sources["prompts"] = ["model"] * len(texts)
+    ) -> Sourced:
+        """``ShapesLMM.write_prompts``; every prompt is the model's."""
+        texts = Sourced(self.model.write_prompts(categories, n, temperature, top_p, generator, max_new_tokens, noise))
+        self._last_sources["prompts"] = texts.sources
         return texts
 
     def generate_images(
@@ -93,9 +108,10 @@ class ShapesAdapter(nn.Module):
         out = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, self.image_size, self.image_size, 3)
         return out.to(torch.uint8).view(*tokens.shape[:-1], *out.shape[1:])
 
-    def decompose(self, prompts: Sequence[str], max_new_tokens: int = 96) -> list[list[str]]:
-        questions = self.model.decompose(prompts, max_new_tokens)
-        self.last_sources["questions"] = ["model"] * len(questions)
+    def decompose(self, prompts: Sequence[str], max_new_tokens: int = 96) -> Sourced:
+        """``ShapesLMM.decompose``; every question list is the model's."""
+        questions = Sourced(self.model.decompose(prompts, max_new_tokens))
+        self._last_sources["questions"] = questions.sources
         return questions
 
     def answer(
