@@ -60,8 +60,8 @@ def test_kc_dpo_mode_rows_and_loss():
 
 
 def test_cuda_defaults_measure_the_dreamllm_shapes_in_every_mode():
-    # what a GPU run records without options: the KC-DPO floor's case (eager, torch.compile and silmm_fast on the
-    # DreamLLM shapes, the loss forward + backward)
+    # what `bench_kernel_similarity.py --device cuda` records without options: the KC-DPO floor's case (eager,
+    # torch.compile and silmm_fast on the DreamLLM shapes, the loss forward + backward)
     shapes = bench.default_shapes("cuda")
     assert {"dreamllm-1k", "dreamllm-4k", "dreamllm-4k-k8"} <= set(shapes)
-    assert bench.PROVIDERS == ("reference", "torch_compile", "silmm") and "kc_dpo" in bench.MODES
+    assert bench.PROVIDERS == ("reference", "torch_compile", "silmm") and "kc_dpo" in bench.ALL_MODES
