@@ -165,8 +165,10 @@ def run(
         for shape in shapes or DEFAULT_SHAPES.get(device.type, ["cpu-small"]):
             shape = SHAPES[shape] if isinstance(shape, str) else shape
             copies = [_inputs(shape, device, dtype)]
-            copies += [_inputs(shape, device, dtype, seed=i + 1)
-                       for i in range(rotation_copies(tensor_bytes(copies[0]), device) - 1)]  # fmt: skip
+            copies += [
+                _inputs(shape, device, dtype, seed=i + 1)
+                for i in range(rotation_copies(tensor_bytes(copies[0]), device) - 1)
+            ]
             for provider in providers or PROVIDERS:
                 if provider in failed:
                     continue
@@ -212,8 +214,10 @@ def print_ratios(
         for (shape, mode, prov), r in best.items():
             other = best.get((shape, mode, base))
             if prov == provider and other is not None:
-                print(f"  {shape:<16} {mode:<8} {r['time_ms']:9.3f} ms vs {other['time_ms']:9.3f} ms  "
-                      f"ratio {r['time_ms'] / other['time_ms']:.3f}")  # fmt: skip
+                print(
+                    f"  {shape:<16} {mode:<8} {r['time_ms']:9.3f} ms vs {other['time_ms']:9.3f} ms  "
+                    f"ratio {r['time_ms'] / other['time_ms']:.3f}"
+                )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,8 +234,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    rows = run(args.shapes, device, args.providers, args.modes, dtype=dtype, warmup=args.warmup,
-               repeats=args.repeats, rounds=args.rounds)  # fmt: skip
+    rows = run(
+        args.shapes,
+        device,
+        args.providers,
+        args.modes,
+        dtype=dtype,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        rounds=args.rounds,
+    )
     print_table(rows)
     print_ratios(rows)
     path = write_rows(rows, f"sampler-{device.type}", args.out)

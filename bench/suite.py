@@ -256,8 +256,11 @@ def _warn_if_shared(device) -> None:
         return
     load, cores, threads = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
     if threads > 1 and load > 0.5 * cores:
-        print(f"[bench] load average {load:.1f} on {cores} cores with {threads} torch threads: other work competes "
-              "for the cores and will distort the timings; --threads 1 keeps them stable", flush=True)  # fmt: skip
+        print(
+            f"[bench] load average {load:.1f} on {cores} cores with {threads} torch threads: other work competes "
+            "for the cores and will distort the timings; --threads 1 keeps them stable",
+            flush=True,
+        )
 
 
 def _providers_for(module, requested: list[str] | None) -> list[str] | None:
