@@ -1,5 +1,5 @@
 """decompose_prompt: input checks, hand-written expectations, inflection rules, and coverage of the real
-T2I-CompBench++ prompts measured by the independent oracle in bench/decompose_coverage.py."""
+T2I-CompBench++ prompts measured by the independent oracle in evals/decompose_coverage.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bench.decompose_coverage import CATEGORIES, DATA_DIR, coverage, missed_items, prompt_items
+from evals.decompose_coverage import CATEGORIES, DATA_DIR, coverage, missed_items, prompt_items
 from silmm_fast import decompose_prompt
 from silmm_fast.loop.decompose import MAX_PHRASE_WORDS, MAX_WORD_CHARS
 from silmm_fast.loop.decompose.inflect import ing_form, pluralize, singularize
@@ -215,7 +215,7 @@ def test_oracle_can_fail():
     assert [i.kind for i in prompt_items("A man is riding a horse.", "non_spatial")].count("verb") == 1
 
 
-# Measured coverage (bench/decompose_coverage.py) with each floor set just under it.
+# Measured coverage (evals/decompose_coverage.py) with each floor set just under it.
 COVERAGE_FLOORS = {
     "color": 0.995, "shape": 0.998, "texture": 0.998, "spatial": 0.998, "3d_spatial": 0.998, "numeracy": 0.998,
     "non_spatial": 0.997, "complex": 0.995,

@@ -99,6 +99,9 @@ step dpo_janus 120 "$PY" bench/bench_logprobs.py --device "$DEVICE" --shapes jan
 step dpo_large 70 "$PY" bench/bench_logprobs.py --device "$DEVICE" --shapes lumina emu3-pair --ops fused_linear_dpo \
     --modes full --heads trainable --providers naive gemm_floor silmm --out "$RES/dpo_large"
 bench kernel_similarity 50 --ops kernel_similarity --providers reference torch_compile silmm
+# the whole KC-DPO loss, forward+backward, against eager and torch.compile at the DreamLLM shapes (its floor: >= 2x eager)
+step kc_dpo 50 "$PY" bench/bench_kernel_similarity.py --device "$DEVICE" --shapes dreamllm-4k-k8 dreamllm-1k \
+    --modes kc_dpo --out "$RES/kc_dpo"
 bench logprobs_janus 60 --ops logprobs --shapes janus --providers naive gemm_floor silmm
 bench sampler 40 --ops sampler --providers naive reference silmm
 bench diverse_select 40 --ops diverse_select --providers silmm reference torch.bmm
