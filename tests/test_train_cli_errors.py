@@ -94,12 +94,12 @@ def test_run_failures_are_messages(monkeypatch, capsys, error, code):
 
 def test_unwritable_out_is_a_usage_error_even_for_root(tmp_path, capsys, monkeypatch):
     # the read-only case as root sees it: the write check's file cannot be created
-    from silmm_fast.loop.train import loop
+    from silmm_fast.loop.train import rundir
 
     def refuse(dir, prefix, suffix):
         raise PermissionError(13, "Permission denied", dir)
 
-    monkeypatch.setattr(loop.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", refuse)
     out = tmp_path / "ro"
     code, err = run_main(["--model.tiny", "true", "--out", str(out)], capsys)
     assert code == 2 and err == f"error: out: expected a writable directory, got {str(out)!r} (Permission denied)\n"
@@ -107,7 +107,8 @@ def test_unwritable_out_is_a_usage_error_even_for_root(tmp_path, capsys, monkeyp
 
 def test_run_files_get_the_umask_mode_and_orphan_temporaries_are_removed(tmp_path):
     from silmm_fast.loop.train.config import from_dict
-    from silmm_fast.loop.train.loop import Run
+    from silmm_fast.loop.train.distributed import Dist
+    from silmm_fast.loop.train.rundir import RunDir
 
     store.write_json(tmp_path / "a.json", {"x": 1})
     umask = os.umask(0o022)
@@ -119,5 +120,5 @@ def test_run_files_get_the_umask_mode_and_orphan_temporaries_are_removed(tmp_pat
     orphan.write_text("half")
     keep = run_dir / "iter1" / "notes.tmp"  # not one of ours: no leading dot
     keep.write_text("mine")
-    Run(from_dict({"out": str(run_dir)}).validate()).prepare_dir()
+    RunDir(from_dict({"out": str(run_dir)}).validate(), Dist())._prepare()
     assert not orphan.exists() and keep.exists()

@@ -5,9 +5,11 @@ dropout."""
 import torch
 from torch import nn
 
-from silmm_fast.loop.train import config
-from silmm_fast.loop.train.loop import Run
-from silmm_fast.loop.world import FeatureCodec, canonical_scene, parse_prompt
+from silmm_fast.loop.adapters import ModelSpec
+from silmm_fast.loop.train import config, phases
+from silmm_fast.loop.train.distributed import Dist
+from silmm_fast.loop.train.loop import HELDOUT_SEED
+from silmm_fast.loop.world import FeatureCodec, canonical_scene, parse_prompt, prompt_split
 
 
 class StubFeatureModel(nn.Module):
@@ -32,7 +34,8 @@ class StubFeatureModel(nn.Module):
         return feats.view(len(prompts), n_samples, *good.shape[1:])
 
 
-def make_run(tmp_path, decode: str) -> Run:
+def evaluate(tmp_path, decode: str, model) -> dict:
+    """The loop's held-out evaluation of ``model`` (iteration 0, one process) under ``eval.decode``."""
     cfg = config.from_dict(
         {
             "out": str(tmp_path / decode),
@@ -41,27 +44,26 @@ def make_run(tmp_path, decode: str) -> Run:
             "sample": {"dropdiv_p": 0.5},
         }
     ).validate()
-    return Run(cfg)
+    heldout = prompt_split(HELDOUT_SEED, cfg.eval.heldout_per_category)["heldout"]
+    return phases.evaluate(cfg, Dist(), 0, model, heldout, ModelSpec(variant="continuous"))
 
 
 def test_deterministic_decode_scores_the_dropout_free_features_once_per_prompt(tmp_path):
-    run = make_run(tmp_path, "deterministic")
     model = StubFeatureModel()
-    result = run.evaluate(model, 0)
+    result = evaluate(tmp_path, "deterministic", model)
     assert model.calls and set(model.calls) == {1}
     assert result["overall"]["n_prompts"] == 12  # 2 held-out prompts x 6 categories, one image each
     assert result["overall"]["all_constraints"] == 1.0
 
 
 def test_dropdiv_decode_scores_samples_drawn_under_dropout(tmp_path):
-    run = make_run(tmp_path, "dropdiv")
     model = StubFeatureModel()
-    result = run.evaluate(model, 0)
+    result = evaluate(tmp_path, "dropdiv", model)
     assert set(model.calls) == {3}
     assert result["overall"]["n_prompts"] == 36  # 12 prompts x 3 samples
     # at p = 0.5 about half the samples keep their one MLP output: every constraint met there, none elsewhere
     assert 0.2 < result["overall"]["all_constraints"] < 0.8
-    again = make_run(tmp_path / "again", "dropdiv").evaluate(StubFeatureModel(), 0)
+    again = evaluate(tmp_path / "again", "dropdiv", StubFeatureModel())
     assert again == result  # the same masks at every call (common random numbers across iterations)
 
 

@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 
 import silmm_fast
 from silmm_fast.loop.models.shapes_lmm import ShapesLMM, ShapesLMMConfig, sample_next
-from silmm_fast.loop.train import config, distributed, store
-from silmm_fast.loop.train.loop import Run, uniforms
+from silmm_fast.loop.train import config, distributed, loop, store
+from silmm_fast.loop.train.phases import uniforms
+from silmm_fast.loop.train.rundir import check_setup
 from silmm_fast.loop.world import CATEGORIES, prompt_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def run_single(out, cache, *extra: str) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return Run(config.parse_args(cli_args(out, cache, *extra))).run()
+        return loop.run(config.parse_args(cli_args(out, cache, *extra)))
     finally:
         torch.set_num_threads(threads)
 
@@ -247,10 +248,10 @@ class FakeDist(distributed.Dist):
 def test_setup_errors(tmp_path):
     cfg = config.parse_args(cli_args(tmp_path / "run", tmp_path / "models"))
     with pytest.raises(ValueError, match=r"world size 13 is larger than the number of prompts per iteration .* = 12"):
-        Run(cfg, FakeDist(13)).check_setup()
+        check_setup(cfg, FakeDist(13), n_heldout=12)
     other = config.parse_args(cli_args(tmp_path / "run", tmp_path / "models", "--seed", "3")).to_dict()
     with pytest.raises(ValueError, match=r"ranks \[2\] differ from rank 0 \(rank 2 in \['seed'\]\)"):
-        Run(cfg, FakeDist(3, {2: ("another digest", other)})).check_setup()
+        check_setup(cfg, FakeDist(3, {2: ("another digest", other)}), n_heldout=12)
     with pytest.raises(ValueError, match="fsdp2.*launch with torchrun"):
         distributed.check_strategy("fsdp2", distributed.Dist())
     with pytest.raises(ValueError, match="dist.strategy"):

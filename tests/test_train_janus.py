@@ -4,8 +4,7 @@ disk, one iteration end to end, resume, and the command-line spellings."""
 import pytest
 
 from silmm_fast.loop.adapters.random_janus import random_janus
-from silmm_fast.loop.train import config, store
-from silmm_fast.loop.train.loop import Run
+from silmm_fast.loop.train import config, loop, store
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def janus_config(out, path, **overrides) -> config.TrainConfig:
 
 def test_one_janus_iteration(tmp_path, checkpoint):
     run_dir = tmp_path / "run"
-    summary = Run(janus_config(run_dir, checkpoint)).run()
+    summary = loop.run(janus_config(run_dir, checkpoint))
     assert summary["model"] == "janus" and "not ground truth" in summary["evaluator"]
     assert [it["iteration"] for it in summary["iterations"]] == [0, 1]
     prompts = store.read_jsonl(run_dir / "iter1" / "prompts.jsonl")
@@ -42,7 +41,7 @@ def test_one_janus_iteration(tmp_path, checkpoint):
     assert tokens.shape == (6, 2, 16)
     assert (run_dir / "iter1" / "candidates.png").is_file()
     assert (run_dir / "iter1" / "checkpoint" / "model.safetensors").is_file()
-    again = Run(janus_config(run_dir, checkpoint)).run()  # resumes: nothing left to do
+    again = loop.run(janus_config(run_dir, checkpoint))  # resumes: nothing left to do
     assert again["iterations"] == summary["iterations"]
 
 
@@ -54,4 +53,4 @@ def test_janus_config_and_flags(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="config mode: expected 'discrete'"):
         config.parse_args(["--model", "janus", "--model-path", str(checkpoint), "--mode", "continuous"])
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        Run(janus_config(tmp_path / "run", tmp_path)).run()
+        loop.run(janus_config(tmp_path / "run", tmp_path))

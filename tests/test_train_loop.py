@@ -13,8 +13,7 @@ from silmm_fast.loop.models.image_embedding import ImageEmbedding
 from silmm_fast.loop.models.image_head import FactoredImageHead
 from silmm_fast.loop.models.shapes_lmm import ShapesLMM
 from silmm_fast.loop.models.word_shift import WordShift
-from silmm_fast.loop.train import config, store
-from silmm_fast.loop.train.loop import Run
+from silmm_fast.loop.train import config, loop, store
 from silmm_fast.loop.world import ImageTokenizer, parse_prompt
 
 
@@ -46,7 +45,7 @@ def model_cache(tmp_path_factory):
 def straight_run(tmp_path_factory, model_cache):
     """One uninterrupted discrete run: the smoke test reads it, the crash tests compare against it."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    Run(tiny_config(run_dir, cache=model_cache)).run()
+    loop.run(tiny_config(run_dir, cache=model_cache))
     return run_dir
 
 
@@ -79,7 +78,7 @@ def test_one_iteration_writes_the_run_directory(tmp_path, model_cache, straight_
         d = straight_run
     else:
         d = tmp_path / "run"
-        Run(tiny_config(d, mode, model_cache)).run()
+        loop.run(tiny_config(d, mode, model_cache))
     summary = store.read_json(d / "summary.json")
     assert summary["schema"] == 1 and summary["mode"] == mode
     # the default recipe: a structured image embedding under a word shift, and in discrete mode the factored
@@ -149,7 +148,7 @@ def test_resume_after_a_crash_at_every_step_boundary(tmp_path, model_cache, stra
     crashes = []
     for _ in range(20):
         try:
-            Run(tiny_config(crash_dir, cache=model_cache)).run()
+            loop.run(tiny_config(crash_dir, cache=model_cache))
             break
         except Crash as err:
             crashes.append(str(err))
@@ -175,10 +174,10 @@ def test_resume_after_a_crash_inside_a_step(tmp_path, model_cache, straight_run,
 
     monkeypatch.setattr(store, "_atomic_bytes", torn_write)
     with pytest.raises(Crash):
-        Run(tiny_config(crash_dir, cache=model_cache)).run()
+        loop.run(tiny_config(crash_dir, cache=model_cache))
     assert "iter1/pairs" not in store.read_json(crash_dir / "state.json")["done"]
     monkeypatch.setattr(store, "_atomic_bytes", original)
-    Run(tiny_config(crash_dir, cache=model_cache)).run()
+    loop.run(tiny_config(crash_dir, cache=model_cache))
     assert_same(comparable(crash_dir), expected)
 
 
@@ -186,7 +185,7 @@ def test_oracle_feedback_scores_candidates_by_ground_truth(tmp_path, model_cache
     # the tiny plain-recipe model: it writes prompts the grammar parses after its short bootstrap (the tiny
     # reading-recipe model, with fewer steps of prompt writing, often does not)
     cfg = tiny_config(tmp_path / "oracle", cache=model_cache, feedback="oracle", model={"recipe": "plain"})
-    summary = Run(cfg).run()
+    summary = loop.run(cfg)
     assert summary["feedback"] == "oracle"
     it1 = tmp_path / "oracle" / "iter1"
     prompts = [r["prompt"] for r in store.read_jsonl(it1 / "prompts.jsonl")]
@@ -211,22 +210,23 @@ def test_oracle_feedback_scores_candidates_by_ground_truth(tmp_path, model_cache
 
 def test_random_feedback_control_and_config_mismatch(tmp_path, model_cache):
     cfg = tiny_config(tmp_path / "rand", cache=model_cache, feedback="random")
-    summary = Run(cfg).run()
+    summary = loop.run(cfg)
     assert summary["feedback"] == "random"
     assert json.loads((tmp_path / "rand" / "iter1" / "judge.json").read_text())["questions_judged"] == 0
     other = tiny_config(tmp_path / "rand", cache=model_cache, feedback="self")
     with pytest.raises(ValueError, match="another configuration"):
-        Run(other).run()
+        loop.run(other)
 
 
 def test_plain_recipe_base_model_runs_the_loop(tmp_path):
+    from silmm_fast.loop.adapters import load_adapter
     from silmm_fast.loop.models.bootstrap import cache_path, recipe
 
     cfg = tiny_config(tmp_path / "plain", cache=tmp_path / "models", model={"recipe": "plain"})
-    summary = Run(cfg).run()
+    summary = loop.run(cfg)
     plain = cache_path(recipe("plain", "discrete", tiny=True), tmp_path / "models")
     assert plain.is_dir() and not cache_path(recipe("reading", "discrete", tiny=True), tmp_path / "models").exists()
-    model = Run(cfg).model_after(1).model
+    model = load_adapter(loop.model_spec(cfg), tmp_path / "plain" / "iter1" / "checkpoint").model
     assert not isinstance(model.lm.model.embed_tokens, ImageEmbedding)
     assert not isinstance(model.lm.lm_head, FactoredImageHead)
     assert [it["iteration"] for it in summary["iterations"]] == [0, 1]
@@ -238,19 +238,19 @@ def test_diverging_training_stops_before_saving_and_corrected_settings_resume(tm
     with pytest.raises(
         FloatingPointError, match=r"iteration 1, train step 1 \(epoch 0\): the loss is nan; .*lr = 1e\+30"
     ):
-        Run(tiny_config(run_dir, cache=model_cache, optim={"lr": 1e30})).run()
+        loop.run(tiny_config(run_dir, cache=model_cache, optim={"lr": 1e30}))
     done = store.read_json(run_dir / "state.json")["done"]
     assert done[-1] == "iter1/pairs" and "iter1/train" not in done
     assert not (run_dir / "iter1" / "metrics.jsonl").exists() and not (run_dir / "iter1" / "checkpoint").exists()
     # the optimizer settings were used by no completed step: the corrected command resumes at the train step
-    summary = Run(tiny_config(run_dir, cache=model_cache)).run()
+    summary = loop.run(tiny_config(run_dir, cache=model_cache))
     assert [it["iteration"] for it in summary["iterations"]] == [0, 1]
     assert store.read_json(run_dir / "config.json")["optim"]["lr"] == pytest.approx(5e-5)
     metrics = store.read_jsonl(run_dir / "iter1" / "metrics.jsonl")
     assert metrics and all(m["loss"] == m["loss"] for m in metrics)  # finite, not NaN
     # once a train step is done, the optimizer settings are part of the run: another lr is refused, by field
     with pytest.raises(ValueError, match=r"another configuration \(optim\.lr: 5e-05 there, 0\.001 now\)"):
-        Run(tiny_config(run_dir, cache=model_cache, optim={"lr": 1e-3})).run()
+        loop.run(tiny_config(run_dir, cache=model_cache, optim={"lr": 1e-3}))
 
 
 def test_non_finite_gradient_stops_the_step(tmp_path, model_cache, monkeypatch):
@@ -264,17 +264,17 @@ def test_non_finite_gradient_stops_the_step(tmp_path, model_cache, monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
     with pytest.raises(FloatingPointError, match=r"iteration 1, train step 0 \(epoch 0\): the gradient norm is nan"):
-        Run(tiny_config(tmp_path / "run", cache=model_cache)).run()
+        loop.run(tiny_config(tmp_path / "run", cache=model_cache))
     assert "iter1/train" not in store.read_json(tmp_path / "run" / "state.json")["done"]
 
 
 def test_failed_start_does_not_block_the_corrected_command(tmp_path, model_cache):
     run_dir = tmp_path / "run"
     with pytest.raises(FileNotFoundError):
-        Run(
+        loop.run(
             tiny_config(run_dir, cache=model_cache, model={"name": "janus", "path": str(tmp_path / "nonexistent")})
-        ).run()
-    summary = Run(tiny_config(run_dir, cache=model_cache)).run()  # nothing was computed: the new settings apply
+        )
+    summary = loop.run(tiny_config(run_dir, cache=model_cache))  # nothing was computed: the new settings apply
     assert summary["model"] == "shapes" and store.read_json(run_dir / "config.json")["model"]["name"] == "shapes"
 
 
@@ -285,14 +285,14 @@ def test_truncated_checkpoint_is_redone_or_named_on_resume(tmp_path, model_cache
     shutil.copytree(straight_run, run_dir)
     weights = run_dir / "iter1" / "checkpoint" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    Run(tiny_config(run_dir, cache=model_cache)).run()  # its checksum no longer matches: the train step is redone
+    loop.run(tiny_config(run_dir, cache=model_cache))  # its checksum no longer matches: the train step is redone
     assert_same(comparable(run_dir), comparable(straight_run))
     # a run directory without checksums (written before they were recorded): the damaged file is named
     state = store.read_json(run_dir / "state.json")
     store.write_json(run_dir / "state.json", {"done": state["done"]})
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=rf"^{run_dir / 'iter1' / 'checkpoint'}: cannot load the checkpoint"):
-        Run(tiny_config(run_dir, cache=model_cache)).run()
+        loop.run(tiny_config(run_dir, cache=model_cache))
 
 
 def test_resume_from_a_copy_under_another_spelling_and_thread_count(tmp_path, model_cache, straight_run, monkeypatch):
@@ -305,7 +305,7 @@ def test_resume_from_a_copy_under_another_spelling_and_thread_count(tmp_path, mo
     store.write_json(copy / "config.json", {"out": str(straight_run), "threads": 0, **saved})
     done = store.read_json(copy / "state.json")["done"]
     monkeypatch.chdir(tmp_path)
-    summary = Run(tiny_config("copy/", cache=model_cache, threads=1)).run()
+    summary = loop.run(tiny_config("copy/", cache=model_cache, threads=1))
     assert store.read_json(copy / "state.json")["done"] == done  # nothing recomputed
     assert summary == store.read_json(straight_run / "summary.json")
 
@@ -319,7 +319,7 @@ def test_resume_redoes_a_step_whose_file_was_cut_short(tmp_path, model_cache, st
     scores.write_text(scores.read_text().splitlines(keepends=True)[0])  # cut at a line boundary: still valid JSON
     files = store.read_json(copy / "state.json")["files"]
     assert "iter1/scores.jsonl" in files["iter1/judge"] and "iter1/checkpoint" in files["iter1/train"]
-    Run(tiny_config(copy, cache=model_cache)).run()
+    loop.run(tiny_config(copy, cache=model_cache))
     # the judge step and every step after it ran again, and gave the uninterrupted run's results
     assert_same(comparable(copy), comparable(straight_run))
 
@@ -331,10 +331,10 @@ def test_settings_survive_a_deleted_config_json(tmp_path, model_cache, straight_
     shutil.copytree(straight_run, copy)
     (copy / "config.json").unlink()
     with pytest.raises(ValueError, match=r"another configuration \(optim\.lr: 5e-05 there, 0\.001 now\)"):
-        Run(tiny_config(copy, cache=model_cache, optim={"lr": 1e-3})).run()
-    Run(tiny_config(copy, cache=model_cache)).run()  # the same settings resume, and config.json is restored
+        loop.run(tiny_config(copy, cache=model_cache, optim={"lr": 1e-3}))
+    loop.run(tiny_config(copy, cache=model_cache))  # the same settings resume, and config.json is restored
     assert store.read_json(copy / "config.json") == tiny_config(copy, cache=model_cache).run_identity()
     (copy / "config.json").unlink()
     (copy / "config.yaml").unlink()
     with pytest.raises(ValueError, match="no config.json and no readable config.yaml"):
-        Run(tiny_config(copy, cache=model_cache)).run()
+        loop.run(tiny_config(copy, cache=model_cache))

@@ -1,4 +1,6 @@
-"""The SILMM loop (``python -m silmm_fast.train``): configuration, run directory, phases, report."""
+"""The SILMM loop (``python -m silmm_fast.train``): configuration (``config``), the recipe (``loop``), its phases
+(``phases``), the run directory (``rundir``, ``store``), several processes (``distributed``), the report
+(``report``)."""
 
 from silmm_fast.loop.train.config import TrainConfig, load, parse_args
 
@@ -11,12 +13,11 @@ def run(cfg: TrainConfig) -> dict:
     Under torchrun (or with WORLD_SIZE > 1 in the environment) this process joins the process group first and
     leaves it at the end; every rank returns the same summary.
     """
-    from silmm_fast.loop.train import distributed
-    from silmm_fast.loop.train.loop import Run
+    from silmm_fast.loop.train import distributed, loop
 
     d = distributed.setup(cfg.dist.device)
     try:
-        summary = Run(cfg, d).run()
+        summary = loop.run(cfg, d)
         # every rank done with its collectives before any leaves the group (a rank tearing gloo down while another
         # still talks to it can abort the process at exit)
         d.barrier()

@@ -6,8 +6,8 @@ What this module decides, and why:
   ``python -m silmm_fast.train`` stays a single process with no group. The backend follows the device: NCCL on CUDA
   (each rank on ``cuda:LOCAL_RANK``), gloo on CPU.
 - How work is shared: the loop cuts every list of prompts (or pairs) into fixed units that do not depend on the
-  number of processes, gives each rank a contiguous run of units (``Dist.shard``) and gathers the results in unit
-  order (``Dist.all_gather``), so every rank ends with the full, identical set.
+  number of processes (``units``), gives each rank a contiguous run of units (``Dist.shard``) and gathers the results
+  in unit order (``map_units``), so every rank ends with the full, identical set.
 - How the policy trains: ``TrainModel`` wraps it in DDP (default) or shards it with FSDP2
   (``torch.distributed.fsdp.fully_shard``) for models whose parameters, gradients and optimizer state don't fit one
   device.
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +30,8 @@ from torch import nn
 
 STRATEGIES = ("ddp", "fsdp2")
 DEVICES = ("auto", "cpu", "cuda")
-# Rank 0 may spend minutes alone (bootstrapping the base model on first use) while the others wait in a collective;
-# the default NCCL timeout (10 min) is shorter than a cold bootstrap on a busy CPU (about 5 min on 2 cores, measured).
+# Rank 0 may spend minutes alone (bootstrapping the base model on first use) while the others wait in a collective,
+# longer than the default NCCL timeout (10 min) on a small CPU.
 TIMEOUT = datetime.timedelta(minutes=60)
 
 
@@ -199,29 +200,59 @@ def check_strategy(strategy: str, d: Dist) -> None:
         )
 
 
-class _CallMethod(nn.Module):
-    """Routes a call of one of the policy's methods through ``forward``, which is the only entry DDP watches."""
+def units(n: int, size: int) -> list[slice]:
+    """Slices of ``size`` covering range(n): the fixed units of work, whatever the number of processes."""
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def map_units(d: Dist, n: int, size: int, fn: Callable[[slice], Any], desc: str = "") -> list[Any]:
+    """``fn(unit)`` for every unit of ``units(n, size)``, the units shared out contiguously among the ranks; returns
+    every unit's result, in unit order, on every rank (a collective: every rank calls it). ``fn`` must return CPU
+    data."""
+    from tqdm.auto import tqdm
+
+    parts = units(n, size)
+    mine = [parts[i] for i in d.shard(len(parts))]
+    local = []
+    total = sum(u.stop - u.start for u in mine)
+    with tqdm(total=total, desc=desc, leave=False, unit="it", dynamic_ncols=True, disable=not d.is_main) as bar:
+        for u in mine:
+            local.append(fn(u))
+            bar.update(u.stop - u.start)
+    return [r for rank_results in d.all_gather(local) for r in rank_results]
+
+
+def _image_logprob_inputs(policy: Any, prompts: Any, tokens: torch.Tensor) -> Any:
+    return policy.image_logprob_inputs(prompts, tokens)
+
+
+def _feature_forward(policy: Any, prompts: Any) -> torch.Tensor:
+    return policy.feature_forward(prompts)
+
+
+class _Call(nn.Module):
+    """Routes a call ``step(policy, *args)`` through ``forward``, which is the only entry DDP watches."""
 
     def __init__(self, policy: nn.Module) -> None:
         super().__init__()
         self.policy = policy
 
-    def forward(self, method: str, *args: Any) -> Any:
-        return getattr(self.policy, method)(*args)
+    def forward(self, step: Callable[..., Any], *args: Any) -> Any:
+        return step(self.policy, *args)
 
 
 class TrainModel:
-    """The policy as the train step calls it: ``model("image_logprob_inputs", texts, tokens)``.
+    """The policy as the train step calls it: ``model.image_logprob_inputs(texts, tokens)`` or
+    ``model.feature_forward(texts)``.
 
     - one process without a group: the policy itself;
     - ``ddp``: ``DistributedDataParallel`` (gradients averaged over ranks during backward; ``find_unused`` when the
       step leaves parameters unused, e.g. the LM head in continuous mode);
-    - ``fsdp2``: every decoder layer and then the whole policy ``fully_shard``-ed (parameters, gradients and AdamW
-      state sharded over the ranks; each layer gathered for its forward and backward only), with the policy's step
-      methods registered as forward methods so FSDP gathers the root parameters for them.
+    - ``fsdp2``: every decoder layer (``LayeredAdapter.decoder_layers``) and then the whole policy
+      ``fully_shard``-ed (parameters, gradients and AdamW state sharded over the ranks; each layer gathered for its
+      forward and backward only), with the policy's step methods registered as forward methods so FSDP gathers the
+      root parameters for them.
     """
-
-    METHODS = ("image_logprob_inputs", "feature_forward")
 
     def __init__(self, policy: nn.Module, d: Dist, strategy: str, find_unused: bool = False) -> None:
         self.policy = policy
@@ -230,29 +261,44 @@ class TrainModel:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [d.device.index] if d.device.type == "cuda" else None
-            self._ddp = DistributedDataParallel(_CallMethod(policy), device_ids=ids, find_unused_parameters=find_unused)
+            self._ddp = DistributedDataParallel(_Call(policy), device_ids=ids, find_unused_parameters=find_unused)
         elif self.strategy == "fsdp2":
             check_strategy("fsdp2", d)
             from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-            layers = policy.decoder_layers() if hasattr(policy, "decoder_layers") else policy.model.layers
-            for layer in layers:
+            from silmm_fast.loop.adapters.protocol import ContinuousAdapter, LayeredAdapter
+
+            if not isinstance(policy, LayeredAdapter):
+                raise ValueError(
+                    f"config dist.strategy: 'fsdp2' shards a model's decoder blocks, and {type(policy).__name__} has "
+                    "no decoder_layers(); use dist.strategy ddp"
+                )
+            for layer in policy.decoder_layers():
                 fully_shard(layer)
             fully_shard(policy)
-            for name in self.METHODS:
-                if hasattr(policy, name):
-                    register_fsdp_forward_method(policy, name)
+            # torch's API names the methods to wrap
+            register_fsdp_forward_method(policy, "image_logprob_inputs")
+            if isinstance(policy, ContinuousAdapter):
+                register_fsdp_forward_method(policy, "feature_forward")
 
-    def __call__(self, method: str, *args: Any) -> Any:
+    def image_logprob_inputs(self, prompts: Any, tokens: torch.Tensor) -> Any:
+        """The policy's ``image_logprob_inputs``, through DDP / FSDP2."""
+        return self._call(_image_logprob_inputs, prompts, tokens)
+
+    def feature_forward(self, prompts: Any) -> torch.Tensor:
+        """The policy's ``feature_forward``, through DDP / FSDP2."""
+        return self._call(_feature_forward, prompts)
+
+    def _call(self, step: Callable[..., Any], *args: Any) -> Any:
         if self.strategy == "ddp":
-            return self._ddp(method, *args)
+            return self._ddp(step, *args)
         if self.strategy == "fsdp2":
             with warnings.catch_warnings():
                 # FSDP2 warns that a returned view loses its backward hook under in-place ops; the loop's losses
                 # only read the step methods' outputs (the hidden states are a slice of the last layer's output).
                 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-                return getattr(self.policy, method)(*args)
-        return getattr(self.policy, method)(*args)
+                return step(self.policy, *args)
+        return step(self.policy, *args)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]

@@ -25,6 +25,7 @@ parses (``unparsed`` counts those pairs).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from silmm_fast.loop.train import store
 
@@ -139,3 +140,63 @@ def write_report(summary: dict, run_dir: Path) -> Path:
     path = run_dir / "report.md"
     store.write_text(path, "\n".join(lines))
     return path
+
+
+def iteration_entry(it: int, heldout: dict, timings: dict, record: dict | None, cfg: Any, world_images: bool) -> dict:
+    """An iteration's entry of ``summary.json``. ``record`` (None for iteration 0, the base model) holds the
+    iteration's saved results: ``prompts`` (rows of prompts.jsonl), ``tokens`` (the candidates [P, N, T]),
+    ``counts`` (judge.json), ``pairs`` (rows of pairs.jsonl) and ``metrics`` (rows of metrics.jsonl)."""
+    entry = {"iteration": it, "heldout": heldout}
+    if record is not None:
+        metrics, n_pairs, counts = record["metrics"], len(record["pairs"]), record["counts"]
+        images = counts["images"]
+        generated = images if cfg.mode == "discrete" else images // cfg.sample.candidates * cfg.sample.oversample
+        last_epoch = [m["loss"] for m in metrics if m["epoch"] == metrics[-1]["epoch"]] if metrics else []
+        entry["throughput"] = {
+            "candidates_per_s": round(generated / max(timings.get("generate", 0), 1e-9), 2),
+            "questions_per_s": round(counts["questions_judged"] / max(timings.get("judge", 0), 1e-9), 2),
+            "pairs_per_s": round(n_pairs * cfg.optim.epochs / max(timings.get("train", 0), 1e-9), 2),
+        }
+        entry["pairs"] = n_pairs
+        entry["train_loss"] = round(sum(last_epoch) / len(last_epoch), 6) if last_epoch else None
+        if world_images:
+            entry["pair_audit"] = pair_audit(record["prompts"], record["tokens"], record["pairs"])
+    entry["wall_s"] = timings
+    return entry
+
+
+def pair_audit(prompt_rows: list[dict], tokens: Any, pairs: list[dict]) -> dict:
+    """The iteration's pairs scored by the world's ground truth (``audit_pairs``): how often the judge's chosen image
+    is really the better one. A diagnostic for people reading the run; training never sees it."""
+    from silmm_fast.loop.world import ImageTokenizer, audit_pairs, parse_prompt
+
+    tokenizer = ImageTokenizer()
+    prompts, chosen, rejected = [], [], []
+    for pair in pairs:
+        row = prompt_rows[pair["prompt_id"]]
+        try:
+            prompts.append(parse_prompt(row["prompt"], row["category"]))
+        except ValueError:
+            prompts.append(None)
+        for side, out in (("chosen", chosen), ("rejected", rejected)):
+            out.append(tokenizer.decode(tokens[pair["prompt_id"], pair[side]].tolist(), strict=False))
+    return audit_pairs(prompts, chosen, rejected)
+
+
+def line(iterations: list[dict], it: int) -> str:
+    """The one line printed when iteration ``it`` is summarized."""
+    e = next(x for x in iterations if x["iteration"] == it)
+    h = e["heldout"]["overall"]
+    gain = relative_gain(iterations[0]["heldout"]["overall"]["all_constraints"], h["all_constraints"])
+    parts = [
+        f"iteration {it}: held-out all-constraints {h['all_constraints']:.3f}",
+        f"constraint fraction {h['constraint_fraction']:.3f}",
+    ]
+    if it > 0:
+        t, truth = e["throughput"], audited(e)
+        parts += [
+            f"vs base {'n/a' if gain is None else f'{gain * 100:+.1f}%'}",
+            f"pairs {e['pairs']}" + (" (ground truth: {} better, {} worse)".format(*truth) if truth else ""),
+            f"{t['candidates_per_s']:.0f} cand/s, {t['questions_per_s']:.0f} q/s, {t['pairs_per_s']:.0f} pairs/s",
+        ]
+    return " | ".join(parts) + f" | {sum(e['wall_s'].values()):.1f}s"
