@@ -69,11 +69,8 @@ class ModelConfig:
         "reading",
         "shapes: how the base model is bootstrapped. reading: balanced VQA pairs, count targets, structured image "
         "tokens, a word shift inside questions, a reading stage, (discrete) a factored image-token head and "
-        "(continuous) features regressed under light dropout: a judge that reads its images and binds attributes to "
-        "nouns, and a model that can draw attribute pairs it never drew (seed 0, self feedback: discrete +50 "
-        "percent, random feedback -1 percent; continuous: docs/continuous.md). plain: unpaired VQA and atomic image "
-        "tokens (its judge answers mostly from the question text; discrete +23 percent, continuous -31 percent). "
-        "pairs: plain with balanced VQA pairs. See silmm_fast.loop.models.bootstrap.RECIPES",
+        "(continuous) features regressed under light dropout. plain: unpaired VQA and atomic image tokens. pairs: "
+        "plain with balanced VQA pairs. See silmm_fast.loop.models.bootstrap.RECIPES",
     )
 
 
@@ -81,8 +78,8 @@ class ModelConfig:
 class SampleConfig:
     prompts_per_category: int = _f(
         96,
-        "prompts the model writes per category per iteration (discrete: about 60 of the 576 then yield a pair past "
-        "the default margin; at 24, 9-17; continuous: at 24 even ground-truth feedback passes only about 30 pairs)",
+        "prompts the model writes per category per iteration; only the prompts whose candidates' scores differ by "
+        "pairs.min_margin or more yield a pair",
         ge=1,
     )
     candidates: int = _f(8, "N: candidate images kept per prompt", ge=2)
@@ -91,9 +88,8 @@ class SampleConfig:
     temperature: float = _f(1.0, "sampling temperature for image tokens", gt=0)
     dropdiv_layers: int = _f(
         0,
-        "continuous mode: DropDiv acts on the MLPs of this many last decoder layers, 0 for all of them (the built-in "
-        "model's 16 samples decode to 1.0-1.4 distinct scenes per prompt with its last 2 of 4 layers at p = 0.1, too "
-        "few to compare; 5.7 with all 4 at p = 0.5)",
+        "continuous mode: DropDiv acts on the MLPs of this many last decoder layers, 0 for all of them (fewer layers "
+        "or a lower rate give fewer distinct candidates per prompt)",
         ge=0,
     )
     dropdiv_p: float = _f(
@@ -134,9 +130,9 @@ class OptimConfig:
     loss_type: str = _f("sigmoid", "discrete DPO loss: sigmoid, ipo, hinge or robust")
     nll_weight: float | None = _f(
         None,
-        "discrete: weight of the chosen image's negative log-likelihood per token added to DPO (0: plain DPO); none: "
-        "1 in discrete mode (it keeps DPO from lowering the chosen images along with the rejected ones: at lr 5e-5, "
-        "seed 0, +61 percent with it, +4 without), 0 in continuous mode, where it does not apply",
+        "discrete: weight of the chosen image's negative log-likelihood per token added to DPO (0: plain DPO; it "
+        "keeps DPO from lowering the chosen images along with the rejected ones); none: 1 in discrete mode, 0 in "
+        "continuous mode, where it does not apply",
         ge=0,
     )
     gamma: float = _f(
@@ -159,9 +155,7 @@ class OptimConfig:
     )
     lr: float | None = _f(
         None,
-        "AdamW learning rate; none: 5e-5 in both modes (discrete, reading recipe, NLL weight 1, seeds 0-2: 2e-5 gained "
-        "50-54 percent, 5e-5 50-69 percent; continuous with ground-truth feedback at gamma 100: 5e-5 gained 20 "
-        "percent on seeds 0 and 1)",
+        "AdamW learning rate; none: the mode's default, 5e-5 in both modes",
         gt=0,
     )
     epochs: int = _f(2, "passes over the iteration's pairs", ge=1)
