@@ -80,7 +80,9 @@ def run(cfg: TrainConfig, dist: distributed.Dist | None = None) -> dict:
     policy = base_policy(rd, spec) if start == 0 else checkpoint_policy(rd, spec, start)
 
     summary = Summary(rd, spec)
-    for it in range(start + 1):  # done before (a crash may have come between an evaluation and its summary entry)
+    # iteration 0 scores the base model; the completed iterations are entered again (a crash may have come between
+    # an evaluation and its summary entry)
+    for it in range(start + 1):
         summary.add(it, evaluation(rd, it, policy, heldout, spec), saved_iteration(rd, it))
     for it in range(start + 1, cfg.iterations + 1):
         policy, record = iteration(rd, it, policy, spec)
