@@ -38,7 +38,7 @@ import torch
 # fp32(log2 e) and the polynomial 2^f ≈ 1 + f·(C1 + f·(C2 + ... + f·C6)) on [0, 1), least-squares fit in relative
 # error, coefficients rounded to fp32 (max relative error 8.6e-8 evaluated in fp32; non-decreasing from p(0) = 1 to
 # p = 2 over every fp32 f in [0, 1), checked exhaustively, so weights never increase with the gap).
-# kernels/sampling.py holds the same numbers; tests/test_sample_tokens.py checks that they agree.
+# kernels/sampling.py holds the same numbers; tests/ops/test_sample_tokens.py checks that they agree.
 LOG2E = 1.4426950216293335
 EXP2_COEFFS = (
     0.6931470632553101,

@@ -88,8 +88,8 @@ step cpp_errors 40 "$PY" tools/cpp_error_probe.py
 PYTEST_OPTS=()
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_OPTS+=(-n 16)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS+=(--timeout 150)
-TESTS=${TESTS:-tests/test_gather_logprobs.py tests/test_fused_linear_logprobs.py tests/test_fused_linear_dpo.py \
-tests/test_pairwise_distance.py tests/test_sample_tokens.py tests/test_diverse_select.py}
+TESTS=${TESTS:-tests/ops/test_gather_logprobs.py tests/ops/test_fused_linear_logprobs.py tests/ops/test_fused_linear_dpo.py \
+tests/ops/test_pairwise_distance.py tests/ops/test_sample_tokens.py tests/ops/test_diverse_select.py}
 # shellcheck disable=SC2086
 step tests 150 "$PY" -m pytest -q -rfEs "${PYTEST_OPTS[@]}" $TESTS
 # The DPO head at the Janus-Pro-1B shape: silmm, its baseline, the bare cuBLAS products and every peer, side by side in

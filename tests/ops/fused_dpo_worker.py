@@ -1,9 +1,9 @@
-"""What tests/test_fused_linear_dpo_distributed.py launches under torchrun: a small policy (a trunk Linear, then a
+"""What tests/ops/test_fused_linear_dpo_distributed.py launches under torchrun: a small policy (a trunk Linear, then a
 Janus-style head Linear → GELU → Linear whose last Linear is fused by ``FusedLinearDPOLoss``) trained for a few SGD
 steps on a fixed set of preference pairs, each rank on its contiguous share of the pairs, in two micro-batches per
 step (gradient accumulation). Writes the final full state dict to the path given.
 
-    python -m torch.distributed.run --standalone --nproc_per_node N tests/fused_dpo_worker.py STRATEGY OUT.pt
+    python -m torch.distributed.run --standalone --nproc_per_node N tests/ops/fused_dpo_worker.py STRATEGY OUT.pt
 
 STRATEGY: ``ddp`` (DistributedDataParallel) or ``fsdp2`` (``torch.distributed.fsdp.fully_shard``). The chunk budget
 holds one pair, so every micro-batch runs several chunks.

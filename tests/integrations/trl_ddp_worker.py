@@ -1,7 +1,7 @@
-"""What tests/test_integrations_trl.py launches under torchrun: FusedDPOTrainer on the tiny fixtures, the global
+"""What tests/integrations/test_trl.py launches under torchrun: FusedDPOTrainer on the tiny fixtures, the global
 batch split over the processes; rank r writes its final weights and the logged metrics to OUT/rank{r}.pt.
 
-    python -m torch.distributed.run --nproc_per_node N tests/trl_ddp_worker.py OUT PER_DEVICE_BATCH
+    python -m torch.distributed.run --nproc_per_node N tests/integrations/trl_ddp_worker.py OUT PER_DEVICE_BATCH
 """
 
 import copy
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiny_preference
 
 from tiny_preference import dpo_config, preference_dataset, tiny_llama, word_tokenizer  # noqa: E402
 

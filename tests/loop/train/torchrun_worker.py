@@ -1,4 +1,5 @@
-"""What tests/test_train_distributed.py launches under torchrun: ``python -m silmm_fast.train`` with two test hooks.
+"""What tests/loop/train/test_distributed.py launches under torchrun: ``python -m silmm_fast.train``, with two test
+hooks.
 
 - ``SILMM_TEST_CRASH="RANK:METHOD:CALL"``: on rank RANK, the CALL-th call of ``ShapesLMM.METHOD`` kills the process
   (``os._exit``, no cleanup), as a crashed or preempted worker would die mid-phase.

@@ -13,7 +13,7 @@ from silmm_fast.loop.train.config import from_dict
 from silmm_fast.loop.train.distributed import Dist
 from silmm_fast.loop.train.rundir import RunDir
 
-TRAIN = Path(__file__).resolve().parents[1] / "silmm_fast" / "loop" / "train"
+TRAIN = Path(__file__).resolve().parents[3] / "silmm_fast" / "loop" / "train"
 
 
 def open_run(path) -> RunDir:

@@ -30,14 +30,14 @@ from silmm_fast.loop.train.phases import uniforms
 from silmm_fast.loop.train.rundir import check_setup
 from silmm_fast.loop.world import CATEGORIES, prompt_split
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "torchrun_worker.py"
+REPO = Path(__file__).resolve().parents[3]
+WORKER = Path(__file__).resolve().parent / "torchrun_worker.py"
 TOL = dict(rtol=0, atol=1e-5)  # training under a different world size: float rounding of the gradient sums
 SIZES = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
 
 
 def cli_args(out, cache, *extra: str) -> list[str]:
-    """The tiny one-iteration config of tests/test_train_loop.py, as command-line flags. 12 prompts in units of 2;
+    """The tiny one-iteration config of tests/loop/train/test_loop.py, as command-line flags. 12 prompts in units of 2;
     judged 2 prompts (8 images) at a time; 12 pairs in optimizer steps of 11 and 1, so with two processes the
     second step leaves rank 1 without a pair (it joins the gradient average with weight 0)."""
     return [

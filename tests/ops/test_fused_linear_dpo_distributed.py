@@ -1,6 +1,6 @@
 """FusedLinearDPOLoss under real torchrun (two CPU processes, gloo): its gradients, formed in the forward and
 returned by plain autograd Functions, reach DDP's and FSDP2's gradient reduction, so two processes train exactly like
-one (float64; only the order of the gradient sums differs). Launches tests/fused_dpo_worker.py."""
+one (float64; only the order of the gradient sums differs). Launches tests/ops/fused_dpo_worker.py."""
 
 import os
 import subprocess
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "fused_dpo_worker.py"
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).resolve().parent / "fused_dpo_worker.py"
 
 
 def torchrun(nproc: int, strategy: str, out: Path) -> dict:
@@ -40,7 +40,7 @@ def test_two_processes_train_like_one(tmp_path, one_process, strategy):
 
 def test_worker_trains_away_from_the_initial_weights(one_process):
     """The comparison above is not vacuous: the steps move every parameter."""
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(WORKER.parent))
     import fused_dpo_worker as worker
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import pytest
 
 from silmm_fast.loop.models.image_embedding import ImageEmbedding
 
-SCRIPT = Path(__file__).resolve().parent.parent / "evals" / "reading_probe.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "evals" / "reading_probe.py"
 
 
 @pytest.fixture(scope="module")

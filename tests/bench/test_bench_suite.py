@@ -18,7 +18,7 @@ import torch
 import silmm_fast
 from bench import suite as runner
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
