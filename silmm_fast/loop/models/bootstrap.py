@@ -17,7 +17,9 @@ recipe is what it is.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -39,6 +41,40 @@ from silmm_fast.loop.models.shapes_lmm import IMAGE_HEADS, VARIANTS, ShapesLMM, 
 STATS_FILE = "bootstrap.json"
 # Bumped whenever the data or the loop change in a way that makes old cached models stale.
 FORMAT_VERSION = 3
+# The code that decides what a bootstrap trains: the model, its data, the world the data comes from, the questions
+# and DropDiv. Its digest is part of the cache key, so a model cached by other code is never loaded as this code's.
+_TRAINING_CODE = ("loop/models", "loop/world", "loop/decompose", "dropdiv.py")
+
+
+def source_digest(paths: list[Path]) -> str:
+    """16 hex digits of a hash of the Python files ``paths`` as code: their syntax trees without docstrings, so
+    comments, docstrings and formatting do not change it and any change to what the code does does."""
+    h = hashlib.sha256()
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (
+                isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(path.name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def training_code_digest() -> str:
+    """``source_digest`` of the code a bootstrap's result depends on (``_TRAINING_CODE``)."""
+    root = Path(__file__).resolve().parents[2]  # silmm_fast/
+    files = []
+    for part in _TRAINING_CODE:
+        where = root / part
+        files += sorted(where.rglob("*.py")) if where.is_dir() else [where]
+    return source_digest(files)
 
 
 @dataclass(frozen=True)
@@ -168,8 +204,13 @@ class BootstrapConfig:
         )
 
     def cache_key(self) -> str:
-        """16 hex digits of a hash of this config, the model config and the data format."""
-        payload = {"bootstrap": asdict(self), "model": self.model_config().to_dict(), "format": FORMAT_VERSION}
+        """16 hex digits of a hash of this config, the model config, the data format and the training code."""
+        payload = {
+            "bootstrap": asdict(self),
+            "model": self.model_config().to_dict(),
+            "format": FORMAT_VERSION,
+            "code": training_code_digest(),
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -435,3 +435,16 @@ def test_bootstrap_bad_input(tmp_path):
         BootstrapConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         BootstrapConfig(lr=-1.0)
+
+
+def test_cache_key_follows_the_training_code_not_its_comments(tmp_path):
+    from silmm_fast.loop.models.bootstrap import source_digest, training_code_digest
+
+    f = tmp_path / "m.py"
+    f.write_text('"""Doc."""\n\n\ndef g(x):\n    """Doc."""\n    return x + 1  # one\n')
+    before = source_digest([f])
+    f.write_text('"""Other doc."""\n# a comment\ndef g(x):\n    return x + 1\n')
+    assert source_digest([f]) == before  # comments, docstrings and layout do not count
+    f.write_text('"""Doc."""\n\n\ndef g(x):\n    """Doc."""\n    return x + 2\n')
+    assert source_digest([f]) != before  # what the code does does
+    assert len(training_code_digest()) == 16
