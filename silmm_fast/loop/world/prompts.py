@@ -431,7 +431,9 @@ def prompt_split(seed: int, n_per_category: int) -> dict[str, list[Prompt]]:
     for split in SPLITS:
         prompts: list[Prompt] = []
         for category in CATEGORIES:
-            rng = random.Random(f"silmm_fast.loop.world/{seed}/{split}/{category}")
+            # the stream's name is part of the prompt sets' identity (every run's held-out prompts): it keeps the
+            # package's first path, whatever the module is called now
+            rng = random.Random(f"silmm_fast.world/{seed}/{split}/{category}")
             seen: dict[str, Prompt] = {}
             misses = 0
             while len(seen) < n_per_category:

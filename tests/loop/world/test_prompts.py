@@ -1,5 +1,6 @@
 """Prompt grammar of the shapes world: coverage, held-out split, questions, satisfying scenes and near misses."""
 
+import hashlib
 import random
 import re
 
@@ -54,6 +55,19 @@ def test_prompt_split_shape_and_determinism(split):
     assert prompt_split(0, 60) == split
     assert prompt_split(1, 60)["train"] != split["train"]
     assert prompt_split(0, 10)["train"][:10] == split["train"][:10]  # per-category streams
+
+
+def test_the_loops_heldout_prompts_are_the_published_ones():
+    # every result the project reports was measured on these held-out prompts (the loop's seed 1234, 40 per
+    # category); renaming a module must not change the random streams they are drawn from
+    heldout = prompt_split(1234, 40)["heldout"]
+    assert [heldout[i].text for i in (0, 80, 160, 200)] == [
+        "a blue hexagon, an orange circle and a green star",
+        "a plain star, a striped hexagon and a dotted circle",
+        "one striped hexagon",
+        "three purple squares and a plain orange star",
+    ]
+    assert hashlib.sha256("\n".join(p.text for p in heldout).encode()).hexdigest()[:16] == "20a83983e2d910ef"
 
 
 def test_heldout_combinations_never_seen_in_training(split):
