@@ -108,6 +108,24 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def from_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run on rank 0 alone, its value on every rank. When ``fn`` raises there, rank 0 raises it and every
+        other rank raises a RuntimeError naming it, instead of waiting for a value that will never come."""
+        if self.world_size == 1:
+            return fn()
+        value, error = None, None
+        if self.is_main:
+            try:
+                value = fn()
+            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                error = err
+        message, value = self.broadcast((None if error is None else f"{type(error).__name__}: {error}", value))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"rank 0 failed ({message}); this rank stops with it")
+        return value
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

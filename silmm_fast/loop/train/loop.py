@@ -167,7 +167,7 @@ def iteration(rd: RunDir, it: int, policy: ModelAdapter, spec: ModelSpec) -> tup
         store.note(d / "checkpoint")
 
     def load_trained() -> Trained:  # on every rank: the checkpoint travels by broadcast from rank 0
-        metrics = dist.broadcast(store.read_jsonl(d / "metrics.jsonl") if dist.is_main else None)
+        metrics = dist.from_main(lambda: store.read_jsonl(d / "metrics.jsonl"))
         return Trained(checkpoint_policy(rd, spec, it), metrics)
 
     trained = rd.step(it, "train", train, save_trained, load_trained, broadcast=False)
@@ -212,16 +212,20 @@ def shared_model(rd: RunDir, spec: ModelSpec, load: Callable[[], ModelAdapter]) 
     this rank's device, in eval mode. (A Janus-sized model travels as one pickled state dict: slow; a shared run
     directory would avoid it.)"""
     dist = rd.dist
-    model = load() if dist.is_main else None
-    if dist.world_size > 1:
-        payload = dist.broadcast(
-            (architecture(model), {k: v.detach().cpu() for k, v in model.state_dict().items()})
-            if dist.is_main
-            else None
-        )
-        if not dist.is_main:
-            model = blank_adapter(spec, payload[0], dist.device)
-            model.load_state_dict(payload[1])
+    if dist.world_size == 1:
+        return load().to(dist.device).eval()
+    loaded: list[ModelAdapter] = []
+
+    def share() -> tuple:  # rank 0; a failing load stops every rank instead of leaving them waiting
+        loaded.append(load())
+        return architecture(loaded[0]), {k: v.detach().cpu() for k, v in loaded[0].state_dict().items()}
+
+    arch, weights = dist.from_main(share)
+    if dist.is_main:
+        model = loaded[0]
+    else:
+        model = blank_adapter(spec, arch, dist.device)
+        model.load_state_dict(weights)
     return model.to(dist.device).eval()
 
 

@@ -200,18 +200,16 @@ class RunDir:
         Done: ``load()`` on rank 0, its value broadcast to the others (``broadcast=False``: ``load()`` on every rank,
         for a loader that shares by itself). Not done: ``compute()`` on every rank (collective; every rank gets the
         result), ``save(result)`` on rank 0, the time taken recorded in ``timings.json``, the step marked done in
-        ``state.json`` with its files' checksums; every rank waits for that, then uses the computed value.
+        ``state.json`` with its files' checksums; every rank waits for that, then uses the computed value. A load or
+        save that fails on rank 0 stops every rank (``Dist.from_main``).
         """
         key = f"iter{it}/{phase}"
         if self.state.is_done(key):
-            if not broadcast:
-                return load()
-            return self.dist.broadcast(load() if self.main else None)
+            return self.dist.from_main(load) if broadcast else load()
         t0 = time.perf_counter()
         with store.recording() as written:
             value = compute()
-            if self.main:
-                save(value)
+            self.dist.from_main(lambda: save(value))  # a failed save stops every rank, none waits at the barrier
         self._timed(it, phase, time.perf_counter() - t0)
         self.state.record(key, written)
         self.state.mark(key)

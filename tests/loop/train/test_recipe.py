@@ -4,6 +4,7 @@ the factory (no concrete adapter, no method looked up by name, no side channel).
 
 import ast
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,8 @@ def test_step_done_on_rank_0_reaches_the_other_ranks_by_broadcast(tmp_path):
 
     class Rank1(Dist):
         def broadcast(self, obj):
-            assert obj is None  # rank 1 passes nothing: it did not load
-            return "rank 0's value"
+            assert obj == (None, None)  # rank 1 passes nothing: it did not load
+            return (None, "rank 0's value")  # rank 0's (error message, value)
 
     rd = RunDir(from_dict({"out": str(tmp_path / "run")}).validate(), Rank1(rank=1, world_size=2))
     rd.state = store.RunState(rd.path, done=["iter1/thing"], persist=False)
@@ -103,3 +104,56 @@ def test_loop_calls_no_method_by_name_and_reads_no_side_channel(name):
             assert node.func.id not in ("getattr", "setattr"), f"{name}, line {node.lineno}: {node.func.id}"
         if isinstance(node, ast.Attribute):
             assert node.attr != "last_sources", f"{name}, line {node.lineno}"
+
+
+# --- rank 0's failures reach every rank -----------------------------------------------------------------------------
+def _from_main_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two real gloo processes: rank 0's ``fn`` fails; each rank writes what it raised."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    d = Dist(rank=rank, world_size=2)
+
+    def fn():
+        raise OSError("No space left on device")
+
+    try:
+        d.from_main(fn)
+        outcome = "returned"
+    except Exception as err:  # noqa: BLE001 - what each rank raised is the test's result
+        outcome = f"{type(err).__name__}: {err}"
+    assert d.from_main(lambda: "next") == "next"  # the group is still usable afterwards
+    Path(out_dir, f"rank{rank}").write_text(outcome)
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
+def test_a_failure_on_rank_0_stops_every_rank_instead_of_leaving_them_waiting(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(
+        _from_main_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):  # False until every process has exited (it returns as each one does)
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank is still waiting after rank 0 failed")
+    assert (tmp_path / "rank0").read_text() == "OSError: No space left on device"
+    assert (tmp_path / "rank1").read_text() == (
+        "RuntimeError: rank 0 failed (OSError: No space left on device); this rank stops with it"
+    )
+
+
+def test_step_on_another_rank_raises_when_rank_0_could_not_load(tmp_path):
+    open_run(tmp_path / "run").step(1, "thing", lambda: 5, lambda v: None, unreachable)
+
+    class Rank1(Dist):
+        def broadcast(self, obj):
+            return ("FileNotFoundError: metrics.jsonl", None)  # what rank 0 sends when its load failed
+
+    rd = RunDir(from_dict({"out": str(tmp_path / "run")}).validate(), Rank1(rank=1, world_size=2))
+    rd.state = store.RunState(rd.path, done=["iter1/thing"], persist=False)
+    with pytest.raises(RuntimeError, match=r"rank 0 failed \(FileNotFoundError: metrics.jsonl\)"):
+        rd.step(1, "thing", unreachable, unreachable, unreachable)
