@@ -120,7 +120,11 @@ class SampleConfig:
 
 @dataclass
 class PairConfig:
-    k: int = _f(1, "pairs per prompt: top-k winners x bottom-k losers (k <= N/2)", ge=1)
+    k: int | None = _f(
+        None,
+        "pairs per prompt: top-k winners x bottom-k losers (k <= N/2); none: 1 in discrete mode, 2 in continuous mode",
+        ge=1,
+    )
     min_margin: float = _f(0.1, "drop pairs whose score difference is below this", ge=0)
 
 
@@ -155,7 +159,7 @@ class OptimConfig:
     )
     lr: float | None = _f(
         None,
-        "AdamW learning rate; none: the mode's default, 5e-5 in both modes",
+        "AdamW learning rate; none: the mode's default, 5e-5 in discrete mode and 2e-5 in continuous mode",
         gt=0,
     )
     epochs: int = _f(2, "passes over the iteration's pairs", ge=1)
@@ -202,7 +206,8 @@ EVAL_DECODES = ("deterministic", "dropdiv")
 # Fields whose default depends on the mode: None in their dataclass ("none" on the command line), resolved by
 # TrainConfig.validate to this table's value for the run's mode.
 MODE_DEFAULTS = {
-    ("optim", "lr"): {"discrete": 5e-5, "continuous": 5e-5},
+    ("optim", "lr"): {"discrete": 5e-5, "continuous": 2e-5},
+    ("pairs", "k"): {"discrete": 1, "continuous": 2},
     ("optim", "nll_weight"): {"discrete": 1.0, "continuous": 0.0},
 }
 

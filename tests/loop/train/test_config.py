@@ -16,8 +16,17 @@ def test_defaults_are_valid_and_documented():
 
 def test_learning_rate_defaults_per_mode_and_explicit_value_wins():
     assert config.load().optim.lr == pytest.approx(5e-5)
-    assert config.load(overrides={"mode": "continuous"}).optim.lr == pytest.approx(5e-5)
+    assert config.load(overrides={"mode": "continuous"}).optim.lr == pytest.approx(2e-5)
     assert config.parse_args(["--mode", "continuous", "--optim.lr", "3e-4"]).optim.lr == pytest.approx(3e-4)
+
+
+def test_pairs_per_prompt_default_per_mode_and_explicit_value_wins():
+    assert config.load().pairs.k == 1
+    assert config.load(overrides={"mode": "continuous"}).pairs.k == 2
+    assert config.parse_args(["--mode", "continuous", "--pairs.k", "1"]).pairs.k == 1
+    assert config.parse_args(["--pairs.k", "none"]).pairs.k == 1
+    with pytest.raises(ValueError, match=r"pairs.k: expected an integer in \[1, sample.candidates/2 = 1\]"):
+        config.parse_args(["--mode", "continuous", "--sample.candidates", "3"])  # the default k 2 needs 4
 
 
 def test_nll_weight_defaults_per_mode_and_applies_to_discrete_only():
