@@ -17,6 +17,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+
+def compile_in_child(child: str, n_variants: int) -> None:
+    """Run a ``*_CHILD`` script (interpreter off, this checkout first on the path) and require that it compiled all
+    ``n_variants`` variants without a failure; skip only when the Triton install has no ptxas."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "compiled" not in proc.stdout:
+        if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+            pytest.skip(f"this Triton install has no ptxas to compile for sm_90: {proc.stderr.strip()[-300:]}")
+        raise AssertionError(f"the compile run itself failed:\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, f"variants that do not compile for sm_90:\n{proc.stdout}\n{proc.stderr[-2000:]}"
+    assert f"compiled {n_variants}" in proc.stdout
+
+
 CHILD = r"""
 import itertools, sys, torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -76,15 +91,7 @@ sys.exit(1 if failures else 0)
 
 
 def test_fused_head_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "compiled" not in proc.stdout:
-        if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-            pytest.skip(f"this Triton install has no ptxas to compile for sm_90: {proc.stderr.strip()[-300:]}")
-        raise AssertionError(f"the compile run itself failed:\n{proc.stderr[-3000:]}")
-    assert proc.returncode == 0, f"variants that do not compile for sm_90:\n{proc.stdout}\n{proc.stderr[-2000:]}"
-    assert "compiled 12" in proc.stdout
+    compile_in_child(CHILD, 12)
 
 
 PAIRWISE_CHILD = r"""
@@ -138,17 +145,7 @@ sys.exit(1 if failures else 0)
 def test_pairwise_distance_kernels_compile_for_sm90():
     # the interpreter accepts what Triton's GPU compiler may not (the split-D ticket and its data-dependent branch,
     # the exact-pair branch on a tile's flags, the per-column loop, None for the pointers a variant does not use)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", PAIRWISE_CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0 and "compiled" not in proc.stdout:
-        if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-            pytest.skip(f"this Triton install has no ptxas to compile for sm_90: {proc.stderr.strip()[-300:]}")
-        raise AssertionError(f"the compile run itself failed:\n{proc.stderr[-3000:]}")
-    assert proc.returncode == 0, f"variants that do not compile for sm_90:\n{proc.stdout}\n{proc.stderr[-2000:]}"
-    assert "compiled 8" in proc.stdout
+    compile_in_child(PAIRWISE_CHILD, 8)
 
 
 SAMPLING_CHILD = r"""
@@ -191,14 +188,4 @@ sys.exit(1 if failures else 0)
 def test_sample_tokens_kernels_compile_for_sm90():
     # None for an absent uncond or noise pointer, the bisection loops on data-dependent bounds and int64 weight
     # arithmetic, at the launchers' GPU block; with fp fusion off, as launched, no fp32 FMA may appear
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", SAMPLING_CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0 and "compiled" not in proc.stdout:
-        if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-            pytest.skip(f"this Triton install has no ptxas to compile for sm_90: {proc.stderr.strip()[-300:]}")
-        raise AssertionError(f"the compile run itself failed:\n{proc.stderr[-3000:]}")
-    assert proc.returncode == 0, f"variants that do not compile for sm_90:\n{proc.stdout}\n{proc.stderr[-2000:]}"
-    assert "compiled 12" in proc.stdout
+    compile_in_child(SAMPLING_CHILD, 12)
