@@ -275,14 +275,18 @@ class Summary:
     def __init__(self, rd: RunDir, spec: ModelSpec) -> None:
         self.rd, self.spec = rd, spec
         path = rd.path / "summary.json"
-        self.iterations: list[dict] = store.read_json(path)["iterations"] if rd.main and path.exists() else []
+        self.iterations: list[dict] = rd.dist.from_main(
+            lambda: store.read_json(path)["iterations"] if path.exists() else []
+        )
         self.summary: dict | None = None
 
     def add(self, it: int, heldout: dict | None, record: dict | None) -> None:
-        """Enter (or replace) iteration ``it``'s entry, write the summary and the report, and print its line."""
+        """Enter (or replace) iteration ``it``'s entry, write the summary and the report, and print its line (rank 0;
+        a failure there stops every rank)."""
+        self.rd.dist.from_main(lambda: self._write(it, heldout, record))
+
+    def _write(self, it: int, heldout: dict | None, record: dict | None) -> None:
         rd = self.rd
-        if not rd.main:
-            return
         entry = report.iteration_entry(it, heldout, rd.timings(it), record, rd.cfg, self.spec.world_images)
         self.iterations = sorted(
             [e for e in self.iterations if e["iteration"] != it] + [entry], key=lambda e: e["iteration"]

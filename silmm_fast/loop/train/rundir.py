@@ -90,17 +90,18 @@ class RunDir:
         self._check_files()
         return self
 
-    def _raise_shared(self, error: str | None) -> None:
-        """Raise rank 0's ``error`` (None: no error) as a ValueError on every rank."""
-        error = self.dist.broadcast(error)
+    def _check_on_main(self, check: Callable[[], str | None]) -> None:
+        """``check()`` on rank 0: the message it returns (None: no error) is raised as a ValueError on every rank, and
+        whatever it raises stops every rank too (``Dist.from_main``)."""
+        error = self.dist.from_main(check)
         if error:
             raise ValueError(error)
 
     def _prepare(self) -> None:
         """Create the run directory (rank 0), or refuse by name an ``--out`` that cannot hold one: a file, or a
         directory this process cannot write."""
-        error = None
-        if self.main:
+
+        def writable() -> str | None:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
                 fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-check.", suffix=store.TMP_SUFFIX)
@@ -110,11 +111,17 @@ class RunDir:
                 if orphans:
                     self.log(f"removed {len(orphans)} temporary files that an interrupted run left in {self.path}")
             except OSError as err:
-                error = f"out: expected a writable directory, got {str(self.path)!r} ({err.strerror or err})"
-        self._raise_shared(error)
-        state = store.RunState(self.path) if self.main else None
-        done = self.dist.broadcast(state.done if self.main else None)
-        self.state = state if self.main else store.RunState(self.path, done=done, persist=False)
+                return f"out: expected a writable directory, got {str(self.path)!r} ({err.strerror or err})"
+            return None
+
+        def read_state() -> list[str]:
+            self.state = store.RunState(self.path)
+            return self.state.done
+
+        self._check_on_main(writable)
+        done = self.dist.from_main(read_state)
+        if not self.main:
+            self.state = store.RunState(self.path, done=done, persist=False)
 
     def _check_config(self) -> None:
         """A resumed run must use the configuration it started with (the run identity: ``dist`` may change), except
@@ -123,10 +130,11 @@ class RunDir:
         diverged). Then the new configuration replaces the saved one."""
         path = self.path / "config.json"
         current = self.cfg.run_identity()
-        error = None
-        if self.main:
+
+        def check() -> str | None:
             import yaml
 
+            error = None
             # a config written before the runtime fields were left out of the identity compares without them
             saved = identity(store.read_json(path)) if path.exists() else None
             restore = saved is None and bool(self.state.done)
@@ -162,13 +170,16 @@ class RunDir:
             if error is None and (saved is None or restore):
                 store.write_json(path, current)
                 store.write_text(self.path / "config.yaml", yaml.safe_dump(current, sort_keys=False))
-        self._raise_shared(error)
+            return error
+
+        self._check_on_main(check)
 
     def _check_files(self) -> None:
         """Each done step's files must be the ones it wrote (checksums in ``state.json``): the first step with a
         missing or changed file is redone, with every step done after it (the run is deterministic, so they give the
         same results as before)."""
-        if self.main:
+
+        def repair() -> list[str]:
             damaged = self.state.damaged()
             if damaged:
                 step, name = damaged
@@ -178,7 +189,9 @@ class RunDir:
                     + (f" and the {len(later)} steps done after it" if later else "")
                 )
                 self.state.undo_from(step)
-        done = self.dist.broadcast(self.state.done if self.main else None)
+            return self.state.done
+
+        done = self.dist.from_main(repair)
         if not self.main:
             self.state.done = list(done)
 
