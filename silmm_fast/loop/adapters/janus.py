@@ -46,7 +46,7 @@ from torch import nn
 
 from silmm_fast._validate import check_count, check_noise, check_prompts, check_sampling
 from silmm_fast.loop.adapters import prompting
-from silmm_fast.loop.adapters.protocol import ImageLogprobInputs, Sourced
+from silmm_fast.loop.adapters.protocol import ImageLogprobInputs, RemembersSources, Sourced
 from silmm_fast.loop.models.batching import left_pad
 from silmm_fast.ops.sampling import sample_tokens
 
@@ -131,7 +131,7 @@ def _missing(path: Path, names: Sequence[str], what: str) -> None:
         )
 
 
-class JanusAdapter(nn.Module):
+class JanusAdapter(RemembersSources, nn.Module):
     """A ``JanusForConditionalGeneration`` with its tokenizer and image processor, implementing ``ModelAdapter``.
 
     Args:
@@ -183,7 +183,6 @@ class JanusAdapter(nn.Module):
                 size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3
             )
         self.image_processor = image_processor
-        self._last_sources: dict[str, list[str]] = {}
         self._resolve_ids()
         lm = model.model.language_model
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -322,18 +321,6 @@ class JanusAdapter(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    @property
-    def last_sources(self) -> dict[str, list[str]]:
-        """Deprecated: the ``sources`` of the last ``write_prompts`` / ``decompose`` result; read the returned
-        ``Sourced`` list's ``sources`` instead."""
-        warnings.warn(
-            "last_sources is deprecated: write_prompts and decompose return a Sourced list whose .sources say where "
-            "each item came from",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return {k: list(v) for k, v in self._last_sources.items()}
 
     @property
     def image_seq_len(self) -> int:
@@ -761,8 +748,7 @@ class JanusAdapter(nn.Module):
             parsed = prompting.parse_prompt(w) if ok else None  # a prompt cut off by max_new_tokens is not used
             prompts.append(parsed if parsed is not None else prompting.template_prompt(c, rng))
             sources.append("model" if parsed is not None else "template")
-        self._last_sources["prompts"] = sources
-        return Sourced(prompts, sources)
+        return self.remember("prompts", Sourced(prompts, sources))
 
     def decompose(self, prompts: Sequence[str], max_new_tokens: int = 96, *, fallback: bool = True) -> Sourced:
         """Yes/no questions per prompt, written greedily by the model from ``prompting.decompose_instruction``.
@@ -789,8 +775,7 @@ class JanusAdapter(nn.Module):
             else:
                 result.append([])
                 sources.append("none")
-        self._last_sources["questions"] = sources
-        return Sourced(result, sources)
+        return self.remember("questions", Sourced(result, sources))
 
 
 def _read_chat_template(path: Path) -> str | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -59,6 +60,27 @@ class Sourced(list):
 
     def __reduce__(self) -> tuple:  # pickled with its sources (the loop sends it between processes)
         return (Sourced, (list(self), self.sources))
+
+
+class RemembersSources:
+    """The deprecated ``last_sources`` attribute, for the built-in adapters: ``remember(kind, result)`` keeps the
+    sources of the last ``write_prompts`` ("prompts") or ``decompose`` ("questions") result and returns it."""
+
+    def remember(self, kind: str, result: Sourced) -> Sourced:
+        self.__dict__.setdefault("_last_sources", {})[kind] = list(result.sources)
+        return result
+
+    @property
+    def last_sources(self) -> dict[str, list[str]]:
+        """Deprecated: the ``sources`` of the last ``write_prompts`` / ``decompose`` result; read the returned
+        ``Sourced`` list's ``sources`` instead."""
+        warnings.warn(
+            "last_sources is deprecated: write_prompts and decompose return a Sourced list whose .sources say where "
+            "each item came from",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return {k: list(v) for k, v in self.__dict__.get("_last_sources", {}).items()}
 
 
 class ImageLogprobInputs(NamedTuple):

@@ -10,18 +10,17 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from silmm_fast.loop.adapters.protocol import ImageLogprobInputs, Sourced
+from silmm_fast.loop.adapters.protocol import ImageLogprobInputs, RemembersSources, Sourced
 from silmm_fast.loop.models.shapes_lmm import ShapesLMM
 
 
-class ShapesAdapter(nn.Module):
+class ShapesAdapter(RemembersSources, nn.Module):
     """A ``ShapesLMM`` that implements ``ModelAdapter`` (and ``ContinuousAdapter`` for the continuous variant).
 
     Args:
@@ -35,23 +34,10 @@ class ShapesAdapter(nn.Module):
             raise TypeError(f"model: expected a ShapesLMM, got {type(model).__name__}")
         self.model = model
         self.image_size = image_size
-        self._last_sources: dict[str, list[str]] = {}
 
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-    @property
-    def last_sources(self) -> dict[str, list[str]]:
-        """Deprecated: the ``sources`` of the last ``write_prompts`` / ``decompose`` result; read the returned
-        ``Sourced`` list's ``sources`` instead."""
-        warnings.warn(
-            "last_sources is deprecated: write_prompts and decompose return a Sourced list whose .sources say where "
-            "each item came from",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return {k: list(v) for k, v in self._last_sources.items()}
 
     @property
     def image_seq_len(self) -> int:
@@ -77,9 +63,8 @@ class ShapesAdapter(nn.Module):
         noise: torch.Tensor | None = None,
     ) -> Sourced:
         """``ShapesLMM.write_prompts``; every prompt is the model's."""
-        texts = Sourced(self.model.write_prompts(categories, n, temperature, top_p, generator, max_new_tokens, noise))
-        self._last_sources["prompts"] = texts.sources
-        return texts
+        texts = self.model.write_prompts(categories, n, temperature, top_p, generator, max_new_tokens, noise)
+        return self.remember("prompts", Sourced(texts))
 
     def generate_images(
         self,
@@ -110,9 +95,7 @@ class ShapesAdapter(nn.Module):
 
     def decompose(self, prompts: Sequence[str], max_new_tokens: int = 96) -> Sourced:
         """``ShapesLMM.decompose``; every question list is the model's."""
-        questions = Sourced(self.model.decompose(prompts, max_new_tokens))
-        self._last_sources["questions"] = questions.sources
-        return questions
+        return self.remember("questions", Sourced(self.model.decompose(prompts, max_new_tokens)))
 
     def answer(
         self, image_tokens: torch.Tensor, questions: Sequence[Sequence[str]], images_per_chunk: int = 256
