@@ -131,6 +131,11 @@ class BootstrapConfig:
     # Without it the model checks each word of a question on its own and answers "is there a red circle?" with yes
     # beside a red star and a purple circle.
     word_shift: int = 0
+    # Where the continuous variant's query slots sit (ShapesLMMConfig.feature_slot_start): 0 right after the prompt,
+    # where a slot sees the prompt's last words at fixed offsets and learns to copy the last object named into the
+    # second cell; else at this fixed position, where it finds the n-th object of "a, b and c" and of "a and b" at
+    # the same offset (RECIPES["anchored"]; docs/continuous.md, section 8).
+    feature_slot_start: int = 0
     # The reading stage: `reading_steps` steps of VQA (`reading_vqa_batch` items per step) and word copying only,
     # with their own warm-up and cosine; then `steps` steps of every task.
     reading_steps: int = 0
@@ -140,7 +145,7 @@ class BootstrapConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
-        for name in ("reading_steps", "word_shift"):
+        for name in ("reading_steps", "word_shift", "feature_slot_start"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
@@ -201,6 +206,7 @@ class BootstrapConfig:
             image_embedding=self.image_embedding,
             image_head=self.image_head if self.variant == "discrete" else "atomic",
             word_shift=self.word_shift,
+            feature_slot_start=self.feature_slot_start if self.variant == "continuous" else 0,
         )
 
     def cache_key(self) -> str:
@@ -214,22 +220,24 @@ class BootstrapConfig:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_READING: dict[str, object] = {
+    "vqa_pairs": True,
+    "vqa_counts": True,
+    "image_embedding": "structured",
+    "image_head": "factored",
+    "reading_steps": 400,
+    "reading_vqa_batch": 128,
+    "steps": 650,
+    "canonical_prob": 0.9,
+    "feature_weight": 0.6,
+    "feature_dropout": 0.02,
+    "word_shift": 2,
+}
 RECIPES: dict[str, dict[str, object]] = {
     "plain": {},
     "pairs": {"vqa_pairs": True},
-    "reading": {
-        "vqa_pairs": True,
-        "vqa_counts": True,
-        "image_embedding": "structured",
-        "image_head": "factored",
-        "reading_steps": 400,
-        "reading_vqa_batch": 128,
-        "steps": 650,
-        "canonical_prob": 0.9,
-        "feature_weight": 0.6,
-        "feature_dropout": 0.02,
-        "word_shift": 2,
-    },
+    "reading": _READING,
+    "anchored": {**_READING, "feature_slot_start": 48},
 }
 """Named training recipes (overrides of the defaults): ``plain`` (``BootstrapConfig``'s defaults: unpaired VQA, atomic
 image tokens), ``pairs`` (balanced VQA pairs) and ``reading`` (the loop's default in both modes: pairs, count targets,
@@ -237,7 +245,11 @@ the structured image embedding, a word shift of 2 and a reading stage first, a b
 binds a question's attributes to its nouns; in the discrete variant also the factored image-token head, a model that can
 draw attribute pairs it never drew; see the comments in ``BootstrapConfig``). ``reading`` doubles the continuous
 variant's ``feature_weight``, since it trains fewer steps of every task, and regresses the features under dropout at
-rate 0.02 (``feature_dropout``), where DropDiv samples them. docs/results.md has what each choice measured."""
+rate 0.02 (``feature_dropout``), where DropDiv samples them. ``anchored`` is ``reading`` with the continuous
+variant's query slots at fixed positions (``feature_slot_start`` 48, past the longest prompt the loop writes): a
+stronger continuous base model, which draws three-object prompts right, with less left for the loop to learn
+(docs/continuous.md, section 8); the discrete variant is the same as ``reading``. docs/results.md has what each choice
+measured."""
 
 _SCHEDULE = ("steps", "reading_steps", "reading_vqa_batch")
 

@@ -65,7 +65,11 @@ class ShapesLMMConfig:
     ``image_head`` how the discrete variant scores the image tokens it draws: ``"atomic"`` (one row of ``lm_head`` per
     token) or ``"factored"`` (a token showing an object scores by the sum of vectors of its shape, color and texture,
     so it can be drawn before it was ever a target: ``models.image_head``); ``word_shift`` how many preceding tokens
-    each token of a question takes in through learned maps of their embeddings (0: none; ``models.word_shift``).
+    each token of a question takes in through learned maps of their embeddings (0: none; ``models.word_shift``);
+    ``feature_slot_start`` where the continuous variant's query slots sit: 0 right after the prompt, so that a slot
+    sees the prompt's words at offsets that change with the prompt's length, or a fixed position (slot j at
+    ``feature_slot_start + j``, every prompt shorter than it), so that a slot sees the n-th word of every prompt at
+    the same offset.
     """
 
     words: tuple[str, ...]
@@ -83,6 +87,7 @@ class ShapesLMMConfig:
     image_embedding: str = "atomic"
     image_head: str = "atomic"
     word_shift: int = 0
+    feature_slot_start: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "words", tuple(self.words))
@@ -103,6 +108,14 @@ class ShapesLMMConfig:
             raise ValueError(f"num_heads: expected a positive divisor of hidden_size={self.hidden_size}")
         if not isinstance(self.word_shift, int) or isinstance(self.word_shift, bool) or self.word_shift < 0:
             raise ValueError(f"word_shift: expected an int >= 0, got {self.word_shift!r}")
+        start = self.feature_slot_start
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise ValueError(f"feature_slot_start: expected an int >= 0, got {start!r}")
+        if start and start + self.feature_slots > self.max_positions:
+            raise ValueError(
+                f"feature_slot_start: {start} + feature_slots {self.feature_slots} exceeds max_positions "
+                f"{self.max_positions}"
+            )
         if self.variant == "continuous" and (self.feature_dim < 1 or self.feature_slots < 1):
             raise ValueError("feature_dim, feature_slots: the continuous variant needs both positive")
 
@@ -478,7 +491,18 @@ class ShapesLMM(nn.Module):
         embeds = self.lm.model.embed_tokens(ids)
         embeds = torch.cat([embeds, self.query_slots.unsqueeze(0).expand(len(prompts), -1, -1)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, n_slots)], dim=1)
-        pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(n_slots, device=pos.device)], dim=1)
+        start = self.config.feature_slot_start
+        if start:
+            lengths = pos[:, -1] + 1
+            if int(lengths.max()) > start:
+                i = int(lengths.argmax())
+                raise ValueError(
+                    f"prompts: prompt {i} takes {int(lengths[i])} positions, more than feature_slot_start={start}"
+                )
+            first = torch.full_like(pos[:, -1:], start)
+        else:
+            first = pos[:, -1:] + 1
+        pos = torch.cat([pos, first + torch.arange(n_slots, device=pos.device)], dim=1)
         hidden = self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
         return self.feature_head(hidden[:, -n_slots:])
 

@@ -70,7 +70,8 @@ class ModelConfig:
         "shapes: how the base model is bootstrapped. reading: balanced VQA pairs, count targets, structured image "
         "tokens, a word shift inside questions, a reading stage, (discrete) a factored image-token head and "
         "(continuous) features regressed under light dropout. plain: unpaired VQA and atomic image tokens. pairs: "
-        "plain with balanced VQA pairs. See silmm_fast.loop.models.bootstrap.RECIPES",
+        "plain with balanced VQA pairs. anchored: reading with the continuous model's query slots at fixed positions "
+        "(a stronger continuous base, less left to learn). See silmm_fast.loop.models.bootstrap.RECIPES",
     )
 
 

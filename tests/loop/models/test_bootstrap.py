@@ -435,6 +435,13 @@ def test_bootstrap_bad_input(tmp_path):
         BootstrapConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         BootstrapConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="feature_slot_start"):
+        BootstrapConfig(feature_slot_start=-1)
+
+
+def test_feature_slot_start_reaches_the_continuous_model_only():
+    assert BootstrapConfig(variant="continuous", feature_slot_start=48).model_config().feature_slot_start == 48
+    assert BootstrapConfig(variant="discrete", feature_slot_start=48).model_config().feature_slot_start == 0
 
 
 def test_cache_key_follows_the_training_code_not_its_comments(tmp_path):

@@ -267,6 +267,31 @@ def test_feature_forward_padding_invariant_and_differentiable(continuous):
     continuous.zero_grad(set_to_none=True)
 
 
+def test_feature_slots_at_a_fixed_start_take_positions_start_to_start_plus_slots():
+    torch.manual_seed(3)
+    config = ShapesLMMConfig.for_world("continuous", feature_slot_start=40, **SIZES)
+    model = ShapesLMM(config).eval()
+    after_prompt = ShapesLMM(ShapesLMMConfig.for_world("continuous", **SIZES)).eval()
+    after_prompt.load_state_dict(model.state_dict())
+    feats = model.feature_forward(PROMPTS)
+    for i, prompt in enumerate(PROMPTS):  # unpadded, positions written out: words 0..T-1, slots 40..48
+        v = model.vocab
+        ids = torch.tensor([[v.bos, v.gen, *model.prompt_ids(prompt), v.img]])
+        embeds = torch.cat([model.lm.model.embed_tokens(ids), model.query_slots[None]], dim=1)
+        pos = torch.cat([torch.arange(ids.shape[1]), 40 + torch.arange(9)])[None]
+        hidden = model.lm.model(inputs_embeds=embeds, position_ids=pos).last_hidden_state
+        torch.testing.assert_close(feats[i], model.feature_head(hidden[0, -9:]), rtol=1e-4, atol=1e-5)
+    # the same weights with the slots right after the prompt give other features: the positions are what differs
+    assert not torch.allclose(feats, after_prompt.feature_forward(PROMPTS), atol=1e-3)
+    short = ShapesLMM(ShapesLMMConfig.for_world("continuous", feature_slot_start=5, **SIZES))
+    with pytest.raises(ValueError, match="prompts: prompt 1 takes 15 positions, more than feature_slot_start=5"):
+        short.feature_forward(PROMPTS[:2])
+    with pytest.raises(ValueError, match="feature_slot_start: 155 \\+ feature_slots 9 exceeds max_positions 160"):
+        ShapesLMMConfig.for_world("continuous", feature_slot_start=155, **SIZES)
+    with pytest.raises(ValueError, match="feature_slot_start: expected an int >= 0"):
+        ShapesLMMConfig.for_world("continuous", feature_slot_start=-1, **SIZES)
+
+
 def test_decoder_layers_reachable_for_dropdiv(continuous):
     assert continuous.model is continuous.lm.model
     assert len(continuous.model.layers) == 2 and hasattr(continuous.model.layers[-1], "mlp")

@@ -56,8 +56,22 @@ def test_base_model_recipe_keys_its_own_cache():
     assert cfg.model.recipe == "pairs"
     keys = {cache_path(recipe(name, "discrete", tiny=True), "/c") for name in ("plain", "pairs", "reading")}
     assert len(keys) == 3
-    with pytest.raises(ValueError, match=r"config model.recipe: expected one of \('plain', 'pairs', 'reading'\)"):
+    anchored = recipe("anchored", "continuous", tiny=True)
+    assert anchored.feature_slot_start == 48 and anchored.model_config().feature_slot_start == 48
+    assert cache_path(anchored, "/c") != cache_path(recipe("reading", "continuous", tiny=True), "/c")
+    with pytest.raises(
+        ValueError, match=r"config model.recipe: expected one of \('plain', 'pairs', 'reading', 'anchored'\)"
+    ):
         config.parse_args(["--model.recipe", "pixels"])
+
+
+def test_anchored_slots_sit_past_the_longest_prompt_the_loop_writes():
+    from silmm_fast.loop.models.bootstrap import RECIPES
+    from silmm_fast.loop.train.phases import PROMPT_TOKENS
+
+    # "<bos> <gen> words <img>": a prompt the loop writes takes at most PROMPT_TOKENS + 3 positions, and the
+    # anchored model refuses a prompt that reaches its first slot
+    assert RECIPES["anchored"]["feature_slot_start"] >= PROMPT_TOKENS + 3
 
 
 def test_yaml_then_cli_overrides(tmp_path):
