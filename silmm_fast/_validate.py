@@ -228,6 +228,37 @@ def check_prompts(prompts: object, name: str = "prompts", *, allow_blank: bool =
     return list(prompts)
 
 
+def check_image_tokens(
+    image_tokens: object, seq_len: int, codebook_size: int, name: str = "image_tokens"
+) -> torch.Tensor:
+    """Image-token indices [..., seq_len] in [0, codebook_size), as a LongTensor (on their own device)."""
+    if not isinstance(image_tokens, torch.Tensor):
+        raise TypeError(f"{name}: expected a LongTensor, got {type(image_tokens).__name__}")
+    if image_tokens.dtype.is_floating_point or image_tokens.dtype.is_complex or image_tokens.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {image_tokens.dtype}")
+    if image_tokens.shape[-1:] != (seq_len,):
+        raise ValueError(f"{name}: expected shape [..., {seq_len}], got {tuple(image_tokens.shape)}")
+    if image_tokens.numel() and (image_tokens.min() < 0 or image_tokens.max() >= codebook_size):
+        raise ValueError(f"{name}: image tokens must lie in [0, {codebook_size})")
+    return image_tokens.long()
+
+
+def images_per_prompt(
+    prompts: list[str], tokens: torch.Tensor, seq_len: int, name: str = "image_tokens"
+) -> tuple[list[str], torch.Tensor]:
+    """One (prompt, image) row per image: ``tokens`` [B, seq_len] (image i of prompt i) or [P, n, seq_len] (n images
+    of each of the P prompts) as the prompts repeated to match and the tokens [B', seq_len], B' = B or P·n."""
+    if tokens.dim() == 3:
+        if tokens.shape[0] != len(prompts):
+            raise ValueError(f"{name}: expected {len(prompts)} prompts in dim 0, got {tokens.shape[0]}")
+        return [p for p in prompts for _ in range(tokens.shape[1])], tokens.reshape(-1, seq_len)
+    if tokens.dim() != 2 or tokens.shape[0] != len(prompts):
+        raise ValueError(
+            f"{name}: expected shape [{len(prompts)}, {seq_len}] or [P, n, {seq_len}], got {tuple(tokens.shape)}"
+        )
+    return prompts, tokens
+
+
 def check_count(name: str, n: object) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{name}: expected a positive int, got {n!r}")

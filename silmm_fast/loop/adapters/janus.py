@@ -44,7 +44,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from silmm_fast._validate import check_count, check_noise, check_prompts, check_sampling
+from silmm_fast._validate import (
+    check_count,
+    check_image_tokens,
+    check_noise,
+    check_prompts,
+    check_sampling,
+    images_per_prompt,
+)
 from silmm_fast.loop.adapters import prompting
 from silmm_fast.loop.adapters.protocol import ImageLogprobInputs, RemembersSources, Sourced
 from silmm_fast.loop.models.batching import left_pad
@@ -364,15 +371,7 @@ class JanusAdapter(RemembersSources, nn.Module):
         return left_pad(seqs, self.pad_id, self.device)
 
     def _check_image_tokens(self, image_tokens: object, name: str = "image_tokens") -> torch.Tensor:
-        if not isinstance(image_tokens, torch.Tensor):
-            raise TypeError(f"{name}: expected a LongTensor, got {type(image_tokens).__name__}")
-        if image_tokens.dtype.is_floating_point or image_tokens.dtype == torch.bool:
-            raise TypeError(f"{name}: expected an integer tensor, got {image_tokens.dtype}")
-        if image_tokens.dim() < 1 or image_tokens.shape[-1] != self.num_image_tokens:
-            raise ValueError(f"{name}: expected shape [..., {self.num_image_tokens}], got {tuple(image_tokens.shape)}")
-        if image_tokens.numel() and (image_tokens.min() < 0 or image_tokens.max() >= self.codebook_size):
-            raise ValueError(f"{name}: image tokens must lie in [0, {self.codebook_size})")
-        return image_tokens.long().to(self.device)
+        return check_image_tokens(image_tokens, self.num_image_tokens, self.codebook_size, name).to(self.device)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids that start the image of ``prompt``: its user turn, then begin-of-image (BOS first when the
@@ -499,17 +498,7 @@ class JanusAdapter(RemembersSources, nn.Module):
             ``generation_head(h)`` gathered at the labels.
         """
         prompts = check_prompts(prompts, allow_blank=False)
-        tokens = self._check_image_tokens(image_tokens)
-        if tokens.dim() == 3:
-            if tokens.shape[0] != len(prompts):
-                raise ValueError(f"image_tokens: expected {len(prompts)} prompts in dim 0, got {tokens.shape[0]}")
-            prompts = [p for p in prompts for _ in range(tokens.shape[1])]
-            tokens = tokens.reshape(-1, tokens.shape[-1])
-        elif tokens.dim() != 2 or tokens.shape[0] != len(prompts):
-            raise ValueError(
-                f"image_tokens: expected shape [{len(prompts)}, {self.num_image_tokens}] or [P, n, "
-                f"{self.num_image_tokens}], got {tuple(tokens.shape)}"
-            )
+        prompts, tokens = images_per_prompt(prompts, self._check_image_tokens(image_tokens), self.num_image_tokens)
         ids, mask, pos = self._left_pad([self.prompt_ids(p) for p in prompts])
         width, t = ids.shape[1], self.num_image_tokens
         # The last image token is only a label: the inputs stop one position before it.

@@ -31,7 +31,14 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaModel
 
-from silmm_fast._validate import check_count, check_noise, check_prompts, check_sampling
+from silmm_fast._validate import (
+    check_count,
+    check_image_tokens,
+    check_noise,
+    check_prompts,
+    check_sampling,
+    images_per_prompt,
+)
 from silmm_fast.loop.models.batching import left_pad
 from silmm_fast.loop.models.image_embedding import ImageEmbedding
 from silmm_fast.loop.models.image_head import FactoredImageHead
@@ -267,17 +274,8 @@ class ShapesLMM(nn.Module):
         return left_pad(seqs, self.vocab.pad, self.device)
 
     def _check_image_tokens(self, image_tokens: object, name: str = "image_tokens") -> torch.Tensor:
-        if not isinstance(image_tokens, torch.Tensor):
-            raise TypeError(f"{name}: expected a LongTensor, got {type(image_tokens).__name__}")
-        if image_tokens.dtype.is_floating_point or image_tokens.dtype == torch.bool:
-            raise TypeError(f"{name}: expected an integer tensor, got {image_tokens.dtype}")
-        if image_tokens.shape[-1:] != (self.config.image_seq_len,):
-            raise ValueError(
-                f"{name}: expected shape [..., {self.config.image_seq_len}], got {tuple(image_tokens.shape)}"
-            )
-        if image_tokens.numel() and (image_tokens.min() < 0 or image_tokens.max() >= self.config.num_image_tokens):
-            raise ValueError(f"{name}: image-token indices must lie in [0, {self.config.num_image_tokens})")
-        return image_tokens.long().to(self.device)
+        c = self.config
+        return check_image_tokens(image_tokens, c.image_seq_len, c.num_image_tokens, name).to(self.device)
 
     def _require(self, variant: str, method: str) -> None:
         if self.config.variant != variant:
@@ -459,16 +457,7 @@ class ShapesLMM(nn.Module):
         """
         self._require("discrete", "image_logprob_inputs")
         prompts = check_prompts(prompts)
-        tokens = self._check_image_tokens(image_tokens)
-        if tokens.dim() == 3:
-            if tokens.shape[0] != len(prompts):
-                raise ValueError(f"image_tokens: expected {len(prompts)} prompts in dim 0, got {tokens.shape[0]}")
-            prompts = [p for p in prompts for _ in range(tokens.shape[1])]
-            tokens = tokens.reshape(-1, tokens.shape[-1])
-        elif tokens.dim() != 2 or tokens.shape[0] != len(prompts):
-            raise ValueError(
-                f"image_tokens: expected shape [{len(prompts)}, S] or [P, n, S], got {tuple(tokens.shape)}"
-            )
+        prompts, tokens = images_per_prompt(prompts, self._check_image_tokens(image_tokens), self.config.image_seq_len)
         v = self.vocab
         labels = tokens + v.image_offset
         s = self.config.image_seq_len

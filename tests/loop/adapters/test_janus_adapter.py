@@ -162,6 +162,8 @@ def test_logprob_inputs_validate(janus):
         janus.image_logprob_inputs(PROMPTS, tokens)
     with pytest.raises(TypeError, match="image_tokens: expected an integer tensor"):
         janus.image_logprob_inputs(PROMPTS[:2], tokens.float())
+    with pytest.raises(ValueError, match="image_tokens: expected 3 prompts in dim 0, got 2"):
+        janus.image_logprob_inputs(PROMPTS, tokens[:, None].expand(2, 2, -1))
     with pytest.raises(TypeError, match="prompts: expected a list of str"):
         janus.image_logprob_inputs("a red circle", tokens[:1])
 

@@ -345,8 +345,12 @@ def test_bad_input(discrete, continuous):
         discrete.answer(torch.zeros(1, 8, dtype=torch.long), [["is there a star?"]])
     with pytest.raises(ValueError, match="questions"):
         discrete.answer(torch.zeros(2, 9, dtype=torch.long), [["is there a star?"]])
-    with pytest.raises(ValueError, match="image_tokens"):
+    with pytest.raises(ValueError, match=r"image_tokens: expected shape \[3, 9\] or \[P, n, 9\], got \(2, 9\)"):
         discrete.image_logprob_inputs(PROMPTS, torch.zeros(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="image_tokens: expected 3 prompts in dim 0, got 2"):
+        discrete.image_logprob_inputs(PROMPTS, torch.zeros(2, 4, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"image_tokens: image tokens must lie in \[0, 91\)"):
+        discrete.image_logprob_inputs(PROMPTS, torch.full((3, 9), 91))
     with pytest.raises(ValueError, match="continuous"):
         discrete.feature_forward(PROMPTS)
     with pytest.raises(ValueError, match="discrete"):
