@@ -77,6 +77,10 @@ def training_code_digest() -> str:
     return source_digest(files)
 
 
+# BootstrapConfig fields that only the continuous variant's training reads (its feature regression and query slots).
+CONTINUOUS_ONLY = ("feature_weight", "feature_dropout", "feature_slot_start")
+
+
 @dataclass(frozen=True)
 class BootstrapConfig:
     """Model size and training recipe of a bootstrap. Every field enters the cache key."""
@@ -210,9 +214,15 @@ class BootstrapConfig:
         )
 
     def cache_key(self) -> str:
-        """16 hex digits of a hash of this config, the model config, the data format and the training code."""
+        """16 hex digits of a hash of this config, the model config, the data format and the training code. The
+        fields only the continuous variant reads (``CONTINUOUS_ONLY``) are left out of a discrete config's key, so
+        that recipes differing only there (``reading``, ``anchored``) share one discrete model."""
+        fields_ = asdict(self)
+        if self.variant != "continuous":
+            for name in CONTINUOUS_ONLY:
+                del fields_[name]
         payload = {
-            "bootstrap": asdict(self),
+            "bootstrap": fields_,
             "model": self.model_config().to_dict(),
             "format": FORMAT_VERSION,
             "code": training_code_digest(),
@@ -248,8 +258,8 @@ variant's ``feature_weight``, since it trains fewer steps of every task, and reg
 rate 0.02 (``feature_dropout``), where DropDiv samples them. ``anchored`` is ``reading`` with the continuous
 variant's query slots at fixed positions (``feature_slot_start`` 48, past the longest prompt the loop writes): a
 stronger continuous base model, which draws three-object prompts right, with less left for the loop to learn
-(docs/continuous.md, section 8); the discrete variant is the same as ``reading``. docs/results.md has what each choice
-measured."""
+(docs/continuous.md, section 8); in the discrete variant it is ``reading``, the same cached model. docs/results.md
+has what each choice measured."""
 
 _SCHEDULE = ("steps", "reading_steps", "reading_vqa_batch")
 

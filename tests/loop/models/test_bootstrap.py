@@ -439,9 +439,18 @@ def test_bootstrap_bad_input(tmp_path):
         BootstrapConfig(feature_slot_start=-1)
 
 
-def test_feature_slot_start_reaches_the_continuous_model_only():
+def test_continuous_only_fields_reach_the_continuous_model_only(tmp_path):
     assert BootstrapConfig(variant="continuous", feature_slot_start=48).model_config().feature_slot_start == 48
     assert BootstrapConfig(variant="discrete", feature_slot_start=48).model_config().feature_slot_start == 0
+    # a discrete model does not depend on them, so its cache key does not either (one bootstrap for both recipes);
+    # a continuous model's does
+    for variant, same in (("discrete", True), ("continuous", False)):
+        keys = {cache_path(recipe(name, variant), tmp_path) for name in ("reading", "anchored")}
+        assert (len(keys) == 1) == same
+        a = BootstrapConfig.tiny(variant)
+        for change in (dict(feature_weight=2.0), dict(feature_dropout=0.1), dict(feature_slot_start=40)):
+            b = BootstrapConfig.tiny(variant, **change)
+            assert (cache_path(a, tmp_path) == cache_path(b, tmp_path)) == same
 
 
 def test_cache_key_follows_the_training_code_not_its_comments(tmp_path):
