@@ -65,13 +65,14 @@ class ModelConfig:
     cfg_scale: float = _f(5.0, "janus: classifier-free guidance scale of image generation", ge=0)
     cache_dir: str | None = _f(None, "where bootstrapped base models are cached (default ~/.cache/silmm_fast)")
     tiny: bool = _f(False, "use a tiny model and a short bootstrap (tests, smoke runs)")
-    recipe: str = _f(
-        "reading",
-        "shapes: how the base model is bootstrapped. reading: balanced VQA pairs, count targets, structured image "
-        "tokens, a word shift inside questions, a reading stage, (discrete) a factored image-token head and "
-        "(continuous) features regressed under light dropout. plain: unpaired VQA and atomic image tokens. pairs: "
-        "plain with balanced VQA pairs. anchored: reading with the continuous model's query slots at fixed positions "
-        "(a stronger continuous base, less left to learn). See silmm_fast.loop.models.bootstrap.RECIPES",
+    recipe: str | None = _f(
+        None,
+        "shapes: how the base model is bootstrapped; none: the mode's default, reading in discrete mode and anchored "
+        "in continuous mode. reading: balanced VQA pairs, count targets, structured image tokens, a word shift "
+        "inside questions, a reading stage, (discrete) a factored image-token head and (continuous) features "
+        "regressed under light dropout. plain: unpaired VQA and atomic image tokens. pairs: plain with balanced VQA "
+        "pairs. anchored: reading with the continuous model's query slots at fixed positions, so that it draws "
+        "three-object prompts (its discrete model is reading's). See silmm_fast.loop.models.bootstrap.RECIPES",
     )
 
 
@@ -83,8 +84,12 @@ class SampleConfig:
         "pairs.min_margin or more yield a pair",
         ge=1,
     )
-    candidates: int = _f(8, "N: candidate images kept per prompt", ge=2)
-    oversample: int = _f(16, "K: continuous mode samples per prompt before diverse selection (K >= N)", ge=2)
+    candidates: int | None = _f(
+        None,
+        "N: candidate images kept per prompt; none: the mode's default, 8 in discrete mode and 16 in continuous",
+        ge=2,
+    )
+    oversample: int = _f(24, "K: continuous mode samples per prompt before diverse selection (K >= N)", ge=2)
     top_p: float = _f(0.95, "nucleus sampling threshold for image tokens (discrete) and prompts", gt=0, le=1)
     temperature: float = _f(1.0, "sampling temperature for image tokens", gt=0)
     dropdiv_layers: int = _f(
@@ -94,7 +99,7 @@ class SampleConfig:
         ge=0,
     )
     dropdiv_p: float = _f(
-        0.3,
+        0.5,
         "continuous mode: DropDiv dropout rate (also used to sample the held-out images with eval.decode dropdiv); "
         "a higher rate gives more varied candidates whose features lie further from the policy's own image",
         ge=0,
@@ -123,7 +128,8 @@ class SampleConfig:
 class PairConfig:
     k: int | None = _f(
         None,
-        "pairs per prompt: top-k winners x bottom-k losers (k <= N/2); none: 1 in discrete mode, 2 in continuous mode",
+        "pairs per prompt: top-k winners x bottom-k losers (k <= N/2); none: 1 in discrete mode, 4 in continuous "
+        "mode, at most N/2",
         ge=1,
     )
     min_margin: float = _f(0.1, "drop pairs whose score difference is below this", ge=0)
@@ -154,13 +160,20 @@ class OptimConfig:
         "optimum near the winner; sqeuclidean pushes along winner minus loser without bound; the built-in model's "
         "empty cells are near-zero rows, whose cosine distance is direction noise",
     )
+    targets: str = _f(
+        "decoded",
+        "continuous mode: what KC-DPO pulls the policy's features toward (winners) and pushes them from (losers). "
+        "decoded: each candidate's decoded image, the one the judge scored, encoded back into features by the "
+        "world's codec; features: the candidate's own DropDiv features, which also carry the dropout noise that "
+        "decoding removes (docs/continuous.md)",
+    )
     pool: str = _f("none", "KC-DPO pooling over tokens: mean, max or none (mean and max lose the cell positions)")
     sigma: float = _f(
         0.5, "KC-DPO rbf kernel width, near the built-in model's feature-row distances; other kernels ignore it", gt=0
     )
     lr: float | None = _f(
         None,
-        "AdamW learning rate; none: the mode's default, 5e-5 in discrete mode and 2e-5 in continuous mode",
+        "AdamW learning rate; none: the mode's default, 5e-5 in discrete mode and 3e-5 in continuous mode",
         gt=0,
     )
     epochs: int = _f(2, "passes over the iteration's pairs", ge=1)
@@ -204,11 +217,14 @@ RUNTIME_FIELDS = ("out", "threads", "model.cache_dir")
 
 FEEDBACKS = ("self", "random", "oracle")
 EVAL_DECODES = ("deterministic", "dropdiv")
+KCDPO_TARGETS = ("decoded", "features")
 # Fields whose default depends on the mode: None in their dataclass ("none" on the command line), resolved by
 # TrainConfig.validate to this table's value for the run's mode.
 MODE_DEFAULTS = {
-    ("optim", "lr"): {"discrete": 5e-5, "continuous": 2e-5},
-    ("pairs", "k"): {"discrete": 1, "continuous": 2},
+    ("optim", "lr"): {"discrete": 5e-5, "continuous": 3e-5},
+    ("pairs", "k"): {"discrete": 1, "continuous": 4},
+    ("sample", "candidates"): {"discrete": 8, "continuous": 16},
+    ("model", "recipe"): {"discrete": "reading", "continuous": "anchored"},
     ("optim", "nll_weight"): {"discrete": 1.0, "continuous": 0.0},
 }
 
@@ -238,9 +254,14 @@ class TrainConfig:
 
         if self.mode not in ("discrete", "continuous"):
             bad("mode", "'discrete' or 'continuous'", self.mode)
+        defaulted = set()
         for (section, name), per_mode in MODE_DEFAULTS.items():
             if getattr(getattr(self, section), name) is None:
                 setattr(getattr(self, section), name, per_mode[self.mode])
+                defaulted.add(f"{section}.{name}")
+        if "pairs.k" in defaulted and isinstance(self.sample.candidates, int) and self.sample.candidates >= 2:
+            # the mode's default k, at most what the candidates allow (an explicit k is checked below instead)
+            self.pairs.k = min(self.pairs.k, self.sample.candidates // 2)
         # every numeric field: its type, finite, within the bounds declared beside its default
         for dotted, f, hint in _dotted_fields():
             if _base(hint) in (int, float):
@@ -274,6 +295,8 @@ class TrainConfig:
             bad("optim.kernel", "cosine, euclidean, sqeuclidean or rbf", o.kernel)
         if o.pool not in ("mean", "max", "none"):
             bad("optim.pool", "mean, max or none", o.pool)
+        if o.targets not in KCDPO_TARGETS:
+            bad("optim.targets", "'decoded' or 'features'", o.targets)
         if self.mode == "continuous" and o.nll_weight:
             bad("optim.nll_weight", "0 in continuous mode (KC-DPO has no chosen-image likelihood)", o.nll_weight)
         if e.decode not in EVAL_DECODES:

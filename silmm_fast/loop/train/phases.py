@@ -303,6 +303,19 @@ def pair_indices(pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 # --- 7. optimize -------------------------------------------------------------------------------------------------
+def kcdpo_targets(cfg: TrainConfig, cands: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Continuous: the feature matrices KC-DPO pulls toward (winners) and pushes from (losers), [P, N, L, D].
+    ``optim.targets`` features: the candidates' own DropDiv features. decoded: the images the judge scored (the
+    world's tokens of the decoded scenes) encoded back into features, so that winner and loser differ only in what
+    the judge saw and not in the dropout noise that decoding removed."""
+    feats = cands["features"]
+    if cfg.optim.targets == "features":
+        return feats
+    tokens = cands["tokens"]
+    scenes = TOKENIZER.decode_batch(tokens.flatten(0, 1), strict=False)
+    return CODEC.encode_batch(scenes).view(feats.shape).to(feats.dtype)
+
+
 def diverged_advice(cfg: TrainConfig) -> str:
     o = cfg.optim
     scale = f"optim.beta = {o.beta:g}" if cfg.mode == "discrete" else f"optim.gamma = {o.gamma:g}"
@@ -349,7 +362,7 @@ def optimize(
         loss_fn = FusedLinearDPOLoss(beta=o.beta, loss_type=o.loss_type, nll_weight=o.nll_weight)
         ref_c, ref_r = reference[0], reference[1]
     else:
-        feats = cands["features"]
+        feats = kcdpo_targets(cfg, cands)
         loss_fn = KCDPOLoss(gamma=o.gamma, kernel=o.kernel, pool=o.pool, sigma=o.sigma)
     # DDP must be told that some parameters get no gradient: continuous mode never reads the LM head, and no
     # preference step reads a word shift's maps (only questions do)

@@ -16,17 +16,29 @@ def test_defaults_are_valid_and_documented():
 
 def test_learning_rate_defaults_per_mode_and_explicit_value_wins():
     assert config.load().optim.lr == pytest.approx(5e-5)
-    assert config.load(overrides={"mode": "continuous"}).optim.lr == pytest.approx(2e-5)
+    assert config.load(overrides={"mode": "continuous"}).optim.lr == pytest.approx(3e-5)
     assert config.parse_args(["--mode", "continuous", "--optim.lr", "3e-4"]).optim.lr == pytest.approx(3e-4)
 
 
 def test_pairs_per_prompt_default_per_mode_and_explicit_value_wins():
     assert config.load().pairs.k == 1
-    assert config.load(overrides={"mode": "continuous"}).pairs.k == 2
+    assert config.load(overrides={"mode": "continuous"}).pairs.k == 4
     assert config.parse_args(["--mode", "continuous", "--pairs.k", "1"]).pairs.k == 1
     assert config.parse_args(["--pairs.k", "none"]).pairs.k == 1
+    # the mode's default k shrinks to what fewer candidates allow; an explicit k does not
+    assert config.parse_args(["--mode", "continuous", "--sample.candidates", "6"]).pairs.k == 3
+    assert config.parse_args(["--mode", "continuous", "--sample.candidates", "3"]).pairs.k == 1
     with pytest.raises(ValueError, match=r"pairs.k: expected an integer in \[1, sample.candidates/2 = 1\]"):
-        config.parse_args(["--mode", "continuous", "--sample.candidates", "3"])  # the default k 2 needs 4
+        config.parse_args(["--mode", "continuous", "--sample.candidates", "3", "--pairs.k", "2"])
+
+
+def test_candidates_and_base_recipe_default_per_mode():
+    assert config.load().sample.candidates == 8
+    assert config.load(overrides={"mode": "continuous"}).sample.candidates == 16
+    assert config.parse_args(["--mode", "continuous", "--sample.candidates", "4"]).sample.candidates == 4
+    assert config.parse_args([]).model.recipe == "reading"
+    assert config.parse_args(["--mode", "continuous"]).model.recipe == "anchored"
+    assert config.parse_args(["--mode", "continuous", "--model.recipe", "reading"]).model.recipe == "reading"
 
 
 def test_nll_weight_defaults_per_mode_and_applies_to_discrete_only():
@@ -49,8 +61,6 @@ def test_prompts_per_category_default_and_explicit_value_wins():
 def test_base_model_recipe_keys_its_own_cache():
     from silmm_fast.loop.models.bootstrap import cache_path, recipe
 
-    assert config.parse_args([]).model.recipe == "reading"
-    assert config.parse_args(["--mode", "continuous"]).model.recipe == "reading"
     assert config.parse_args(["--mode", "continuous", "--model.recipe", "plain"]).model.recipe == "plain"
     cfg = config.parse_args(["--model.recipe", "pairs", "--model.tiny", "true"])
     assert cfg.model.recipe == "pairs"

@@ -124,7 +124,7 @@ def test_one_iteration_writes_the_run_directory(tmp_path, model_cache, straight_
         assert cands["selected"].shape == (len(prompts), 4)
         # candidate 0 is the base model's own dropout-free image; the others are DropDiv samples (indices into K)
         assert (cands["selected"][:, 0] == -1).all() and (cands["selected"][:, 1:] >= 0).all()
-        base = bootstrap("continuous", cache_dir=model_cache, config=recipe("reading", "continuous", tiny=True))
+        base = bootstrap("continuous", cache_dir=model_cache, config=recipe("anchored", "continuous", tiny=True))
         own = base.generate_features([r["prompt"] for r in prompts], 1)[:, 0]
         torch.testing.assert_close(cands["features"][:, 0], own.to(cands["features"].dtype))
         assert not torch.allclose(cands["features"][:, 1], cands["features"][:, 0])
