@@ -259,9 +259,6 @@ class TrainConfig:
             if getattr(getattr(self, section), name) is None:
                 setattr(getattr(self, section), name, per_mode[self.mode])
                 defaulted.add(f"{section}.{name}")
-        if "pairs.k" in defaulted and isinstance(self.sample.candidates, int) and self.sample.candidates >= 2:
-            # the mode's default k, at most what the candidates allow (an explicit k is checked below instead)
-            self.pairs.k = min(self.pairs.k, self.sample.candidates // 2)
         # every numeric field: its type, finite, within the bounds declared beside its default
         for dotted, f, hint in _dotted_fields():
             if _base(hint) in (int, float):
@@ -287,6 +284,8 @@ class TrainConfig:
             bad("sample.oversample", f"an integer >= sample.candidates ({s.candidates})", s.oversample)
         if s.select_method not in ("dpp", "fps"):
             bad("sample.select_method", "'dpp' or 'fps'", s.select_method)
+        if "pairs.k" in defaulted:
+            p.k = min(p.k, s.candidates // 2)  # the mode's default, at most what the candidates allow
         if 2 * p.k > s.candidates:
             bad("pairs.k", f"an integer in [1, sample.candidates/2 = {s.candidates // 2}]", p.k)
         if o.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
