@@ -6,7 +6,8 @@ summary.json schema (version 1):
      "iterations": [                       # index 0 is the base model, then one entry per SILMM iteration
         {"iteration": int,
          "heldout": {"overall": {"all_constraints": float, "constraint_fraction": float, "n_prompts": int, ...},
-                     "by_category": {category: {same keys}}, "single_object": {...}, "multi_object": {...}},
+                     "by_category": {category: {same keys}}, "single_object": {...}, "multi_object": {...},
+                     "by_constraint": {name: {"met": int, "n": int}}},
          "throughput": {"candidates_per_s": float, "questions_per_s": float, "pairs_per_s": float},  # absent for 0
          "wall_s": {phase: seconds},
          "pairs": int, "train_loss": float | null,
@@ -15,6 +16,8 @@ summary.json schema (version 1):
 
     audit = {"pairs": int, "chosen_better": int, "chosen_worse": int, "objects_chosen": float,
              "objects_rejected": float}
+``heldout`` is ``silmm_fast.loop.world.evaluate``'s result: its ``extra_objects`` (objects drawn beyond the prompt's,
+per image) and ``by_constraint`` (constraints met per kind and per relation) were added within schema 1.
 ``pair_audit`` (added within schema 1; absent for models outside the built-in world) is the iteration's pairs
 scored by the ground truth (``silmm_fast.loop.world.audit_pairs``): how often the judge's chosen image meets more of
 its prompt's constraints than the rejected one (``chosen_better``) or fewer (``chosen_worse``), and their mean
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from silmm_fast.loop.train import store
+from silmm_fast.loop.world import CONSTRAINT_NAMES
 
 SCHEMA_VERSION = 1
 
@@ -108,6 +112,7 @@ def write_report(summary: dict, run_dir: Path) -> Path:
             for c in categories
         ]
         lines.append(f"| {it['iteration']} | " + " | ".join(cells) + " |")
+    lines += constraint_table(its)
     gain = summary["relative_gain"]["all_constraints"]
     lines += [
         "",
@@ -140,6 +145,29 @@ def write_report(summary: dict, run_dir: Path) -> Path:
     path = run_dir / "report.md"
     store.write_text(path, "\n".join(lines))
     return path
+
+
+def constraint_table(its: list[dict]) -> list[str]:
+    """Lines of report.md's per-constraint table: the held-out constraints met per kind and relation, and the objects
+    drawn beyond the prompt's; none when the iterations' evaluations do not break them down."""
+    if not all("by_constraint" in it["heldout"] for it in its):
+        return []
+    names = [n for n in CONSTRAINT_NAMES if any(n in it["heldout"]["by_constraint"] for it in its)]
+    lines = [
+        "",
+        "Held-out constraints met per kind (a relation by its name), and objects drawn beyond the prompt's per image:",
+        "",
+        "| iteration | " + " | ".join(names) + " | extra objects |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for it in its:
+        h = it["heldout"]
+        cells = []
+        for name in names:
+            c = h["by_constraint"].get(name)
+            cells.append(f"{c['met'] / c['n']:.3f}" if c else "-")
+        lines.append(f"| {it['iteration']} | " + " | ".join(cells) + f" | {h['overall']['extra_objects']:.2f} |")
+    return lines
 
 
 def iteration_entry(it: int, heldout: dict, timings: dict, record: dict | None, cfg: Any, world_images: bool) -> dict:

@@ -5,7 +5,14 @@ ground-truth evaluator.
 Reached as ``silmm_fast.loop.world``; it needs no model and no download.
 """
 
-from silmm_fast.loop.world.evaluate import audit_pairs, check, evaluate, evaluate_features, evaluate_tokens
+from silmm_fast.loop.world.evaluate import (
+    CONSTRAINT_NAMES,
+    audit_pairs,
+    check,
+    evaluate,
+    evaluate_features,
+    evaluate_tokens,
+)
 from silmm_fast.loop.world.prompts import (
     CATEGORIES,
     HELDOUT_PAIRS,
@@ -50,6 +57,7 @@ from silmm_fast.loop.world.tokenizer import FeatureCodec, ImageTokenizer
 __all__ = [
     "CATEGORIES",
     "COLORS",
+    "CONSTRAINT_NAMES",
     "GRID",
     "HELDOUT_PAIRS",
     "KINDS",

@@ -9,9 +9,13 @@ asking for one object / several objects (``"single_object"`` / ``"multi_object"`
 
 - ``all_constraints``: fraction of prompts whose every constraint is met;
 - ``constraint_fraction``: mean over prompts of the fraction of its constraints met;
-- ``n_prompts``, ``n_constraints``, ``n_constraints_met``.
+- ``n_prompts``, ``n_constraints``, ``n_constraints_met``;
+- ``extra_objects``: mean over prompts of the objects an image holds beyond those its prompt asks for. No constraint
+  forbids them, but they show a generator padding its images (an extra object of a counted kind breaks the count).
 
-A group with no prompts is left out (so ``by_category`` holds only the categories present).
+A group with no prompts is left out (so ``by_category`` holds only the categories present). ``by_constraint`` splits
+the constraints of all prompts by what they ask: ``exists``, ``count`` and each relation by name (``left``,
+``right``, ``above``, ``below``), each ``{"met": int, "n": int}`` (a kind no prompt asks for is left out).
 
 ``audit_pairs`` scores preference pairs the same way, as a diagnostic of a judge: how often its chosen image meets
 more of the prompt's constraints than its rejected one, and how many objects each carries.
@@ -23,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from silmm_fast.loop.world.prompts import CATEGORIES, Prompt
+from silmm_fast.loop.world.prompts import CATEGORIES, RELATIONS, Prompt
 from silmm_fast.loop.world.scene import Scene
 from silmm_fast.loop.world.tokenizer import FeatureCodec, ImageTokenizer
 
@@ -44,7 +48,11 @@ def check(prompt: Prompt, scene: Scene | None) -> list[bool]:
     return prompt.check(scene)
 
 
-def _stats(results: list[list[bool]]) -> dict[str, float | int]:
+CONSTRAINT_NAMES: tuple[str, ...] = ("exists", "count", *RELATIONS)
+"""The keys of ``evaluate``'s ``by_constraint``: a constraint's kind, or its relation for a relation."""
+
+
+def _stats(results: list[list[bool]], extras: list[int]) -> dict[str, float | int]:
     n_constraints = sum(len(r) for r in results)
     n_met = sum(sum(r) for r in results)
     return {
@@ -53,7 +61,18 @@ def _stats(results: list[list[bool]]) -> dict[str, float | int]:
         "n_prompts": len(results),
         "n_constraints": n_constraints,
         "n_constraints_met": n_met,
+        "extra_objects": sum(extras) / len(extras),
     }
+
+
+def _by_constraint(prompts: Sequence[Prompt], results: list[list[bool]]) -> dict[str, dict[str, int]]:
+    counts = {name: {"met": 0, "n": 0} for name in CONSTRAINT_NAMES}
+    for prompt, met in zip(prompts, results):
+        for constraint, ok in zip(prompt.constraints, met):
+            c = counts[constraint.relation if constraint.kind == "relation" else constraint.kind]
+            c["met"] += ok
+            c["n"] += 1
+    return {name: c for name, c in counts.items() if c["n"]}
 
 
 def _check_seq(name: str, value: object) -> Sequence:
@@ -65,7 +84,7 @@ def _check_seq(name: str, value: object) -> Sequence:
 def evaluate(prompts: Sequence[Prompt], scenes: Sequence[Scene | None]) -> dict:
     """Score ``scenes[i]`` against ``prompts[i]`` (None = no decodable image); see the module docstring for the
     returned dict: ``{"overall": stats, "by_category": {category: stats}, "single_object": stats,
-    "multi_object": stats}``.
+    "multi_object": stats, "by_constraint": {name: {"met", "n"}}}``.
 
     Raises:
         TypeError: a prompt is not a ``Prompt`` or a scene neither a ``Scene`` nor None.
@@ -77,21 +96,26 @@ def evaluate(prompts: Sequence[Prompt], scenes: Sequence[Scene | None]) -> dict:
         raise ValueError("prompts: expected at least one prompt, got none")
     if len(scenes) != len(prompts):
         raise ValueError(f"scenes: expected {len(prompts)} scenes (one per prompt), got {len(scenes)}")
-    results = []
+    results, extras = [], []
     for i, (p, s) in enumerate(zip(prompts, scenes)):
         _check_prompt(f"prompts[{i}]", p)
         if s is not None and not isinstance(s, Scene):
             raise TypeError(f"scenes[{i}]: expected a silmm_fast.loop.world.Scene or None, got {type(s).__name__}")
         results.append(check(p, s))
-    out: dict = {"overall": _stats(results), "by_category": {}}
+        extras.append(0 if s is None else max(0, len(s.objects) - p.n_objects))
+
+    def stats(keep: list[bool]) -> dict | None:
+        rows = [(r, e) for r, e, k in zip(results, extras, keep) if k]
+        return _stats([r for r, _ in rows], [e for _, e in rows]) if rows else None
+
+    out: dict = {"overall": _stats(results, extras), "by_category": {}}
     for cat in CATEGORIES:
-        rows = [r for p, r in zip(prompts, results) if p.category == cat]
-        if rows:
-            out["by_category"][cat] = _stats(rows)
+        if group := stats([p.category == cat for p in prompts]):
+            out["by_category"][cat] = group
     for key, multi in (("single_object", False), ("multi_object", True)):
-        rows = [r for p, r in zip(prompts, results) if (p.n_objects > 1) == multi]
-        if rows:
-            out[key] = _stats(rows)
+        if group := stats([(p.n_objects > 1) == multi for p in prompts]):
+            out[key] = group
+    out["by_constraint"] = _by_constraint(prompts, results)
     return out
 
 

@@ -98,6 +98,12 @@ def test_one_iteration_writes_the_run_directory(tmp_path, model_cache, straight_
     assert audited == summary["iterations"][1]["pairs"] == len(store.read_jsonl(d / "iter1" / "pairs.jsonl"))
     for name in ("config.json", "config.yaml", "summary.json", "report.md", "alignment.png", "state.json"):
         assert (d / name).is_file(), name
+    # every held-out constraint is counted once in the per-kind split, which report.md tabulates per iteration
+    split = heldout["by_constraint"]
+    assert sum(c["n"] for c in split.values()) == heldout["overall"]["n_constraints"]
+    assert sum(c["met"] for c in split.values()) == heldout["overall"]["n_constraints_met"]
+    assert heldout["overall"]["extra_objects"] >= 0
+    assert "| iteration | exists | count |" in (d / "report.md").read_text()
     for name in (
         "prompts.jsonl",
         "questions.jsonl",

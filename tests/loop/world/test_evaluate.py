@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from silmm_fast.loop.world import (
+    CONSTRAINT_NAMES,
     FeatureCodec,
     ImageTokenizer,
     Obj,
@@ -187,6 +188,7 @@ def test_evaluate_aggregates():
         "n_prompts": 5,
         "n_constraints": 8,
         "n_constraints_met": 4,
+        "extra_objects": 0.0,  # every image holds as many objects as its prompt asks for
     }
     assert list(r["by_category"]) == ["color", "numeracy"]
     assert r["by_category"]["color"]["all_constraints"] == pytest.approx(1 / 3)
@@ -195,6 +197,32 @@ def test_evaluate_aggregates():
     assert r["multi_object"]["n_prompts"] == 5 and "single_object" not in r  # "three green stars" is 3 objects
     single = evaluate([parse_prompt("one circle")], [Scene(CASES[18][1])])
     assert single["single_object"]["all_constraints"] == 1.0 and "multi_object" not in single
+
+
+def test_evaluate_counts_extra_objects_and_splits_constraints_by_kind_and_relation():
+    red_circle, blue_star = Obj("circle", "red", "plain", 0, 0), Obj("star", "blue", "plain", 0, 1)
+    cases = [
+        # left of met, both exist, one object more than asked (a green square)
+        (
+            "a red circle to the left of a blue star",
+            Scene((red_circle, blue_star, Obj("square", "green", "plain", 2, 2))),
+        ),
+        # three red circles for two: the count breaks, one object more
+        ("two red circles", Scene(tuple(Obj("circle", "red", "plain", 1, c) for c in range(3)))),
+        # the star above the circle: both exist, "below" not met, nothing extra
+        ("a star below a circle", Scene((Obj("star", "red", "plain", 0, 0), Obj("circle", "red", "plain", 1, 0)))),
+        ("one red circle", None),  # no image: nothing met, no object
+    ]
+    r = evaluate([parse_prompt(t) for t, _ in cases], [s for _, s in cases])
+    assert r["overall"]["extra_objects"] == pytest.approx((1 + 1 + 0 + 0) / 4)
+    assert r["by_category"]["numeracy"]["extra_objects"] == r["by_category"]["spatial"]["extra_objects"] == 0.5
+    assert r["by_constraint"] == {
+        "exists": {"met": 4, "n": 4},
+        "count": {"met": 0, "n": 2},
+        "left": {"met": 1, "n": 1},
+        "below": {"met": 0, "n": 1},
+    }
+    assert set(r["by_constraint"]) <= set(CONSTRAINT_NAMES)
 
 
 def test_evaluate_tokens_decodes_leniently():
