@@ -44,6 +44,9 @@ FORMAT_VERSION = 3
 # The code that decides what a bootstrap trains: the model, its data, the world the data comes from, the questions
 # and DropDiv. Its digest is part of the cache key, so a model cached by other code is never loaded as this code's.
 _TRAINING_CODE = ("loop/models", "loop/world", "loop/decompose", "dropdiv.py")
+# Files in there that no bootstrap runs: the base model's measurements and the world's ground-truth evaluator and
+# renderer. A change to how models are scored or drawn leaves every cached model valid.
+_NOT_TRAINING_CODE = ("loop/models/measure.py", "loop/world/evaluate.py", "loop/world/render.py")
 
 
 def source_digest(paths: list[Path]) -> str:
@@ -66,15 +69,21 @@ def source_digest(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-@functools.cache
-def training_code_digest() -> str:
-    """``source_digest`` of the code a bootstrap's result depends on (``_TRAINING_CODE``)."""
+def training_code_files() -> list[Path]:
+    """The Python files a bootstrap's result depends on: ``_TRAINING_CODE`` without ``_NOT_TRAINING_CODE``."""
     root = Path(__file__).resolve().parents[2]  # silmm_fast/
+    skip = {root / part for part in _NOT_TRAINING_CODE}
     files = []
     for part in _TRAINING_CODE:
         where = root / part
         files += sorted(where.rglob("*.py")) if where.is_dir() else [where]
-    return source_digest(files)
+    return [f for f in files if f not in skip]
+
+
+@functools.cache
+def training_code_digest() -> str:
+    """``source_digest`` of ``training_code_files``."""
+    return source_digest(training_code_files())
 
 
 # BootstrapConfig fields that only the continuous variant's training reads (its feature regression and query slots).

@@ -3,11 +3,14 @@
 import importlib
 import math
 import random
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+import silmm_fast
 from silmm_fast.loop.models.bootstrap import (
     BootstrapConfig,
     bootstrap,
@@ -464,3 +467,30 @@ def test_cache_key_follows_the_training_code_not_its_comments(tmp_path):
     f.write_text('"""Doc."""\n\n\ndef g(x):\n    """Doc."""\n    return x + 2\n')
     assert source_digest([f]) != before  # what the code does does
     assert len(training_code_digest()) == 16
+
+
+def test_the_cache_key_leaves_out_only_files_no_bootstrap_runs():
+    # every Python function a tiny bootstrap of each variant calls is recorded: each file it calls in the training
+    # code's folders must be in the digest, and no left-out file (measurements, evaluator, renderer) may run
+    from silmm_fast.loop.models.bootstrap import _NOT_TRAINING_CODE, _TRAINING_CODE, training_code_files
+
+    package = Path(silmm_fast.__file__).resolve().parent
+    left_out = {package / part for part in _NOT_TRAINING_CODE}
+    covered = set(training_code_files())
+    assert all(f.is_file() for f in left_out) and not left_out & covered
+    called: set[Path] = set()
+
+    def record(frame, event, arg):
+        if event == "call":
+            called.add(Path(frame.f_code.co_filename).resolve())
+
+    for variant in ("discrete", "continuous"):
+        config = replace(recipe("anchored", variant, tiny=True), steps=2, reading_steps=1)
+        sys.setprofile(record)
+        try:
+            train(config, progress=False)
+        finally:
+            sys.setprofile(None)
+    training = {f for f in called if any(f == package / p or package / p in f.parents for p in _TRAINING_CODE)}
+    assert package / "loop" / "models" / "data.py" in training and package / "loop" / "world" / "prompts.py" in training
+    assert training <= covered, sorted(str(f) for f in training - covered)
