@@ -105,10 +105,11 @@ def evaluate(prompts: Sequence[Prompt], scenes: Sequence[Scene | None]) -> dict:
         extras.append(0 if s is None else max(0, len(s.objects) - p.n_objects))
 
     def stats(keep: list[bool]) -> dict | None:
-        rows = [(r, e) for r, e, k in zip(results, extras, keep) if k]
-        return _stats([r for r, _ in rows], [e for _, e in rows]) if rows else None
+        """``_stats`` of the prompts ``keep`` marks, None when it marks none."""
+        rows = [i for i, k in enumerate(keep) if k]
+        return _stats([results[i] for i in rows], [extras[i] for i in rows]) if rows else None
 
-    out: dict = {"overall": _stats(results, extras), "by_category": {}}
+    out: dict = {"overall": stats([True] * len(prompts)), "by_category": {}}
     for cat in CATEGORIES:
         if group := stats([p.category == cat for p in prompts]):
             out["by_category"][cat] = group
